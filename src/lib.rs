@@ -1,0 +1,5 @@
+//! sjob: a stream engine whose savepoints survive job changes, and (in later modules) the
+//! Kubernetes operator that upgrades jobs through them.
+
+pub mod engine;
+pub mod savepoint;

@@ -1,0 +1,13 @@
+//! The snapshot format shared by the engine, the operator and the offline tools: values and
+//! their encoding, key groups, state schemas, state files, `_metadata`, storage, and the
+//! mapping of saved state onto a job graph. It knows nothing of Kubernetes or of how the
+//! engine runs; `docs/FORMAT.md` in the repository describes the layout it reads and writes.
+
+pub mod codec;
+pub mod keygroups;
+pub mod metadata;
+pub mod restore;
+pub mod schema;
+pub mod statefile;
+pub mod store;
+pub mod value;

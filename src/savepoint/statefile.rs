@@ -1,0 +1,384 @@
+//! State files: `operators/<uid>-<subtask>-<uuid>` inside a snapshot.
+//!
+//! Layout: `SJST`, u16 LE format version, then one block per key group of the subtask's range
+//! (in order), then one block of operator list state. `_metadata` records each block's
+//! offset, length and CRC-32C, and the file's size and CRC-32C, so a reader fetches only the
+//! key groups it owns and checks each one. A key-group block holds, for each keyed state in
+//! metadata order, a varint entry count and the entries: key value, then a row (value state),
+//! a varint count and rows (list state), or a varint count and key/row pairs (map state).
+//! The operator-state block holds, for each list state in metadata order, a count and rows.
+
+use super::codec::{DecodeError, Reader, put_row, put_value, put_varint};
+use super::keygroups::KeyGroupRange;
+use super::metadata::{
+    Block, FORMAT_VERSION, KeyGroupsIndex, KeyedStateKind, KeyedStateMeta, STATE_FILE_MAGIC,
+    SubtaskState,
+};
+use super::store::{Store, StoreError};
+use super::value::{Row, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// The state one key holds in one keyed state.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StateEntry {
+    Value(Row),
+    List(Vec<Row>),
+    Map(BTreeMap<Value, Row>),
+}
+
+/// One keyed state's entries in one key group.
+pub type GroupTable = HashMap<Value, StateEntry>;
+
+/// What a subtask hands to the writer: shared, immutable views of its state.
+pub struct SubtaskSnapshot {
+    pub keyed: Option<KeyedSnapshot>,
+    /// One list per operator state, in metadata order.
+    pub operator_lists: Vec<Vec<Row>>,
+}
+
+pub struct KeyedSnapshot {
+    pub range: KeyGroupRange,
+    /// `tables[state][i]` is key group `range.start + i` of that state.
+    pub tables: Vec<Vec<Arc<GroupTable>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateFileError {
+    #[error("state file {path} is missing")]
+    Missing { path: String },
+    #[error("state file {path} is truncated: _metadata records {expected} bytes, the file has {found}")]
+    Truncated {
+        path: String,
+        expected: u64,
+        found: u64,
+    },
+    #[error("state file {path} is corrupt: checksum mismatch in {block}")]
+    Checksum { path: String, block: String },
+    #[error("state file {path} is corrupt: {block}: {source}")]
+    Decode {
+        path: String,
+        block: String,
+        #[source]
+        source: DecodeError,
+    },
+    #[error("state file {path} is corrupt: {reason}")]
+    Invalid { path: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn encode_entry(out: &mut Vec<u8>, entry: &StateEntry) {
+    match entry {
+        StateEntry::Value(row) => put_row(out, row),
+        StateEntry::List(rows) => {
+            put_varint(out, rows.len() as u64);
+            for r in rows {
+                put_row(out, r);
+            }
+        }
+        StateEntry::Map(map) => {
+            put_varint(out, map.len() as u64);
+            for (k, r) in map {
+                put_value(out, k);
+                put_row(out, r);
+            }
+        }
+    }
+}
+
+fn decode_entry(r: &mut Reader<'_>, kind: KeyedStateKind) -> Result<StateEntry, DecodeError> {
+    Ok(match kind {
+        KeyedStateKind::Value => StateEntry::Value(r.row()?),
+        KeyedStateKind::List => {
+            let n = r.varint()?;
+            let mut rows = Vec::new();
+            for _ in 0..n {
+                rows.push(r.row()?);
+            }
+            StateEntry::List(rows)
+        }
+        KeyedStateKind::Map => {
+            let n = r.varint()?;
+            let mut map = BTreeMap::new();
+            for _ in 0..n {
+                let k = r.value()?;
+                map.insert(k, r.row()?);
+            }
+            StateEntry::Map(map)
+        }
+    })
+}
+
+/// Writes one subtask's state file and returns its entry for `_metadata`.
+pub fn write(
+    dir: &Store,
+    rel: &str,
+    index: u32,
+    snap: &SubtaskSnapshot,
+) -> Result<SubtaskState, StateFileError> {
+    let mut w = dir.writer(rel);
+    let mut header = Vec::with_capacity(6);
+    header.extend_from_slice(STATE_FILE_MAGIC);
+    header.extend_from_slice(&(FORMAT_VERSION as u16).to_le_bytes());
+    w.write(&header)?;
+    let mut entries = 0u64;
+    let mut buf = Vec::with_capacity(1 << 20);
+    let key_groups = match &snap.keyed {
+        None => None,
+        Some(keyed) => {
+            let mut blocks = Vec::with_capacity(keyed.range.len() as usize);
+            for i in 0..keyed.range.len() as usize {
+                buf.clear();
+                for table in &keyed.tables {
+                    let group = &table[i];
+                    put_varint(&mut buf, group.len() as u64);
+                    entries += group.len() as u64;
+                    for (key, entry) in group.iter() {
+                        put_value(&mut buf, key);
+                        encode_entry(&mut buf, entry);
+                    }
+                }
+                blocks.push(Block {
+                    offset: w.position(),
+                    len: buf.len() as u64,
+                    crc32c: crc32c::crc32c(&buf),
+                });
+                w.write(&buf)?;
+            }
+            Some(KeyGroupsIndex {
+                range: keyed.range,
+                blocks,
+            })
+        }
+    };
+    let operator_state = if snap.operator_lists.is_empty() {
+        None
+    } else {
+        buf.clear();
+        for list in &snap.operator_lists {
+            put_varint(&mut buf, list.len() as u64);
+            for row in list {
+                put_row(&mut buf, row);
+            }
+        }
+        let block = Block {
+            offset: w.position(),
+            len: buf.len() as u64,
+            crc32c: crc32c::crc32c(&buf),
+        };
+        w.write(&buf)?;
+        Some(block)
+    };
+    let (size, crc32c) = w.finish()?;
+    Ok(SubtaskState {
+        index,
+        file: rel.to_owned(),
+        size,
+        crc32c,
+        key_groups,
+        operator_state,
+        keyed_entries: entries,
+    })
+}
+
+fn check_size(dir: &Store, st: &SubtaskState) -> Result<String, StateFileError> {
+    let path = format!("{}/{}", dir.location(), st.file);
+    match dir.size(&st.file)? {
+        None => Err(StateFileError::Missing { path }),
+        Some(found) if found != st.size => Err(StateFileError::Truncated {
+            path,
+            expected: st.size,
+            found,
+        }),
+        Some(_) => Ok(path),
+    }
+}
+
+fn verified<'a>(
+    path: &str,
+    bytes: &'a [u8],
+    base: u64,
+    block: &Block,
+    what: &str,
+) -> Result<&'a [u8], StateFileError> {
+    let start = (block.offset - base) as usize;
+    let slice = bytes
+        .get(start..start + block.len as usize)
+        .ok_or_else(|| StateFileError::Invalid {
+            path: path.to_owned(),
+            reason: format!("{what} lies outside the file"),
+        })?;
+    if crc32c::crc32c(slice) != block.crc32c {
+        return Err(StateFileError::Checksum {
+            path: path.to_owned(),
+            block: what.to_owned(),
+        });
+    }
+    Ok(slice)
+}
+
+/// Reads the key groups of `wanted` that this file holds, calling `sink(state, kg, key, entry)`
+/// for every entry. `states` are the keyed states as the file's `_metadata` declares them.
+pub fn read_key_groups(
+    dir: &Store,
+    st: &SubtaskState,
+    states: &[KeyedStateMeta],
+    wanted: KeyGroupRange,
+    mut sink: impl FnMut(usize, u32, Value, StateEntry),
+) -> Result<(), StateFileError> {
+    let Some(index) = &st.key_groups else {
+        return Ok(());
+    };
+    let overlap = index.range.intersect(&wanted);
+    if overlap.is_empty() {
+        return Ok(());
+    }
+    let path = check_size(dir, st)?;
+    let first = (overlap.start - index.range.start) as usize;
+    let last = (overlap.end - index.range.start) as usize;
+    let (Some(b0), Some(b1)) = (index.blocks.get(first), index.blocks.get(last)) else {
+        return Err(StateFileError::Invalid {
+            path,
+            reason: "_metadata lists fewer key-group blocks than its range".into(),
+        });
+    };
+    let span = b0.offset..b1.offset + b1.len;
+    if span.end > st.size {
+        return Err(StateFileError::Invalid {
+            path,
+            reason: "a key-group block lies beyond the end of the file".into(),
+        });
+    }
+    let bytes = dir.get_range(&st.file, span.clone())?;
+    for (i, block) in index.blocks[first..=last].iter().enumerate() {
+        let kg = overlap.start + i as u32;
+        let what = format!("key group {kg}");
+        let slice = verified(&path, &bytes, span.start, block, &what)?;
+        let mut r = Reader::new(slice);
+        let decode_err = |source| StateFileError::Decode {
+            path: path.clone(),
+            block: what.clone(),
+            source,
+        };
+        for (s, meta) in states.iter().enumerate() {
+            let n = r.varint().map_err(decode_err)?;
+            for _ in 0..n {
+                let key = r.value().map_err(decode_err)?;
+                let entry = decode_entry(&mut r, meta.kind).map_err(decode_err)?;
+                sink(s, kg, key, entry);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads the operator list states of one subtask file: one list per declared state.
+pub fn read_operator_lists(
+    dir: &Store,
+    st: &SubtaskState,
+    count: usize,
+) -> Result<Vec<Vec<Row>>, StateFileError> {
+    let Some(block) = &st.operator_state else {
+        return Ok(vec![Vec::new(); count]);
+    };
+    let path = check_size(dir, st)?;
+    if block.offset + block.len > st.size {
+        return Err(StateFileError::Invalid {
+            path,
+            reason: "the operator-state block lies beyond the end of the file".into(),
+        });
+    }
+    let bytes = dir.get_range(&st.file, block.offset..block.offset + block.len)?;
+    let what = "operator state";
+    let slice = verified(&path, &bytes, block.offset, block, what)?;
+    let mut r = Reader::new(slice);
+    let decode_err = |source| StateFileError::Decode {
+        path: path.clone(),
+        block: what.to_owned(),
+        source,
+    };
+    let mut lists = Vec::with_capacity(count);
+    for _ in 0..count {
+        let n = r.varint().map_err(decode_err)?;
+        let mut rows = Vec::new();
+        for _ in 0..n {
+            rows.push(r.row().map_err(decode_err)?);
+        }
+        lists.push(rows);
+    }
+    Ok(lists)
+}
+
+/// Verifies a whole state file against `_metadata`: size, file checksum, every block.
+pub fn verify(dir: &Store, st: &SubtaskState) -> Result<(), StateFileError> {
+    let path = check_size(dir, st)?;
+    let bytes = dir.get(&st.file)?;
+    if bytes.len() < 6 || &bytes[..4] != STATE_FILE_MAGIC {
+        return Err(StateFileError::Invalid {
+            path,
+            reason: "it does not start with the state file header".into(),
+        });
+    }
+    if crc32c::crc32c(&bytes) != st.crc32c {
+        return Err(StateFileError::Checksum {
+            path,
+            block: "the file".into(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::savepoint::schema::{FieldType, StateSchema};
+
+    #[test]
+    fn write_then_read_a_sub_range_and_detect_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().display().to_string()).unwrap();
+        let range = KeyGroupRange { start: 10, end: 13 };
+        let mut groups = Vec::new();
+        for kg in range.iter() {
+            let mut t = GroupTable::new();
+            t.insert(Value::Int(i64::from(kg)), StateEntry::Value(vec![Value::Int(i64::from(kg) * 2)].into()));
+            groups.push(Arc::new(t));
+        }
+        let snap = SubtaskSnapshot {
+            keyed: Some(KeyedSnapshot { range, tables: vec![groups] }),
+            operator_lists: vec![vec![vec![Value::from("split-0"), Value::Int(7)].into()]],
+        };
+        let st = write(&store, "operators/c-0-x", 0, &snap).unwrap();
+        let metas = vec![KeyedStateMeta {
+            name: "count".into(),
+            kind: KeyedStateKind::Value,
+            schema: StateSchema::single("count", FieldType::Int),
+        }];
+        let mut seen = Vec::new();
+        read_key_groups(&store, &st, &metas, KeyGroupRange { start: 12, end: 20 }, |s, kg, k, e| {
+            seen.push((s, kg, k, e))
+        })
+        .unwrap();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[0].1, 12);
+        assert_eq!(seen[1].3, StateEntry::Value(vec![Value::Int(26)].into()));
+        let lists = read_operator_lists(&store, &st, 1).unwrap();
+        assert_eq!(lists[0][0][1], Value::Int(7));
+        verify(&store, &st).unwrap();
+
+        // Flip a byte inside key group 11: reading it names the file and the group.
+        let file = dir.path().join("operators/c-0-x");
+        let mut bytes = std::fs::read(&file).unwrap();
+        let off = st.key_groups.as_ref().unwrap().blocks[1].offset as usize + 3;
+        bytes[off] ^= 0xff;
+        std::fs::write(&file, &bytes).unwrap();
+        let err = read_key_groups(&store, &st, &metas, range, |_, _, _, _| {}).unwrap_err();
+        assert!(err.to_string().contains("c-0-x is corrupt: checksum mismatch in key group 11"), "{err}");
+
+        // Truncate it: named, with both sizes.
+        std::fs::write(&file, &bytes[..bytes.len() - 5]).unwrap();
+        let err = read_key_groups(&store, &st, &metas, range, |_, _, _, _| {}).unwrap_err();
+        assert!(err.to_string().contains("c-0-x is truncated"), "{err}");
+    }
+}
