@@ -1,1 +1,3 @@
-pub mod placeholder {}
+pub mod expr;
+pub mod graph;
+pub mod spec;

@@ -1,0 +1,490 @@
+//! From a job file to a validated job graph: operators with uids, parallelism, declared state,
+//! and the stages (chains of operators between repartitioning edges) that run as tasks.
+
+use super::expr::Expr;
+use super::spec::{self, JobSpec, NumType, OperatorSpec, WindowAggregate};
+use crate::savepoint::keygroups::{Distribution, MAX_MAX_PARALLELISM, default_max_parallelism};
+use crate::savepoint::metadata::{KeyedStateKind, KeyedStateMeta, OperatorStateMeta};
+use crate::savepoint::restore::OperatorDecl;
+use crate::savepoint::schema::{FieldSchema, FieldType, StateSchema};
+
+/// Every problem found in a job file, one per line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GraphError(pub Vec<String>);
+
+impl std::fmt::Display for GraphError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid job:")?;
+        for p in &self.0 {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for GraphError {}
+
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub index: usize,
+    pub uid: String,
+    pub name: String,
+    pub kind: &'static str,
+    pub parallelism: u32,
+    pub spec: OperatorSpec,
+    pub keyed_states: Vec<KeyedStateMeta>,
+    pub operator_states: Vec<OperatorStateMeta>,
+}
+
+impl Node {
+    pub fn is_stateful(&self) -> bool {
+        !self.keyed_states.is_empty() || !self.operator_states.is_empty()
+    }
+    pub fn is_source(&self) -> bool {
+        matches!(self.spec, OperatorSpec::Generator(_) | OperatorSpec::FileSource(_))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Partitioning {
+    /// By key group of the key set by the preceding keyBy.
+    Hash,
+    /// Round robin, where the parallelism changes without a keyBy.
+    Rebalance,
+}
+
+/// Operators chained into one task per subtask.
+#[derive(Clone, Debug)]
+pub struct Stage {
+    pub nodes: Vec<usize>,
+    pub parallelism: u32,
+    /// How records reach this stage from the previous one (none for the source stage).
+    pub input: Option<Partitioning>,
+}
+
+#[derive(Clone, Debug)]
+pub struct JobGraph {
+    pub name: String,
+    pub max_parallelism: u32,
+    pub max_parallelism_explicit: bool,
+    pub nodes: Vec<Node>,
+    pub stages: Vec<Stage>,
+}
+
+fn kind_name(s: &OperatorSpec) -> &'static str {
+    match s {
+        OperatorSpec::Generator(_) => "generator",
+        OperatorSpec::FileSource(_) => "fileSource",
+        OperatorSpec::Map(_) => "map",
+        OperatorSpec::Filter(_) => "filter",
+        OperatorSpec::KeyBy(_) => "keyBy",
+        OperatorSpec::Count(_) => "count",
+        OperatorSpec::Sum(_) => "sum",
+        OperatorSpec::Min(_) => "min",
+        OperatorSpec::Max(_) => "max",
+        OperatorSpec::Reduce(_) => "reduce",
+        OperatorSpec::Window(_) => "window",
+        OperatorSpec::Dedupe(_) => "dedupe",
+        OperatorSpec::FileSink(_) => "fileSink",
+        OperatorSpec::StdoutSink(_) => "stdoutSink",
+        OperatorSpec::DiscardSink(_) => "discardSink",
+    }
+}
+
+fn num_type(t: NumType) -> FieldType {
+    match t {
+        NumType::Int => FieldType::Int,
+        NumType::Float => FieldType::Float,
+    }
+}
+
+fn keyed_value(name: &str, schema: StateSchema) -> Vec<KeyedStateMeta> {
+    vec![KeyedStateMeta {
+        name: name.to_owned(),
+        kind: KeyedStateKind::Value,
+        schema,
+    }]
+}
+
+fn split_list(name: &str, fields: &[(&str, FieldType)]) -> Vec<OperatorStateMeta> {
+    vec![OperatorStateMeta {
+        name: name.to_owned(),
+        distribution: Distribution::Split,
+        schema: StateSchema {
+            fields: fields
+                .iter()
+                .map(|(n, t)| FieldSchema {
+                    name: (*n).to_owned(),
+                    ty: *t,
+                    default: None,
+                })
+                .collect(),
+        },
+    }]
+}
+
+/// The state an operator of this kind keeps: (keyed, operator).
+fn declared_state(spec: &OperatorSpec) -> (Vec<KeyedStateMeta>, Vec<OperatorStateMeta>) {
+    match spec {
+        OperatorSpec::Generator(_) => (
+            vec![],
+            split_list("splits", &[("split", FieldType::Int), ("next", FieldType::Int)]),
+        ),
+        OperatorSpec::FileSource(_) => (
+            vec![],
+            split_list("files", &[("file", FieldType::String), ("offset", FieldType::Int)]),
+        ),
+        OperatorSpec::FileSink(_) => (
+            vec![],
+            split_list("pending", &[("file", FieldType::String), ("checkpoint", FieldType::Int)]),
+        ),
+        OperatorSpec::Count(_) => (keyed_value("count", StateSchema::single("count", FieldType::Int)), vec![]),
+        OperatorSpec::Sum(s) => (keyed_value("sum", StateSchema::single("sum", num_type(s.ty))), vec![]),
+        OperatorSpec::Min(s) => (keyed_value("min", StateSchema::single("min", num_type(s.ty))), vec![]),
+        OperatorSpec::Max(s) => (keyed_value("max", StateSchema::single("max", num_type(s.ty))), vec![]),
+        OperatorSpec::Reduce(r) => (
+            keyed_value(
+                "acc",
+                StateSchema {
+                    fields: r
+                        .fields
+                        .iter()
+                        .map(|f| FieldSchema {
+                            name: f.name.clone(),
+                            ty: f.ty,
+                            default: f.default.clone(),
+                        })
+                        .collect(),
+                },
+            ),
+            vec![],
+        ),
+        OperatorSpec::Window(w) => {
+            let (name, ty) = window_field(w.aggregate);
+            (
+                vec![KeyedStateMeta {
+                    name: "windows".into(),
+                    kind: KeyedStateKind::Map,
+                    schema: StateSchema::single(name, ty),
+                }],
+                vec![],
+            )
+        }
+        OperatorSpec::Dedupe(_) => (keyed_value("seen", StateSchema::single("seen", FieldType::Bool)), vec![]),
+        OperatorSpec::Map(_)
+        | OperatorSpec::Filter(_)
+        | OperatorSpec::KeyBy(_)
+        | OperatorSpec::StdoutSink(_)
+        | OperatorSpec::DiscardSink(_) => (vec![], vec![]),
+    }
+}
+
+/// The field a window aggregate emits and keeps.
+pub fn window_field(agg: WindowAggregate) -> (&'static str, FieldType) {
+    match agg {
+        WindowAggregate::Count => ("count", FieldType::Int),
+        WindowAggregate::Sum => ("sum", FieldType::Any),
+        WindowAggregate::Min => ("min", FieldType::Any),
+        WindowAggregate::Max => ("max", FieldType::Any),
+    }
+}
+
+fn is_keyed(spec: &OperatorSpec) -> bool {
+    matches!(
+        spec,
+        OperatorSpec::Count(_)
+            | OperatorSpec::Sum(_)
+            | OperatorSpec::Min(_)
+            | OperatorSpec::Max(_)
+            | OperatorSpec::Reduce(_)
+            | OperatorSpec::Window(_)
+            | OperatorSpec::Dedupe(_)
+    )
+}
+
+fn is_sink(spec: &OperatorSpec) -> bool {
+    matches!(
+        spec,
+        OperatorSpec::FileSink(_) | OperatorSpec::StdoutSink(_) | OperatorSpec::DiscardSink(_)
+    )
+}
+
+fn check_expressions(spec: &OperatorSpec, what: &str, problems: &mut Vec<String>) {
+    let check = |problems: &mut Vec<String>, field: &str, src: &str| {
+        if let Err(e) = Expr::compile(src) {
+            problems.push(format!("{what}: {field}: {e}"));
+        }
+    };
+    match spec {
+        OperatorSpec::Map(m) => {
+            for (i, f) in m.set.iter().enumerate() {
+                check(problems, &format!("set[{i}].expr"), &f.expr);
+            }
+        }
+        OperatorSpec::Filter(f) => check(problems, "expr", &f.expr),
+        OperatorSpec::Reduce(r) => {
+            for (i, f) in r.fields.iter().enumerate() {
+                check(problems, &format!("fields[{i}].expr"), &f.expr);
+                if let Some(d) = &f.default {
+                    let v = crate::savepoint::value::Value::from_json(d);
+                    if !f.ty.admits(&v) {
+                        problems.push(format!(
+                            "{what}: fields[{i}].default: {d} is not a {}",
+                            f.ty
+                        ));
+                    }
+                }
+            }
+            if r.fields.is_empty() {
+                problems.push(format!("{what}: fields: a reduce needs at least one field"));
+            }
+        }
+        OperatorSpec::Window(w) => {
+            if let Err(e) = spec::parse_duration("size", &w.size) {
+                problems.push(format!("{what}: {e}"));
+            }
+            if let Some(s) = &w.slide
+                && let Err(e) = spec::parse_duration("slide", s)
+            {
+                problems.push(format!("{what}: {e}"));
+            }
+            if w.aggregate != WindowAggregate::Count && w.field.is_none() {
+                problems.push(format!("{what}: field: the {:?} aggregate needs a field", w.aggregate));
+            }
+        }
+        OperatorSpec::Generator(g) => {
+            if g.keys == 0 {
+                problems.push(format!("{what}: keys must be at least 1"));
+            }
+            if g.splits == 0 {
+                problems.push(format!("{what}: splits must be at least 1"));
+            }
+            if let Some(r) = g.rate
+                && (r.is_nan() || r <= 0.0)
+            {
+                problems.push(format!("{what}: rate must be a positive number of records per second"));
+            }
+        }
+        _ => {}
+    }
+}
+
+impl JobGraph {
+    /// Validates a job file and builds its graph. `parallelism` overrides the job's default.
+    pub fn build(spec: &JobSpec, parallelism: Option<u32>) -> Result<JobGraph, GraphError> {
+        let mut problems = Vec::new();
+        let default_p = parallelism.unwrap_or(spec.parallelism);
+        if default_p == 0 {
+            problems.push("parallelism must be at least 1".to_owned());
+        }
+        if spec.operators.is_empty() {
+            problems.push("operators: a job needs at least a source and a sink".to_owned());
+        }
+        let mut nodes = Vec::new();
+        let mut seen_uids: Vec<(String, usize)> = Vec::new();
+        let mut keyed_since_keyby = false;
+        for (i, op) in spec.operators.iter().enumerate() {
+            let kind = kind_name(op);
+            let label = match (op.uid(), op.name()) {
+                (Some(u), _) => format!("operators[{i}] ({kind} '{u}')"),
+                (None, Some(n)) => format!("operators[{i}] ({kind} named '{n}')"),
+                _ => format!("operators[{i}] ({kind})"),
+            };
+            let p = op.parallelism().unwrap_or(default_p);
+            if p == 0 {
+                problems.push(format!("{label}: parallelism must be at least 1"));
+            }
+            let (keyed_states, operator_states) = declared_state(op);
+            let stateful = !keyed_states.is_empty() || !operator_states.is_empty();
+            let uid = match op.uid() {
+                Some(u) if u.is_empty() || u.contains(['/', ' ']) => {
+                    problems.push(format!("{label}: uid '{u}' must be non-empty without '/' or spaces"));
+                    u.to_owned()
+                }
+                Some(u) => {
+                    if let Some((_, j)) = seen_uids.iter().find(|(s, _)| s == u) {
+                        problems.push(format!("{label}: uid '{u}' is already used by operators[{j}]"));
+                    }
+                    seen_uids.push((u.to_owned(), i));
+                    u.to_owned()
+                }
+                None if stateful => {
+                    problems.push(format!(
+                        "{label} keeps state but has no uid: set a uid so its state can be restored after changes"
+                    ));
+                    format!("_{kind}-{i}")
+                }
+                None => format!("_{kind}-{i}"),
+            };
+            let source = matches!(op, OperatorSpec::Generator(_) | OperatorSpec::FileSource(_));
+            if source && i != 0 {
+                problems.push(format!("{label}: a source must be the first operator"));
+            }
+            if i == 0 && !source {
+                problems.push(format!("{label}: the first operator must be a source (generator or fileSource)"));
+            }
+            if is_sink(op) && i + 1 != spec.operators.len() {
+                problems.push(format!("{label}: a sink must be the last operator"));
+            }
+            if i + 1 == spec.operators.len() && !is_sink(op) {
+                problems.push(format!("{label}: the last operator must be a sink (fileSink, stdoutSink or discardSink)"));
+            }
+            match op {
+                OperatorSpec::KeyBy(_) => keyed_since_keyby = true,
+                o if is_keyed(o) => {
+                    if !keyed_since_keyby {
+                        problems.push(format!("{label}: keeps state per key and needs a keyBy before it"));
+                    }
+                    keyed_since_keyby = false;
+                }
+                _ => {}
+            }
+            check_expressions(op, &label, &mut problems);
+            nodes.push(Node {
+                index: i,
+                uid,
+                name: op.name().map(str::to_owned).unwrap_or_else(|| kind.to_owned()),
+                kind,
+                parallelism: p.max(1),
+                spec: op.clone(),
+                keyed_states,
+                operator_states,
+            });
+        }
+        let max_p_nodes = nodes.iter().map(|n| n.parallelism).max().unwrap_or(1);
+        let (max_parallelism, explicit) = match spec.max_parallelism {
+            Some(m) => {
+                if m == 0 || m > MAX_MAX_PARALLELISM {
+                    problems.push(format!("maxParallelism must be between 1 and {MAX_MAX_PARALLELISM}"));
+                }
+                (m.max(1), true)
+            }
+            None => (default_max_parallelism(max_p_nodes), false),
+        };
+        for n in &nodes {
+            if !n.keyed_states.is_empty() && n.parallelism > max_parallelism {
+                problems.push(format!(
+                    "operators[{}] ({} '{}'): parallelism {} exceeds maxParallelism {max_parallelism}",
+                    n.index, n.kind, n.uid, n.parallelism
+                ));
+            }
+        }
+        if let Some(c) = &spec.checkpoints
+            && let Err(e) = spec::parse_duration("checkpoints.interval", &c.interval)
+        {
+            problems.push(e);
+        }
+        if !problems.is_empty() {
+            return Err(GraphError(problems));
+        }
+        let stages = Self::stages(&nodes);
+        Ok(JobGraph {
+            name: spec.name.clone(),
+            max_parallelism,
+            max_parallelism_explicit: explicit,
+            nodes,
+            stages,
+        })
+    }
+
+    fn stages(nodes: &[Node]) -> Vec<Stage> {
+        let mut stages: Vec<Stage> = Vec::new();
+        let mut pending_hash = false;
+        for n in nodes {
+            let boundary = match stages.last() {
+                None => Some(None),
+                Some(_) if pending_hash => Some(Some(Partitioning::Hash)),
+                Some(last) if last.parallelism != n.parallelism => Some(Some(Partitioning::Rebalance)),
+                Some(_) => None,
+            };
+            match boundary {
+                Some(input) => stages.push(Stage {
+                    nodes: vec![n.index],
+                    parallelism: n.parallelism,
+                    input,
+                }),
+                None => {
+                    if let Some(last) = stages.last_mut() {
+                        last.nodes.push(n.index);
+                    }
+                }
+            }
+            pending_hash = matches!(n.spec, OperatorSpec::KeyBy(_));
+        }
+        stages
+    }
+
+    /// The stateful operators as restore planning sees them.
+    pub fn operator_decls(&self) -> Vec<OperatorDecl> {
+        self.nodes
+            .iter()
+            .filter(|n| n.is_stateful())
+            .map(|n| OperatorDecl {
+                uid: n.uid.clone(),
+                parallelism: n.parallelism,
+                max_parallelism: self.max_parallelism_explicit.then_some(self.max_parallelism),
+                keyed_states: n.keyed_states.clone(),
+                operator_states: n.operator_states.clone(),
+            })
+            .collect()
+    }
+
+    /// Adopts the max parallelism that restored keyed state fixes, when the job left it unset.
+    pub fn adopt_max_parallelism(&mut self, saved: u32) {
+        if !self.max_parallelism_explicit {
+            self.max_parallelism = saved;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(yaml: &str) -> Result<JobGraph, GraphError> {
+        JobGraph::build(&JobSpec::from_yaml(yaml).unwrap(), None)
+    }
+
+    #[test]
+    fn chains_between_repartitions() {
+        let g = build(
+            "name: j\nparallelism: 2\noperators:\n- {kind: generator, uid: s, parallelism: 1}\n- {kind: filter, expr: 'value > 1'}\n- {kind: map, set: [{field: x, expr: '1'}], parallelism: 2}\n- {kind: keyBy, field: key}\n- {kind: count, uid: c}\n- {kind: discardSink}\n",
+        )
+        .unwrap();
+        let shape: Vec<(Vec<usize>, u32, Option<Partitioning>)> =
+            g.stages.iter().map(|s| (s.nodes.clone(), s.parallelism, s.input)).collect();
+        assert_eq!(
+            shape,
+            vec![
+                (vec![0], 1, None),
+                (vec![1, 2, 3], 2, Some(Partitioning::Rebalance)),
+                (vec![4, 5], 2, Some(Partitioning::Hash)),
+            ]
+        );
+        assert_eq!(g.max_parallelism, 128);
+    }
+
+    #[test]
+    fn stateful_operator_without_uid_is_named() {
+        let err = build(
+            "name: j\noperators:\n- {kind: generator, uid: s}\n- {kind: keyBy, field: key}\n- {kind: count, name: clicks-per-user}\n- {kind: discardSink}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("operators[2] (count named 'clicks-per-user') keeps state but has no uid"), "{err}");
+    }
+
+    #[test]
+    fn structural_problems_are_all_listed() {
+        let err = build(
+            "name: j\noperators:\n- {kind: count, uid: c}\n- {kind: filter, expr: 'value >'}\n- {kind: generator, uid: c}\n",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("first operator must be a source"), "{text}");
+        assert!(text.contains("needs a keyBy before it"), "{text}");
+        assert!(text.contains("invalid expression 'value >'"), "{text}");
+        assert!(text.contains("uid 'c' is already used by operators[0]"), "{text}");
+        assert!(text.contains("last operator must be a sink"), "{text}");
+    }
+}

@@ -1,0 +1,295 @@
+//! The job file: the declarative pipeline that `sjob run` executes and that a StatefulJob
+//! carries in its spec. See `config/samples/` for examples and README.md for the reference.
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JobSpec {
+    pub name: String,
+    /// Default parallelism of every operator that does not set its own.
+    #[serde(default = "one")]
+    pub parallelism: u32,
+    /// Number of key groups; fixed once keyed state exists. Default: Flink's rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parallelism: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoints: Option<CheckpointSpec>,
+    pub operators: Vec<OperatorSpec>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CheckpointSpec {
+    /// How often to take a checkpoint, e.g. `10s`.
+    pub interval: String,
+    /// Where checkpoints go: `<dir>/<jobid>/chk-<n>/`.
+    pub dir: String,
+    /// How many completed checkpoints to keep.
+    #[serde(default = "three")]
+    pub retained: u32,
+}
+
+fn three() -> u32 {
+    3
+}
+
+/// Parses a duration such as `500ms`, `10s`, `5m`.
+pub fn parse_duration(field: &str, text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{field}: '{text}' is not a duration ({e}); write e.g. 500ms, 10s, 5m"))
+}
+
+macro_rules! operator_specs {
+    ($( $(#[$vmeta:meta])* $variant:ident ( $name:ident ) { $( $(#[$fmeta:meta])* $field:ident : $ty:ty ),* $(,)? } )*) => {
+        $(
+            $(#[$vmeta])*
+            #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+            #[serde(rename_all = "camelCase", deny_unknown_fields)]
+            pub struct $name {
+                /// Stable identity of the operator's state across job versions.
+                #[serde(default, skip_serializing_if = "Option::is_none")]
+                pub uid: Option<String>,
+                #[serde(default, skip_serializing_if = "Option::is_none")]
+                pub name: Option<String>,
+                #[serde(default, skip_serializing_if = "Option::is_none")]
+                pub parallelism: Option<u32>,
+                $( $(#[$fmeta])* pub $field: $ty, )*
+            }
+        )*
+
+        /// One operator of the pipeline, selected by `kind`.
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "kind", rename_all = "camelCase")]
+        pub enum OperatorSpec {
+            $( $variant($name), )*
+        }
+
+        impl OperatorSpec {
+            pub fn uid(&self) -> Option<&str> {
+                match self { $( OperatorSpec::$variant(s) => s.uid.as_deref(), )* }
+            }
+            pub fn name(&self) -> Option<&str> {
+                match self { $( OperatorSpec::$variant(s) => s.name.as_deref(), )* }
+            }
+            pub fn parallelism(&self) -> Option<u32> {
+                match self { $( OperatorSpec::$variant(s) => s.parallelism, )* }
+            }
+        }
+    };
+}
+
+operator_specs! {
+    /// Deterministic keyed records: record `i` (0, 1, 2, …) has `seq = i`, `key = i mod keys`
+    /// (or `"<keyPrefix><i mod keys>"`), `value = i mod 1000`, `ts = i * timestampStepMs`.
+    /// Records are dealt to `splits` splits (`i mod splits`); each split's position is state.
+    Generator(GeneratorSpec) {
+        #[serde(default = "default_keys")]
+        keys: u64,
+        /// Total records; unbounded when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        count: Option<u64>,
+        /// Records per second over all subtasks; unlimited when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rate: Option<f64>,
+        #[serde(default = "default_splits")]
+        splits: u32,
+        #[serde(default = "default_ts_step")]
+        timestamp_step_ms: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key_prefix: Option<String>,
+        /// Adds a `payload` string field of this many bytes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        payload_bytes: Option<usize>,
+    }
+    /// Newline-delimited JSON objects (or text lines as `{"line": …}`) from a file or from
+    /// every file of a directory; each file's byte offset is state.
+    FileSource(FileSourceSpec) {
+        path: String,
+        #[serde(default)]
+        format: FileFormat,
+    }
+    /// Sets fields from CEL expressions over the record's fields; drops fields.
+    Map(MapSpec) {
+        #[serde(default)]
+        set: Vec<FieldExpr>,
+        #[serde(default)]
+        drop: Vec<String>,
+    }
+    /// Keeps records for which the CEL expression is true.
+    Filter(FilterSpec) {
+        expr: String,
+    }
+    /// Partitions the stream by a field; the operators after it keep state per key.
+    KeyBy(KeyBySpec) {
+        field: String,
+    }
+    /// Counts records per key; emits `{key, count}` on every record.
+    Count(CountSpec) {}
+    /// Sums a field per key; emits `{key, sum}`.
+    Sum(AggSpec) {
+        field: String,
+        #[serde(rename = "type", default = "default_num_type")]
+        ty: NumType,
+    }
+    /// Minimum of a field per key; emits `{key, min}`.
+    Min(MinSpec) {
+        field: String,
+        #[serde(rename = "type", default = "default_num_type")]
+        ty: NumType,
+    }
+    /// Maximum of a field per key; emits `{key, max}`.
+    Max(MaxSpec) {
+        field: String,
+        #[serde(rename = "type", default = "default_num_type")]
+        ty: NumType,
+    }
+    /// A per-key accumulator with declared fields, updated by CEL expressions that see the
+    /// record's fields and `acc` (the accumulator before this record); emits `{key, …fields}`.
+    Reduce(ReduceSpec) {
+        fields: Vec<ReduceField>,
+    }
+    /// Event-time tumbling (or, with `slide`, sliding) windows per key over `timeField`;
+    /// emits `{key, windowStart, windowEnd, <aggregate>}` when the watermark passes the end.
+    Window(WindowSpec) {
+        size: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        slide: Option<String>,
+        #[serde(default = "default_time_field")]
+        time_field: String,
+        aggregate: WindowAggregate,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        field: Option<String>,
+    }
+    /// Emits the first record of each key and drops the rest.
+    Dedupe(DedupeSpec) {}
+    /// Writes JSON lines under `path`, exactly once: a part file becomes visible only when
+    /// the checkpoint or savepoint that covers it completes (or the input ends).
+    FileSink(FileSinkSpec) {
+        path: String,
+    }
+    /// Prints JSON lines to standard output as records arrive (at least once).
+    StdoutSink(StdoutSinkSpec) {}
+    /// Drops every record.
+    DiscardSink(DiscardSinkSpec) {}
+}
+
+fn default_keys() -> u64 {
+    1000
+}
+fn default_splits() -> u32 {
+    16
+}
+fn default_ts_step() -> i64 {
+    1
+}
+fn default_time_field() -> String {
+    "ts".into()
+}
+fn default_num_type() -> NumType {
+    NumType::Int
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NumType {
+    Int,
+    Float,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WindowAggregate {
+    Count,
+    Sum,
+    Min,
+    Max,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldExpr {
+    pub field: String,
+    pub expr: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReduceField {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub ty: crate::savepoint::schema::FieldType,
+    /// The value before the first record; also how existing state gains a new field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<serde_json::Value>,
+    pub expr: String,
+}
+
+impl JobSpec {
+    /// Parses a job file; errors carry the line, column and path of the fault.
+    pub fn from_yaml(text: &str) -> Result<JobSpec, String> {
+        serde_yaml::from_str(text).map_err(|e| {
+            let at = e
+                .location()
+                .map(|l| format!("line {}, column {}: ", l.line(), l.column()))
+                .unwrap_or_default();
+            format!("{at}{e}")
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_pipeline() {
+        let spec = JobSpec::from_yaml(
+            r#"
+name: clicks
+parallelism: 2
+operators:
+  - kind: generator
+    uid: source
+    keys: 10
+    count: 100
+  - kind: keyBy
+    field: key
+  - kind: count
+    uid: counter
+  - kind: fileSink
+    uid: out
+    path: /tmp/out
+"#,
+        )
+        .unwrap();
+        assert_eq!(spec.operators.len(), 4);
+        assert_eq!(spec.operators[2].uid(), Some("counter"));
+    }
+
+    #[test]
+    fn errors_name_line_and_field() {
+        let err = JobSpec::from_yaml("name: x\noperators:\n  - kind: generator\n    keyz: 3\n")
+            .unwrap_err();
+        assert!(err.contains("keyz"), "{err}");
+        assert!(err.contains("line"), "{err}");
+        let err = JobSpec::from_yaml("name: x\noperators:\n  - kind: teleport\n").unwrap_err();
+        assert!(err.contains("unknown variant `teleport`"), "{err}");
+        assert!(err.contains("operators[0]"), "{err}");
+        let err = JobSpec::from_yaml("name: [x\n").unwrap_err();
+        assert!(err.contains("line 1"), "{err}");
+    }
+}
