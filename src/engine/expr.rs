@@ -102,6 +102,7 @@ mod tests {
     fn evaluates_over_fields_record_and_acc() {
         let rec = Record {
             fields: vec![(intern("value"), Value::Int(4)), (intern("name"), Value::from("ab"))],
+            key: None,
         };
         assert_eq!(Expr::compile("value * 2").unwrap().eval(&rec, None), Ok(Value::Int(8)));
         assert_eq!(

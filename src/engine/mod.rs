@@ -1,3 +1,605 @@
+//! The stream engine: runs one job graph in this process, takes barrier-aligned asynchronous
+//! snapshots (checkpoints and savepoints), and restores from them by operator uid, at any
+//! parallelism. `start` is the whole public surface; `JobHandle` controls a running job.
+
+pub mod coordinator;
 pub mod expr;
 pub mod graph;
+pub mod operators;
+mod runtime;
+pub mod sinks;
+pub mod sources;
 pub mod spec;
+pub mod state;
+
+pub use coordinator::{CompletedSnapshot, JobState, SnapshotStats};
+use coordinator::{CheckpointConfig, CoordMsg, Coordinator, Status, StatusCell, TriggerRequest};
+use graph::{GraphError, JobGraph};
+use runtime::{ChainOp, Output, Shared, Task};
+use spec::{JobSpec, OperatorSpec};
+
+use crate::savepoint::keygroups::range_for_subtask;
+use crate::savepoint::metadata::{MetadataError, SnapshotKind, SnapshotMetadata};
+use crate::savepoint::restore::{self, RestorePlan, RestoreRefused};
+use crate::savepoint::store::{Store, StoreError};
+use crossbeam_channel::{Receiver, Sender};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    #[error(transparent)]
+    Snapshot(#[from] MetadataError),
+    #[error(transparent)]
+    Refused(#[from] RestoreRefused),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("restoring from {location}: {reason}")]
+    Restore { location: String, reason: String },
+    #[error("{0}")]
+    Setup(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct JobOptions {
+    /// 32 hex digits; random when absent. A restarted engine keeps its job id so that it finds
+    /// its own checkpoints.
+    pub job_id: Option<String>,
+    /// Start from this savepoint (or checkpoint) directory.
+    pub savepoint: Option<String>,
+    pub allow_non_restored_state: bool,
+    /// Overrides the job's default parallelism.
+    pub parallelism: Option<u32>,
+    /// How long a snapshot may take before it is abandoned.
+    pub snapshot_timeout: Duration,
+    /// Threads writing state files.
+    pub writer_threads: usize,
+}
+
+impl Default for JobOptions {
+    fn default() -> Self {
+        JobOptions {
+            job_id: None,
+            savepoint: None,
+            allow_non_restored_state: false,
+            parallelism: None,
+            snapshot_timeout: Duration::from_secs(600),
+            writer_threads: 2,
+        }
+    }
+}
+
+/// Counters of one operator.
+#[derive(Clone, Debug)]
+pub struct VertexStats {
+    pub uid: String,
+    pub name: String,
+    pub kind: String,
+    pub parallelism: u32,
+    pub records_in: u64,
+    pub records_out: u64,
+}
+
+/// A running (or ended) job.
+pub struct JobHandle {
+    id: String,
+    graph: Arc<JobGraph>,
+    coord: Sender<CoordMsg>,
+    shared: Arc<Shared>,
+    status: Arc<StatusCell>,
+    restored_from: Option<String>,
+    start_time_ms: u64,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+pub fn new_job_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// Finds the newest completed checkpoint of a job under a checkpoint directory.
+pub fn latest_checkpoint(dir: &Store, job_id: &str) -> Result<Option<SnapshotMetadata>, StartError> {
+    let job_dir = dir.child(job_id);
+    let mut ids: Vec<u64> = job_dir
+        .list_dirs()?
+        .iter()
+        .filter_map(|d| d.strip_prefix("chk-").and_then(|n| n.parse().ok()))
+        .collect();
+    ids.sort_unstable_by(|a, b| b.cmp(a));
+    for id in ids {
+        match SnapshotMetadata::read(&job_dir.child(&format!("chk-{id}"))) {
+            Ok(m) => return Ok(Some(m)),
+            Err(MetadataError::Incomplete(_)) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(None)
+}
+
+/// Which snapshot a starting job restores from: the newest completed checkpoint of the same
+/// job when it is newer than the given savepoint, else the savepoint.
+fn choose_snapshot(
+    spec: &JobSpec,
+    job_id: &str,
+    savepoint: Option<&str>,
+) -> Result<Option<(Store, SnapshotMetadata)>, StartError> {
+    let from_savepoint = match savepoint {
+        Some(path) => {
+            let store = Store::open(path)?;
+            let meta = SnapshotMetadata::read(&store)?;
+            Some((store, meta))
+        }
+        None => None,
+    };
+    let checkpoint = match &spec.checkpoints {
+        Some(c) => {
+            let dir = Store::open(&c.dir)?;
+            latest_checkpoint(&dir, job_id)?
+                .map(|m| (dir.child(job_id).child(&format!("chk-{}", m.snapshot_id)), m))
+        }
+        None => None,
+    };
+    Ok(match (from_savepoint, checkpoint) {
+        (Some(sp), Some(ck)) if ck.1.timestamp_ms > sp.1.timestamp_ms => {
+            tracing::info!(checkpoint = %ck.0.location(), savepoint = %sp.0.location(),
+                "a newer checkpoint of this job exists; resuming from it instead of the savepoint");
+            Some(ck)
+        }
+        (Some(sp), _) => Some(sp),
+        (None, Some(ck)) => {
+            tracing::info!(checkpoint = %ck.0.location(), "resuming from the newest checkpoint of this job");
+            Some(ck)
+        }
+        (None, None) => None,
+    })
+}
+
+struct Restored {
+    dir: Store,
+    plan: RestorePlan,
+}
+
+fn restore_err(dir: &Store, reason: impl ToString) -> StartError {
+    StartError::Restore {
+        location: dir.location(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Validates, restores and starts a job. Returns once every task has its state loaded, or
+/// with the first error (nothing keeps running then).
+pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> {
+    let mut graph = JobGraph::build(spec, opts.parallelism)?;
+    let job_id = opts.job_id.clone().unwrap_or_else(new_job_id);
+    if job_id.len() != 32 || !job_id.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(StartError::Setup(format!("job id '{job_id}' must be 32 hex digits")));
+    }
+    let restored = match choose_snapshot(spec, &job_id, opts.savepoint.as_deref())? {
+        None => None,
+        Some((dir, meta)) => {
+            if let Some(saved) = meta
+                .operators
+                .iter()
+                .find(|o| !o.keyed_states.is_empty() && graph.nodes.iter().any(|n| n.uid == o.uid))
+            {
+                graph.adopt_max_parallelism(saved.max_parallelism);
+            }
+            let plan = restore::plan(&dir.location(), &meta, &graph.operator_decls(), opts.allow_non_restored_state)?;
+            for dropped in &plan.dropped {
+                tracing::warn!(state = %dropped, "saved state not restored (allowNonRestoredState)");
+            }
+            Some(Arc::new(Restored { dir, plan }))
+        }
+    };
+    let restored_from = restored.as_ref().map(|r| r.dir.location());
+    if let Some(r) = &restored {
+        tracing::info!(job = %job_id, from = %r.dir.location(), kind = %r.plan.snapshot.kind,
+            snapshot = r.plan.snapshot.snapshot_id, "restoring job state");
+        // The generator's splits must match: their positions are strides of the split count.
+        for n in &graph.nodes {
+            if let (OperatorSpec::Generator(g), Some(op)) = (&n.spec, r.plan.operators.get(&n.uid)) {
+                let lists = op
+                    .load_operator_lists(&r.dir, 1, &n.operator_states)
+                    .map_err(|e| restore_err(&r.dir, e))?;
+                let total = lists.first().and_then(|l| l.first()).map(Vec::len).unwrap_or(0);
+                if total != g.splits as usize {
+                    return Err(restore_err(&r.dir, format!(
+                        "generator '{}': the snapshot has {total} splits, the job declares {}; the number of splits cannot change while state exists",
+                        n.uid, g.splits
+                    )));
+                }
+            }
+        }
+    }
+    // File sinks: commit what the restored snapshot staged, drop everything else pending.
+    for n in &graph.nodes {
+        if let OperatorSpec::FileSink(f) = &n.spec {
+            let rows = match restored.as_ref().and_then(|r| r.plan.operators.get(&n.uid).map(|op| (r, op))) {
+                Some((r, op)) => op
+                    .load_operator_lists(&r.dir, 1, &n.operator_states)
+                    .map_err(|e| restore_err(&r.dir, e))?
+                    .into_iter()
+                    .next()
+                    .and_then(|l| l.into_iter().next())
+                    .unwrap_or_default(),
+                None => Vec::new(),
+            };
+            sinks::prepare_file_sink(&f.path, &n.uid, &rows).map_err(StartError::Setup)?;
+        }
+    }
+    let checkpoints = match &spec.checkpoints {
+        Some(c) => Some(CheckpointConfig {
+            interval: spec::parse_duration("checkpoints.interval", &c.interval).map_err(StartError::Setup)?,
+            dir: Store::open(&c.dir)?,
+            retained: c.retained,
+        }),
+        None => None,
+    };
+    let graph = Arc::new(graph);
+    let n_nodes = graph.nodes.len();
+    let source_stage = &graph.stages[0];
+    let shared = Arc::new(Shared {
+        cancel: AtomicBool::new(false),
+        records_in: (0..n_nodes).map(|_| AtomicU64::new(0)).collect(),
+        records_out: (0..n_nodes).map(|_| AtomicU64::new(0)).collect(),
+        active_sources: AtomicUsize::new(source_stage.parallelism as usize),
+        source_gate: Mutex::new(false),
+        max_stall_us: AtomicU64::new(0),
+    });
+    let status = Arc::new(StatusCell {
+        status: Mutex::new(Status {
+            state: JobState::Created,
+            failure: None,
+            snapshots: SnapshotStats::default(),
+            end_time_ms: None,
+        }),
+        changed: Condvar::new(),
+    });
+    let (coord_tx, coord_rx) = crossbeam_channel::unbounded::<CoordMsg>();
+    let (writer_tx, mut threads) = runtime::start_writers(opts.writer_threads.max(1), coord_tx.clone());
+
+    // Channels: one input channel per subtask of every stage but the first.
+    let mut inputs: Vec<Vec<(Sender<runtime::Msg>, Receiver<runtime::Msg>)>> = Vec::new();
+    for stage in &graph.stages {
+        inputs.push((0..stage.parallelism).map(|_| crossbeam_channel::bounded(64)).collect());
+    }
+    let mut tasks = Vec::new();
+    let mut source_controls = Vec::new();
+    let mut all_controls = Vec::new();
+    for (si, stage) in graph.stages.iter().enumerate() {
+        let next = graph.stages.get(si + 1);
+        for sub in 0..stage.parallelism {
+            let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
+            all_controls.push(ctl_tx.clone());
+            if si == 0 {
+                source_controls.push(ctl_tx);
+            }
+            let output = Output::new(
+                next.and_then(|n| n.input),
+                next.map(|_| inputs[si + 1].iter().map(|(tx, _)| tx.clone()).collect())
+                    .unwrap_or_default(),
+                sub,
+                graph.max_parallelism,
+            );
+            let input = (si > 0).then(|| (inputs[si][sub as usize].1.clone(), graph.stages[si - 1].parallelism));
+            tasks.push((si, sub, input, output, ctl_rx));
+        }
+    }
+    drop(inputs);
+
+    let (init_tx, init_rx) = crossbeam_channel::unbounded::<Result<(), String>>();
+    let task_count = tasks.len();
+    for (si, sub, input, output, ctl_rx) in tasks {
+        let graph = graph.clone();
+        let shared = shared.clone();
+        let coord = coord_tx.clone();
+        let writer = writer_tx.clone();
+        let restored = restored.clone();
+        let init_tx = init_tx.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("sjob-task-{si}-{sub}"))
+            .spawn(move || {
+                let built = build_task(&graph, si, sub, restored.as_deref());
+                let (source, chain) = match built {
+                    Ok(parts) => {
+                        let _ = init_tx.send(Ok(()));
+                        parts
+                    }
+                    Err(e) => {
+                        let _ = init_tx.send(Err(e.clone()));
+                        let _ = coord.send(CoordMsg::TaskDone { result: Err(e) });
+                        return;
+                    }
+                };
+                drop(init_tx);
+                let task = Task {
+                    subtask: sub,
+                    source,
+                    chain,
+                    input,
+                    output,
+                    control: ctl_rx,
+                    coord: coord.clone(),
+                    writer,
+                    shared,
+                };
+                let result = task.run();
+                let _ = coord.send(CoordMsg::TaskDone { result });
+            })
+            .map_err(|e| StartError::Setup(format!("cannot start a task thread: {e}")))?;
+        threads.push(handle);
+    }
+    drop(writer_tx);
+    drop(init_tx);
+
+    let coordinator = Coordinator {
+        job_id: job_id.clone(),
+        graph: graph.clone(),
+        shared: shared.clone(),
+        status: status.clone(),
+        sources: source_controls,
+        all_tasks: all_controls,
+        tasks_running: task_count,
+        next_id: restored.as_ref().map(|r| r.plan.snapshot.snapshot_id + 1).unwrap_or(1),
+        timeout: opts.snapshot_timeout,
+        checkpoints,
+        restored_from: restored_from.clone(),
+    };
+    threads.push(
+        std::thread::Builder::new()
+            .name("sjob-coordinator".into())
+            .spawn(move || coordinator.run(coord_rx))
+            .map_err(|e| StartError::Setup(format!("cannot start the coordinator: {e}")))?,
+    );
+
+    let handle = JobHandle {
+        id: job_id,
+        graph,
+        coord: coord_tx,
+        shared,
+        status,
+        restored_from,
+        start_time_ms: coordinator::now_ms(),
+        threads: Mutex::new(threads),
+    };
+    let mut first_error = None;
+    for _ in 0..task_count {
+        match init_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(_) => break,
+        }
+    }
+    if let Some(e) = first_error {
+        handle.cancel();
+        handle.wait();
+        let location = handle.restored_from.clone().unwrap_or_default();
+        return Err(if location.is_empty() {
+            StartError::Setup(e)
+        } else {
+            StartError::Restore { location, reason: e }
+        });
+    }
+    {
+        let mut st = handle.status.lock();
+        if st.state == JobState::Created {
+            st.state = JobState::Running;
+        }
+    }
+    tracing::info!(job = %handle.id, name = %handle.graph.name, restored_from = ?handle.restored_from, "job running");
+    Ok(handle)
+}
+
+type Parts = (Option<(usize, String, Box<dyn sources::Source>)>, Vec<ChainOp>);
+
+/// Builds one task's source and operators and loads their restored state.
+fn build_task(graph: &JobGraph, si: usize, sub: u32, restored: Option<&Restored>) -> Result<Parts, String> {
+    let stage = &graph.stages[si];
+    let p = stage.parallelism;
+    let range = range_for_subtask(graph.max_parallelism, p, sub);
+    let mut source = None;
+    let mut chain = Vec::new();
+    for &ni in &stage.nodes {
+        let node = &graph.nodes[ni];
+        let saved = restored.and_then(|r| r.plan.operators.get(&node.uid).map(|op| (r, op)));
+        let lists = match saved {
+            Some((r, op)) if !node.operator_states.is_empty() => op
+                .load_operator_lists(&r.dir, p, &node.operator_states)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .nth(sub as usize),
+            _ => None,
+        };
+        if node.is_source() {
+            let mut s = sources::build(node, sub, p)?;
+            if let Some(lists) = lists {
+                s.restore_lists(lists)?;
+            }
+            source = Some((ni, node.uid.clone(), s));
+            continue;
+        }
+        let mut op: Box<dyn operators::Operator> = match &node.spec {
+            OperatorSpec::FileSink(f) => Box::new(sinks::FileSink::new(&f.path, &node.uid, sub)),
+            OperatorSpec::StdoutSink(_) => Box::new(sinks::StdoutSink),
+            OperatorSpec::DiscardSink(_) => Box::new(sinks::DiscardSink),
+            _ => operators::build(node, range, graph.max_parallelism)?,
+        };
+        if let Some((r, saved_op)) = saved {
+            if let Some(ks) = op.keyed_state() {
+                saved_op
+                    .load_keyed(&r.dir, range, |s, kg, k, e| ks.insert(s, kg, k, e))
+                    .map_err(|e| e.to_string())?;
+            }
+            // File sinks had their staged files committed before the tasks started.
+            if !matches!(node.spec, OperatorSpec::FileSink(_))
+                && let Some(lists) = lists
+            {
+                op.restore_lists(lists)?;
+            }
+            op.restored();
+        }
+        chain.push(ChainOp {
+            node: ni,
+            uid: node.uid.clone(),
+            stateful: node.is_stateful(),
+            op,
+        });
+    }
+    Ok((source, chain))
+}
+
+impl JobHandle {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn graph(&self) -> &JobGraph {
+        &self.graph
+    }
+
+    pub fn state(&self) -> JobState {
+        self.status.lock().state
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        self.status.lock().failure.clone()
+    }
+
+    pub fn restored_from(&self) -> Option<&str> {
+        self.restored_from.as_deref()
+    }
+
+    pub fn start_time_ms(&self) -> u64 {
+        self.start_time_ms
+    }
+
+    pub fn end_time_ms(&self) -> Option<u64> {
+        self.status.lock().end_time_ms
+    }
+
+    pub fn snapshot_stats(&self) -> SnapshotStats {
+        self.status.lock().snapshots.clone()
+    }
+
+    pub fn vertices(&self) -> Vec<VertexStats> {
+        self.graph
+            .nodes
+            .iter()
+            .map(|n| VertexStats {
+                uid: n.uid.clone(),
+                name: n.name.clone(),
+                kind: n.kind.to_owned(),
+                parallelism: n.parallelism,
+                records_in: self.shared.records_in[n.index].load(Ordering::Relaxed),
+                records_out: self.shared.records_out[n.index].load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// The longest time one batch or one synchronous snapshot step took since the last call,
+    /// in microseconds (resets it).
+    pub fn take_max_stall_us(&self) -> u64 {
+        self.shared.max_stall_us.swap(0, Ordering::Relaxed)
+    }
+
+    fn trigger(&self, kind: SnapshotKind, target: &str, stop: Option<bool>) -> Receiver<Result<String, String>> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let req = TriggerRequest {
+            kind,
+            target: target.to_owned(),
+            stop,
+            reply: Some(tx),
+        };
+        if let Err(e) = self.coord.send(CoordMsg::Trigger(req))
+            && let CoordMsg::Trigger(req) = e.into_inner()
+            && let Some(r) = req.reply
+        {
+            let _ = r.send(Err("the job has ended".into()));
+        }
+        rx
+    }
+
+    /// Triggers a savepoint into `target_dir`; the receiver yields its path or the cause of
+    /// its failure. With `stop`, the job ends once it completes (`Some(drain)`).
+    pub fn trigger_savepoint(&self, target_dir: &str, stop: Option<bool>) -> Receiver<Result<String, String>> {
+        self.trigger(SnapshotKind::Savepoint, target_dir, stop)
+    }
+
+    /// Triggers a checkpoint now (checkpoints must be configured).
+    pub fn trigger_checkpoint(&self) -> Receiver<Result<String, String>> {
+        self.trigger(SnapshotKind::Checkpoint, "", None)
+    }
+
+    /// Takes a savepoint and waits for it.
+    pub fn savepoint(&self, target_dir: &str) -> Result<String, String> {
+        self.trigger_savepoint(target_dir, None)
+            .recv()
+            .map_err(|_| "the job ended before the savepoint completed".to_owned())?
+    }
+
+    /// Takes a savepoint, then ends the job; waits for both.
+    pub fn stop_with_savepoint(&self, target_dir: &str, drain: bool) -> Result<String, String> {
+        let path = self
+            .trigger_savepoint(target_dir, Some(drain))
+            .recv()
+            .map_err(|_| "the job ended before the savepoint completed".to_owned())??;
+        self.wait();
+        Ok(path)
+    }
+
+    /// Cancels the job: no output after the last completed snapshot is committed.
+    pub fn cancel(&self) {
+        self.shared.cancel.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until the job ends and returns its final state.
+    pub fn wait(&self) -> JobState {
+        let mut st = self.status.lock();
+        while !st.state.is_terminal() {
+            st = match self.status.changed.wait(st) {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+        }
+        let state = st.state;
+        drop(st);
+        let threads: Vec<_> = match self.threads.lock() {
+            Ok(mut g) => g.drain(..).collect(),
+            Err(p) => p.into_inner().drain(..).collect(),
+        };
+        for t in threads {
+            let _ = t.join();
+        }
+        state
+    }
+
+    /// Waits up to `timeout`; `None` if the job is still running then.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<JobState> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut st = self.status.lock();
+        while !st.state.is_terminal() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            st = match self.status.changed.wait_timeout(st, left) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        drop(st);
+        Some(self.wait())
+    }
+}
+
+impl Drop for JobHandle {
+    fn drop(&mut self) {
+        if !self.state().is_terminal() {
+            self.cancel();
+        }
+    }
+}

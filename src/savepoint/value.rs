@@ -185,16 +185,18 @@ pub fn intern(name: &str) -> Name {
     found
 }
 
-/// A record: named fields in order.
+/// A record: named fields in order, and the key a keyBy gave it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Record {
     pub fields: Vec<(Name, Value)>,
+    pub key: Option<Value>,
 }
 
 impl Record {
     pub fn with_capacity(n: usize) -> Record {
         Record {
             fields: Vec::with_capacity(n),
+            key: None,
         }
     }
 
@@ -227,6 +229,7 @@ impl Record {
                 .iter()
                 .map(|(k, v)| (intern(k), Value::from_json(v)))
                 .collect(),
+            key: None,
         }
     }
 }

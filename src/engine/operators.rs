@@ -1,0 +1,539 @@
+//! The operators between source and sink: stateless transforms, keyed aggregations,
+//! windows and dedupe. Each runs inside a task's chain and sees whole batches.
+
+use super::expr::Expr;
+use super::graph::{Node, window_field};
+use super::spec::{self, NumType, OperatorSpec, WindowAggregate};
+use super::state::KeyedState;
+use crate::savepoint::keygroups::KeyGroupRange;
+use crate::savepoint::schema::FieldType;
+use crate::savepoint::statefile::{StateEntry, SubtaskSnapshot};
+use crate::savepoint::value::{Name, Record, Row, Value, intern};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// One operator instance (one subtask) inside a task.
+pub trait Operator: Send {
+    /// Consumes `input`, appending what it emits to `out`.
+    fn process(&mut self, input: Vec<Record>, out: &mut Vec<Record>) -> Result<(), String>;
+    /// Event time has reached `watermark` on every input.
+    fn on_watermark(&mut self, _watermark: i64, _out: &mut Vec<Record>) -> Result<(), String> {
+        Ok(())
+    }
+    /// The synchronous part of a snapshot: cheap, shared views of the state.
+    fn snapshot(&mut self, _snapshot_id: u64) -> Result<SubtaskSnapshot, String> {
+        Ok(SubtaskSnapshot {
+            keyed: None,
+            operator_lists: Vec::new(),
+        })
+    }
+    /// A snapshot that included this operator's state is complete.
+    fn notify_complete(&mut self, _snapshot_id: u64) -> Result<(), String> {
+        Ok(())
+    }
+    /// The input ended; no more records will come.
+    fn finish(&mut self, _out: &mut Vec<Record>) -> Result<(), String> {
+        Ok(())
+    }
+    /// The keyed state to restore into, for keyed operators.
+    fn keyed_state(&mut self) -> Option<&mut KeyedState> {
+        None
+    }
+    /// Restored operator list state, one list per declared state.
+    fn restore_lists(&mut self, _lists: Vec<Vec<Row>>) -> Result<(), String> {
+        Ok(())
+    }
+    /// Called once restored state is in place.
+    fn restored(&mut self) {}
+}
+
+fn keyed_snapshot(state: &KeyedState) -> SubtaskSnapshot {
+    SubtaskSnapshot {
+        keyed: Some(state.snapshot()),
+        operator_lists: Vec::new(),
+    }
+}
+
+fn key_of(rec: &Record) -> Result<&Value, String> {
+    rec.key
+        .as_ref()
+        .ok_or_else(|| "a record without a key reached a keyed operator".to_owned())
+}
+
+static KEY: std::sync::LazyLock<Name> = std::sync::LazyLock::new(|| intern("key"));
+
+/// Builds the operator for a non-source, non-sink node.
+pub fn build(
+    node: &Node,
+    range: KeyGroupRange,
+    max_parallelism: u32,
+) -> Result<Box<dyn Operator>, String> {
+    let keyed = |n: usize| KeyedState::new(range, max_parallelism, n);
+    Ok(match &node.spec {
+        OperatorSpec::Map(m) => Box::new(MapOp {
+            set: m
+                .set
+                .iter()
+                .map(|f| Ok((intern(&f.field), Expr::compile(&f.expr)?)))
+                .collect::<Result<_, String>>()?,
+            drop: m.drop.iter().map(|d| intern(d)).collect(),
+        }),
+        OperatorSpec::Filter(f) => Box::new(FilterOp {
+            expr: Expr::compile(&f.expr)?,
+        }),
+        OperatorSpec::KeyBy(k) => Box::new(KeyByOp {
+            field: intern(&k.field),
+        }),
+        OperatorSpec::Count(_) => Box::new(AggOp::new(AggKind::Count, None, FieldType::Int, keyed(1))),
+        OperatorSpec::Sum(s) => Box::new(AggOp::new(AggKind::Sum, Some(&s.field), num(s.ty), keyed(1))),
+        OperatorSpec::Min(s) => Box::new(AggOp::new(AggKind::Min, Some(&s.field), num(s.ty), keyed(1))),
+        OperatorSpec::Max(s) => Box::new(AggOp::new(AggKind::Max, Some(&s.field), num(s.ty), keyed(1))),
+        OperatorSpec::Reduce(r) => Box::new(ReduceOp {
+            uid: node.uid.clone(),
+            fields: r
+                .fields
+                .iter()
+                .map(|f| {
+                    Ok(ReduceField {
+                        name: intern(&f.name),
+                        ty: f.ty,
+                        default: f
+                            .default
+                            .as_ref()
+                            .map(|d| f.ty.coerce(Value::from_json(d)))
+                            .unwrap_or(Value::Null),
+                        expr: Expr::compile(&f.expr)?,
+                    })
+                })
+                .collect::<Result<_, String>>()?,
+            state: keyed(1),
+        }),
+        OperatorSpec::Window(w) => {
+            let size = spec::parse_duration("size", &w.size)?.as_millis() as i64;
+            let slide = match &w.slide {
+                Some(s) => spec::parse_duration("slide", s)?.as_millis() as i64,
+                None => size,
+            };
+            if size <= 0 || slide <= 0 {
+                return Err("window size and slide must be at least 1ms".into());
+            }
+            let (out_field, _) = window_field(w.aggregate);
+            Box::new(WindowOp {
+                size,
+                slide,
+                time_field: intern(&w.time_field),
+                agg: w.aggregate,
+                field: w.field.as_deref().map(intern),
+                out_field: intern(out_field),
+                state: keyed(1),
+                timers: BTreeSet::new(),
+                watermark: i64::MIN,
+                late: 0,
+            })
+        }
+        OperatorSpec::Dedupe(_) => Box::new(DedupeOp { state: keyed(1) }),
+        other => return Err(format!("{other:?} is not a transform")),
+    })
+}
+
+fn num(t: NumType) -> FieldType {
+    match t {
+        NumType::Int => FieldType::Int,
+        NumType::Float => FieldType::Float,
+    }
+}
+
+struct MapOp {
+    set: Vec<(Name, Expr)>,
+    drop: Vec<Name>,
+}
+
+impl Operator for MapOp {
+    fn process(&mut self, input: Vec<Record>, out: &mut Vec<Record>) -> Result<(), String> {
+        for mut rec in input {
+            let mut values = Vec::with_capacity(self.set.len());
+            for (_, e) in &self.set {
+                values.push(e.eval(&rec, None)?);
+            }
+            for ((name, _), v) in self.set.iter().zip(values) {
+                rec.set(name, v);
+            }
+            if !self.drop.is_empty() {
+                rec.fields.retain(|(n, _)| !self.drop.contains(n));
+            }
+            out.push(rec);
+        }
+        Ok(())
+    }
+}
+
+struct FilterOp {
+    expr: Expr,
+}
+
+impl Operator for FilterOp {
+    fn process(&mut self, input: Vec<Record>, out: &mut Vec<Record>) -> Result<(), String> {
+        for rec in input {
+            match self.expr.eval(&rec, None)? {
+                Value::Bool(true) => out.push(rec),
+                Value::Bool(false) | Value::Null => {}
+                other => {
+                    return Err(format!(
+                        "filter '{}' produced {} ({other}), not a bool",
+                        self.expr.source(),
+                        other.type_name()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+struct KeyByOp {
+    field: Name,
+}
+
+impl Operator for KeyByOp {
+    fn process(&mut self, mut input: Vec<Record>, out: &mut Vec<Record>) -> Result<(), String> {
+        for rec in &mut input {
+            rec.key = Some(rec.get(self.field).cloned().unwrap_or(Value::Null));
+        }
+        out.append(&mut input);
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum AggKind {
+    Count,
+    Sum,
+    Min,
+    Max,
+}
+
+struct AggOp {
+    kind: AggKind,
+    field: Option<Name>,
+    out_field: Name,
+    ty: FieldType,
+    state: KeyedState,
+}
+
+impl AggOp {
+    fn new(kind: AggKind, field: Option<&str>, ty: FieldType, state: KeyedState) -> AggOp {
+        let out = match kind {
+            AggKind::Count => "count",
+            AggKind::Sum => "sum",
+            AggKind::Min => "min",
+            AggKind::Max => "max",
+        };
+        AggOp {
+            kind,
+            field: field.map(intern),
+            out_field: intern(out),
+            ty,
+            state,
+        }
+    }
+}
+
+/// Adds two numbers: int + int stays int (float on overflow), anything with a float is float.
+fn add(a: &Value, b: &Value) -> Result<Value, String> {
+    Ok(match (a, b) {
+        (Value::Int(x), Value::Int(y)) => match x.checked_add(*y) {
+            Some(s) => Value::Int(s),
+            None => Value::Float(*x as f64 + *y as f64),
+        },
+        (Value::Null, v) | (v, Value::Null) => v.clone(),
+        _ => match (a.as_f64(), b.as_f64()) {
+            (Some(x), Some(y)) => Value::Float(x + y),
+            _ => return Err(format!("cannot add {} and {}", a.type_name(), b.type_name())),
+        },
+    })
+}
+
+fn pick(kind: AggKind, current: &Value, v: &Value) -> Value {
+    let take_new = match (current, kind) {
+        (Value::Null, _) => true,
+        (c, AggKind::Min) => compare_num(v, c) == std::cmp::Ordering::Less,
+        (c, _) => compare_num(v, c) == std::cmp::Ordering::Greater,
+    };
+    if take_new { v.clone() } else { current.clone() }
+}
+
+fn compare_num(a: &Value, b: &Value) -> std::cmp::Ordering {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => x.total_cmp(&y),
+        _ => a.cmp(b),
+    }
+}
+
+impl Operator for AggOp {
+    fn process(&mut self, input: Vec<Record>, out: &mut Vec<Record>) -> Result<(), String> {
+        for rec in input {
+            let key = key_of(&rec)?;
+            let kg = self.state.group_of(key)?;
+            let input_value = match self.field {
+                None => Value::Int(1),
+                Some(f) => {
+                    let v = rec.get(f).cloned().unwrap_or(Value::Null);
+                    if !self.ty.admits(&v) {
+                        return Err(format!(
+                            "field '{f}' is {} ({v}) but the {} is declared {}",
+                            v.type_name(),
+                            self.out_field,
+                            self.ty
+                        ));
+                    }
+                    self.ty.coerce(v)
+                }
+            };
+            let table = self.state.table_mut(0, kg);
+            let result = match table.get_mut(key) {
+                Some(StateEntry::Value(row)) => {
+                    let current = &row[0];
+                    let next = match self.kind {
+                        AggKind::Count | AggKind::Sum => add(current, &input_value)?,
+                        kind => pick(kind, current, &input_value),
+                    };
+                    row[0] = self.ty.coerce(next.clone());
+                    next
+                }
+                _ => {
+                    table.insert(key.clone(), StateEntry::Value(Box::new([input_value.clone()])));
+                    input_value
+                }
+            };
+            out.push(Record {
+                fields: vec![(*KEY, key.clone()), (self.out_field, result)],
+                key: None,
+            });
+        }
+        Ok(())
+    }
+    fn snapshot(&mut self, _id: u64) -> Result<SubtaskSnapshot, String> {
+        Ok(keyed_snapshot(&self.state))
+    }
+    fn keyed_state(&mut self) -> Option<&mut KeyedState> {
+        Some(&mut self.state)
+    }
+}
+
+struct ReduceField {
+    name: Name,
+    ty: FieldType,
+    default: Value,
+    expr: Expr,
+}
+
+struct ReduceOp {
+    uid: String,
+    fields: Vec<ReduceField>,
+    state: KeyedState,
+}
+
+impl Operator for ReduceOp {
+    fn process(&mut self, input: Vec<Record>, out: &mut Vec<Record>) -> Result<(), String> {
+        for rec in input {
+            let key = key_of(&rec)?.clone();
+            let kg = self.state.group_of(&key)?;
+            let current: Row = match self.state.table(0, kg).get(&key) {
+                Some(StateEntry::Value(row)) => row.clone(),
+                _ => self.fields.iter().map(|f| f.default.clone()).collect(),
+            };
+            let acc: Vec<(&str, &Value)> = self
+                .fields
+                .iter()
+                .zip(current.iter())
+                .map(|(f, v)| (f.name, v))
+                .collect();
+            let mut next = Vec::with_capacity(self.fields.len());
+            for f in &self.fields {
+                let v = f
+                    .expr
+                    .eval(&rec, Some(&acc))
+                    .map_err(|e| format!("reduce '{}' field '{}': {e}", self.uid, f.name))?;
+                if !f.ty.admits(&v) {
+                    return Err(format!(
+                        "reduce '{}' field '{}': '{}' produced {} ({v}), but the field is declared {}",
+                        self.uid,
+                        f.name,
+                        f.expr.source(),
+                        v.type_name(),
+                        f.ty
+                    ));
+                }
+                next.push(f.ty.coerce(v));
+            }
+            let mut fields = Vec::with_capacity(next.len() + 1);
+            fields.push((*KEY, key.clone()));
+            fields.extend(self.fields.iter().map(|f| f.name).zip(next.iter().cloned()));
+            self.state
+                .table_mut(0, kg)
+                .insert(key, StateEntry::Value(next.into_boxed_slice()));
+            out.push(Record { fields, key: None });
+        }
+        Ok(())
+    }
+    fn snapshot(&mut self, _id: u64) -> Result<SubtaskSnapshot, String> {
+        Ok(keyed_snapshot(&self.state))
+    }
+    fn keyed_state(&mut self) -> Option<&mut KeyedState> {
+        Some(&mut self.state)
+    }
+}
+
+struct WindowOp {
+    size: i64,
+    slide: i64,
+    time_field: Name,
+    agg: WindowAggregate,
+    field: Option<Name>,
+    out_field: Name,
+    /// Map state: window start -> one-field row with the aggregate.
+    state: KeyedState,
+    /// (window end, key group, key, window start), rebuilt from state on restore.
+    timers: BTreeSet<(i64, u32, Value, i64)>,
+    watermark: i64,
+    late: u64,
+}
+
+impl WindowOp {
+    fn fire(&mut self, up_to: i64, out: &mut Vec<Record>) {
+        while let Some(first) = self.timers.first() {
+            if first.0 - 1 > up_to {
+                break;
+            }
+            let Some((end, kg, key, start)) = self.timers.pop_first() else {
+                break;
+            };
+            let table = self.state.table_mut(0, kg);
+            let mut value = None;
+            let mut now_empty = false;
+            if let Some(StateEntry::Map(windows)) = table.get_mut(&key) {
+                value = windows.remove(&Value::Int(start)).map(|row| row[0].clone());
+                now_empty = windows.is_empty();
+            }
+            if now_empty {
+                table.remove(&key);
+            }
+            if let Some(v) = value {
+                out.push(Record {
+                    fields: vec![
+                        (*KEY, key),
+                        (intern("windowStart"), Value::Int(start)),
+                        (intern("windowEnd"), Value::Int(end)),
+                        (self.out_field, v),
+                    ],
+                    key: None,
+                });
+            }
+        }
+    }
+}
+
+impl Operator for WindowOp {
+    fn process(&mut self, input: Vec<Record>, _out: &mut Vec<Record>) -> Result<(), String> {
+        for rec in input {
+            let key = key_of(&rec)?.clone();
+            let kg = self.state.group_of(&key)?;
+            let ts = match rec.get(self.time_field) {
+                Some(Value::Int(t)) => *t,
+                Some(Value::Float(t)) => *t as i64,
+                other => {
+                    return Err(format!(
+                        "window: the time field '{}' is {}, not a number of milliseconds",
+                        self.time_field,
+                        other.map(Value::type_name).unwrap_or("missing")
+                    ));
+                }
+            };
+            let v = match self.field {
+                None => Value::Int(1),
+                Some(f) => rec.get(f).cloned().unwrap_or(Value::Null),
+            };
+            let last_start = ts - ts.rem_euclid(self.slide);
+            let mut start = last_start;
+            while start > ts - self.size {
+                let end = start + self.size;
+                if end - 1 <= self.watermark {
+                    self.late += 1;
+                } else {
+                    let table = self.state.table_mut(0, kg);
+                    let entry = table
+                        .entry(key.clone())
+                        .or_insert_with(|| StateEntry::Map(BTreeMap::new()));
+                    if let StateEntry::Map(windows) = entry {
+                        let slot = windows.entry(Value::Int(start)).or_insert_with(|| {
+                            Box::new([match self.agg {
+                                WindowAggregate::Count => Value::Int(0),
+                                _ => Value::Null,
+                            }])
+                        });
+                        slot[0] = match self.agg {
+                            WindowAggregate::Count => add(&slot[0], &Value::Int(1))?,
+                            WindowAggregate::Sum => add(&slot[0], &v)?,
+                            WindowAggregate::Min => pick(AggKind::Min, &slot[0], &v),
+                            WindowAggregate::Max => pick(AggKind::Max, &slot[0], &v),
+                        };
+                    }
+                    self.timers.insert((end, kg, key.clone(), start));
+                }
+                start -= self.slide;
+            }
+        }
+        Ok(())
+    }
+    fn on_watermark(&mut self, watermark: i64, out: &mut Vec<Record>) -> Result<(), String> {
+        if watermark > self.watermark {
+            self.watermark = watermark;
+            self.fire(watermark, out);
+        }
+        Ok(())
+    }
+    fn snapshot(&mut self, _id: u64) -> Result<SubtaskSnapshot, String> {
+        Ok(keyed_snapshot(&self.state))
+    }
+    fn keyed_state(&mut self) -> Option<&mut KeyedState> {
+        Some(&mut self.state)
+    }
+    fn restored(&mut self) {
+        let mut timers = BTreeSet::new();
+        for (kg, key, entry) in self.state.iter(0) {
+            if let StateEntry::Map(windows) = entry {
+                for start in windows.keys() {
+                    if let Value::Int(s) = start {
+                        timers.insert((s + self.size, kg, key.clone(), *s));
+                    }
+                }
+            }
+        }
+        self.timers = timers;
+    }
+}
+
+struct DedupeOp {
+    state: KeyedState,
+}
+
+impl Operator for DedupeOp {
+    fn process(&mut self, input: Vec<Record>, out: &mut Vec<Record>) -> Result<(), String> {
+        for mut rec in input {
+            let key = key_of(&rec)?;
+            let kg = self.state.group_of(key)?;
+            let table = self.state.table_mut(0, kg);
+            if !table.contains_key(key) {
+                table.insert(key.clone(), StateEntry::Value(Box::new([Value::Bool(true)])));
+                rec.key = None;
+                out.push(rec);
+            }
+        }
+        Ok(())
+    }
+    fn snapshot(&mut self, _id: u64) -> Result<SubtaskSnapshot, String> {
+        Ok(keyed_snapshot(&self.state))
+    }
+    fn keyed_state(&mut self) -> Option<&mut KeyedState> {
+        Some(&mut self.state)
+    }
+}

@@ -1,0 +1,119 @@
+//! The keyed state backend: one hash table per (state, key group), each behind an `Arc`.
+//!
+//! A snapshot clones the `Arc`s (microseconds, whatever the state size) and hands them to a
+//! writer thread; the next write to a key group that the writer still holds copies that one
+//! group first (`Arc::make_mut`). Processing goes on while the bytes are written, and the
+//! stall is bounded by the size of one key group, not of the whole state.
+
+use crate::savepoint::keygroups::{KeyGroupRange, key_group};
+use crate::savepoint::statefile::{GroupTable, KeyedSnapshot, StateEntry};
+use crate::savepoint::value::Value;
+use std::sync::Arc;
+
+pub struct KeyedState {
+    range: KeyGroupRange,
+    max_parallelism: u32,
+    /// `tables[state][kg - range.start]`.
+    tables: Vec<Vec<Arc<GroupTable>>>,
+}
+
+impl KeyedState {
+    pub fn new(range: KeyGroupRange, max_parallelism: u32, states: usize) -> KeyedState {
+        let groups = range.len() as usize;
+        KeyedState {
+            range,
+            max_parallelism,
+            tables: (0..states)
+                .map(|_| (0..groups).map(|_| Arc::new(GroupTable::new())).collect())
+                .collect(),
+        }
+    }
+
+    pub fn max_parallelism(&self) -> u32 {
+        self.max_parallelism
+    }
+
+    /// The key group of a key, checked against this subtask's range.
+    pub fn group_of(&self, key: &Value) -> Result<u32, String> {
+        let kg = key_group(key, self.max_parallelism);
+        if self.range.contains(kg) {
+            Ok(kg)
+        } else {
+            Err(format!(
+                "key {key} (key group {kg}) reached the subtask owning key groups {}..={}",
+                self.range.start, self.range.end
+            ))
+        }
+    }
+
+    fn slot(&self, kg: u32) -> usize {
+        (kg - self.range.start) as usize
+    }
+
+    /// The table of one state and key group, copied first if a snapshot still reads it.
+    pub fn table_mut(&mut self, state: usize, kg: u32) -> &mut GroupTable {
+        let slot = self.slot(kg);
+        Arc::make_mut(&mut self.tables[state][slot])
+    }
+
+    pub fn table(&self, state: usize, kg: u32) -> &GroupTable {
+        &self.tables[state][self.slot(kg)]
+    }
+
+    pub fn insert(&mut self, state: usize, kg: u32, key: Value, entry: StateEntry) {
+        if self.range.contains(kg) && state < self.tables.len() {
+            self.table_mut(state, kg).insert(key, entry);
+        }
+    }
+
+    pub fn snapshot(&self) -> KeyedSnapshot {
+        KeyedSnapshot {
+            range: self.range,
+            tables: self.tables.clone(),
+        }
+    }
+
+    /// Every (key group, key, entry) of one state.
+    pub fn iter(&self, state: usize) -> impl Iterator<Item = (u32, &Value, &StateEntry)> {
+        let start = self.range.start;
+        self.tables[state]
+            .iter()
+            .enumerate()
+            .flat_map(move |(i, t)| t.iter().map(move |(k, e)| (start + i as u32, k, e)))
+    }
+
+    pub fn len(&self) -> usize {
+        self.tables.iter().flatten().map(|t| t.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::savepoint::keygroups::range_for_subtask;
+
+    #[test]
+    fn snapshot_is_isolated_from_later_writes() {
+        let range = range_for_subtask(128, 1, 0);
+        let mut ks = KeyedState::new(range, 128, 1);
+        let key = Value::Int(5);
+        let kg = ks.group_of(&key).unwrap();
+        ks.table_mut(0, kg).insert(key.clone(), StateEntry::Value(vec![Value::Int(1)].into()));
+        let snap = ks.snapshot();
+        ks.table_mut(0, kg).insert(key.clone(), StateEntry::Value(vec![Value::Int(2)].into()));
+        let saved = &snap.tables[0][kg as usize];
+        assert_eq!(saved.get(&key), Some(&StateEntry::Value(vec![Value::Int(1)].into())));
+        assert_eq!(ks.table(0, kg).get(&key), Some(&StateEntry::Value(vec![Value::Int(2)].into())));
+    }
+
+    #[test]
+    fn keys_outside_the_range_are_refused() {
+        let ks = KeyedState::new(range_for_subtask(128, 2, 0), 128, 1);
+        let outside = (0..1000).map(Value::Int).find(|k| key_group(k, 128) >= 64).unwrap();
+        assert!(ks.group_of(&outside).is_err());
+    }
+}
