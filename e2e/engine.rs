@@ -11,7 +11,14 @@ fn spec(yaml: &str) -> JobSpec {
 }
 
 /// A keyed count over a bounded generator: `count` records over `keys` keys.
-fn count_job(out: &Path, count: u64, keys: u64, rate: u64, parallelism: u32, extra: &str) -> String {
+fn count_job(
+    out: &Path,
+    count: u64,
+    keys: u64,
+    rate: u64,
+    parallelism: u32,
+    extra: &str,
+) -> String {
     format!(
         r#"
 name: counts
@@ -37,7 +44,9 @@ operators:
 /// Every committed output line, as JSON objects.
 fn output_lines(dir: &Path) -> Vec<serde_json::Value> {
     let mut lines = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return lines };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return lines;
+    };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
         if !name.starts_with("part-") || !e.path().is_file() {
@@ -45,7 +54,9 @@ fn output_lines(dir: &Path) -> Vec<serde_json::Value> {
         }
         let text = std::fs::read_to_string(e.path()).unwrap();
         for l in text.lines() {
-            lines.push(serde_json::from_str(l).unwrap_or_else(|err| panic!("bad line {l:?}: {err}")));
+            lines.push(
+                serde_json::from_str(l).unwrap_or_else(|err| panic!("bad line {l:?}: {err}")),
+            );
         }
     }
     lines
@@ -74,7 +85,12 @@ fn assert_exactly_once(dir: &Path, count: u64, keys: u64) {
         let n = (0..count).filter(|i| i % keys == k).count() as u64;
         let want: Vec<u64> = (1..=n).collect();
         let have = got.get(&(k as i64)).cloned().unwrap_or_default();
-        assert!(have == want, "key {k}: expected counts 1..={n} once each, got {} values (first {:?})", have.len(), &have[..have.len().min(10)]);
+        assert!(
+            have == want,
+            "key {k}: expected counts 1..={n} once each, got {} values (first {:?})",
+            have.len(),
+            &have[..have.len().min(10)]
+        );
     }
 }
 
@@ -108,7 +124,13 @@ fn exactly_once_across_a_savepoint() {
         &sjob::savepoint::store::Store::open(&sp).unwrap(),
     )
     .unwrap();
-    let positions: i64 = meta.operator("source").unwrap().source_positions.iter().map(|p| p.position).sum();
+    let positions: i64 = meta
+        .operator("source")
+        .unwrap()
+        .source_positions
+        .iter()
+        .map(|p| p.position)
+        .sum();
     assert!(positions > 0, "the savepoint was taken mid-run");
     assert!(Path::new(&sp).join("_metadata").exists());
 
@@ -123,4 +145,464 @@ fn exactly_once_across_a_savepoint() {
     assert_eq!(job.restored_from(), Some(sp.as_str()));
     assert_eq!(job.wait(), JobState::Finished, "{:?}", job.failure());
     assert_exactly_once(&out, count, keys);
+}
+
+/// Runs a job from an optional savepoint until it has processed `progress` records at
+/// `uid`, takes a savepoint, cancels it, and returns the savepoint's path.
+fn run_and_savepoint(
+    job_spec: &JobSpec,
+    from: Option<&str>,
+    p: Option<u32>,
+    uid: &str,
+    progress: u64,
+    sps: &Path,
+) -> String {
+    let job = engine::start(
+        job_spec,
+        JobOptions {
+            savepoint: from.map(str::to_owned),
+            parallelism: p,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("start failed: {e}"));
+    wait_for_progress(&job, uid, progress);
+    let sp = job.savepoint(sps.to_str().unwrap()).unwrap();
+    job.cancel();
+    assert_eq!(job.wait(), JobState::Canceled);
+    sp
+}
+
+#[test]
+fn rescaling_two_to_three_to_one_keeps_results_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let sps = dir.path().join("sp");
+    let (count, keys) = (90_000, 211);
+    let job_spec = spec(&count_job(&out, count, keys, 50_000, 2, ""));
+    let sp1 = run_and_savepoint(&job_spec, None, Some(2), "counter", 15_000, &sps);
+    let sp2 = run_and_savepoint(&job_spec, Some(&sp1), Some(3), "counter", 45_000, &sps);
+    let meta = sjob::savepoint::metadata::SnapshotMetadata::read(
+        &sjob::savepoint::store::Store::open(&sp2).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(meta.operator("counter").unwrap().parallelism, 3);
+    assert_eq!(meta.operator("counter").unwrap().subtasks.len(), 3);
+    let job = engine::start(
+        &job_spec,
+        JobOptions {
+            savepoint: Some(sp2),
+            parallelism: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(job.wait(), JobState::Finished, "{:?}", job.failure());
+    assert_exactly_once(&out, count, keys);
+}
+
+const PEAK: &str =
+    "  - kind: keyBy\n    field: key\n  - kind: max\n    uid: peak\n    field: count\n";
+
+#[test]
+fn removed_operator_is_refused_by_uid_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let sps = dir.path().join("sp");
+    let (count, keys) = (40_000, 50);
+    let with_peak = spec(&count_job(&out, count, keys, 40_000, 2, PEAK));
+    let sp = run_and_savepoint(&with_peak, None, None, "peak", 10_000, &sps);
+
+    let without = spec(&count_job(&out, count, keys, 40_000, 2, ""));
+    let err = engine::start(
+        &without,
+        JobOptions {
+            savepoint: Some(sp.clone()),
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("restore without the peak operator must be refused")
+    .to_string();
+    assert!(err.contains("peak"), "{err}");
+    assert!(err.contains("--allow-non-restored-state"), "{err}");
+    assert!(
+        !err.contains("counter"),
+        "only the missing uid is named: {err}"
+    );
+
+    let job = engine::start(
+        &without,
+        JobOptions {
+            savepoint: Some(sp),
+            allow_non_restored_state: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(job.wait(), JobState::Finished, "{:?}", job.failure());
+    // Before the savepoint the sink saw running maxima of the counts (equal to the counts);
+    // after it, the counts: together, each key's counts exactly once.
+    let mut per_key: BTreeMap<i64, Vec<u64>> = BTreeMap::new();
+    for v in output_lines(&out) {
+        let k = v["key"].as_i64().unwrap();
+        let c = v
+            .get("count")
+            .or_else(|| v.get("max"))
+            .and_then(|c| c.as_u64())
+            .unwrap();
+        per_key.entry(k).or_default().push(c);
+    }
+    for k in 0..keys {
+        let n = (0..count).filter(|i| i % keys == k).count() as u64;
+        let mut have = per_key.remove(&(k as i64)).unwrap_or_default();
+        have.sort_unstable();
+        assert_eq!(have, (1..=n).collect::<Vec<_>>(), "key {k}");
+    }
+}
+
+#[test]
+fn added_operator_starts_empty_and_others_keep_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let sps = dir.path().join("sp");
+    let (count, keys) = (40_000, 50);
+    let plain = spec(&count_job(&out, count, keys, 40_000, 2, ""));
+    let sp = run_and_savepoint(&plain, None, None, "counter", 10_000, &sps);
+    let with_peak = spec(&count_job(&out, count, keys, 40_000, 2, PEAK));
+    let job = engine::start(
+        &with_peak,
+        JobOptions {
+            savepoint: Some(sp.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(job.wait(), JobState::Finished, "{:?}", job.failure());
+    let saved_counts = emitted_counts(&out);
+    let mut peaks: BTreeMap<i64, Vec<u64>> = BTreeMap::new();
+    for v in output_lines(&out) {
+        if let (Some(k), Some(m)) = (v["key"].as_i64(), v["max"].as_u64()) {
+            peaks.entry(k).or_default().push(m);
+        }
+    }
+    for k in 0..keys {
+        let n = (0..count).filter(|i| i % keys == k).count() as u64;
+        let before = saved_counts.get(&(k as i64)).cloned().unwrap_or_default();
+        let mut after = peaks.remove(&(k as i64)).unwrap_or_default();
+        after.sort_unstable();
+        // The counter kept its state: the new operator's maxima continue from the restored
+        // count (no restart at 1) and end at the true total.
+        let resumed_at = before.len() as u64;
+        assert_eq!(
+            before,
+            (1..=resumed_at).collect::<Vec<_>>(),
+            "key {k} before"
+        );
+        assert_eq!(
+            after,
+            (resumed_at + 1..=n).collect::<Vec<_>>(),
+            "key {k} after"
+        );
+    }
+}
+
+#[test]
+fn damaged_savepoints_are_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let sps = dir.path().join("sp");
+    let job_spec = spec(&count_job(&out, 30_000, 40, 30_000, 2, ""));
+    let sp = run_and_savepoint(&job_spec, None, None, "counter", 5_000, &sps);
+    let start = |path: &str| {
+        engine::start(
+            &job_spec,
+            JobOptions {
+                savepoint: Some(path.to_owned()),
+                ..Default::default()
+            },
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_else(|| panic!("restore from {path} must fail"))
+    };
+
+    // A truncated state file.
+    let copy = dir.path().join("truncated");
+    copy_dir(Path::new(&sp), &copy);
+    let victim = std::fs::read_dir(copy.join("operators"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("counter-0-")
+        })
+        .unwrap();
+    let len = std::fs::metadata(&victim).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&victim)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let err = start(copy.to_str().unwrap());
+    assert!(
+        err.contains(&victim.display().to_string()) && err.contains("truncated"),
+        "{err}"
+    );
+
+    // A flipped byte.
+    let copy = dir.path().join("corrupt");
+    copy_dir(Path::new(&sp), &copy);
+    let victim = copy.join(victim.strip_prefix(dir.path().join("truncated")).unwrap());
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x5a;
+    std::fs::write(&victim, &bytes).unwrap();
+    let err = start(copy.to_str().unwrap());
+    assert!(
+        err.contains(&victim.display().to_string()) && err.contains("corrupt"),
+        "{err}"
+    );
+
+    // No _metadata.
+    let copy = dir.path().join("incomplete");
+    copy_dir(Path::new(&sp), &copy);
+    std::fs::remove_file(copy.join("_metadata")).unwrap();
+    let err = start(copy.to_str().unwrap());
+    assert!(
+        err.contains("not a complete savepoint") && err.contains(copy.to_str().unwrap()),
+        "{err}"
+    );
+
+    // No such path.
+    let err = start(dir.path().join("nowhere").to_str().unwrap());
+    assert!(err.contains("does not exist"), "{err}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+fn reduce_job(out: &Path, count: u64, keys: u64, fields: &str) -> String {
+    format!(
+        r#"
+name: totals
+parallelism: 2
+operators:
+  - kind: generator
+    uid: source
+    keys: {keys}
+    count: {count}
+    rate: 30000
+  - kind: keyBy
+    field: key
+  - kind: reduce
+    uid: totals
+    fields:
+{fields}
+  - kind: fileSink
+    uid: out
+    path: {}
+"#,
+        out.display()
+    )
+}
+
+const TOTALS_V1: &str = r#"      - {name: n, type: int, default: 0, expr: "acc.n + 1"}
+      - {name: total, type: int, default: 0, expr: "acc.total + value"}
+      - {name: note, type: string, default: "", expr: "'seen'"}"#;
+
+#[test]
+fn state_schema_evolution_compatible_and_incompatible() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let sps = dir.path().join("sp");
+    let (count, keys) = (30_000, 30);
+    let v1 = spec(&reduce_job(&out, count, keys, TOTALS_V1));
+    let sp = run_and_savepoint(&v1, None, None, "totals", 8_000, &sps);
+
+    // Incompatible: total narrowed to string, and a field added without a default.
+    let bad = spec(&reduce_job(
+        &out,
+        count,
+        keys,
+        r#"      - {name: n, type: int, default: 0, expr: "acc.n + 1"}
+      - {name: total, type: string, default: "", expr: "string(value)"}
+      - {name: region, type: string, expr: "'eu'"}"#,
+    ));
+    let err = engine::start(
+        &bad,
+        JobOptions {
+            savepoint: Some(sp.clone()),
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("incompatible schema must be refused")
+    .to_string();
+    assert!(
+        err.contains("operator 'totals', state 'acc', field 'total'")
+            && err.contains("int to string"),
+        "{err}"
+    );
+    assert!(
+        err.contains("field 'region'") && err.contains("without a default"),
+        "{err}"
+    );
+    // Dropping a field is compatible, so "note" is not named.
+    assert!(!err.contains("'note'"), "{err}");
+
+    // Compatible: total widened to float, note removed, a field added with a default.
+    let v2 = spec(&reduce_job(
+        &out,
+        count,
+        keys,
+        r#"      - {name: total, type: float, default: 0.0, expr: "acc.total + double(value)"}
+      - {name: n, type: int, default: 0, expr: "acc.n + 1"}
+      - {name: since_upgrade, type: int, default: 0, expr: "acc.since_upgrade + 1"}"#,
+    ));
+    let job = engine::start(
+        &v2,
+        JobOptions {
+            savepoint: Some(sp),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(job.wait(), JobState::Finished, "{:?}", job.failure());
+    let mut last: BTreeMap<i64, (u64, f64, u64)> = BTreeMap::new();
+    for v in output_lines(&out) {
+        let k = v["key"].as_i64().unwrap();
+        let n = v["n"].as_u64().unwrap();
+        let e = last.entry(k).or_insert((0, 0.0, 0));
+        if n > e.0 && v.get("since_upgrade").is_some() {
+            *e = (
+                n,
+                v["total"].as_f64().unwrap(),
+                v["since_upgrade"].as_u64().unwrap(),
+            );
+        }
+    }
+    for k in 0..keys {
+        let n = (0..count).filter(|i| i % keys == k).count() as u64;
+        let total: u64 = (0..count).filter(|i| i % keys == k).map(|i| i % 1000).sum();
+        let (got_n, got_total, since) = last[&(k as i64)];
+        assert_eq!(got_n, n, "key {k}: count carried over the upgrade");
+        assert_eq!(
+            got_total, total as f64,
+            "key {k}: total carried over and widened"
+        );
+        assert!(
+            since > 0 && since < n,
+            "key {k}: the new field started at its default ({since})"
+        );
+    }
+}
+
+#[test]
+fn tumbling_windows_fire_exactly_once_across_a_savepoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let sps = dir.path().join("sp");
+    let (count, keys) = (20_000u64, 10u64);
+    let yaml = format!(
+        r#"
+name: windows
+parallelism: 2
+operators:
+  - {{kind: generator, uid: source, keys: {keys}, count: {count}, rate: 20000, splits: 4}}
+  - {{kind: keyBy, field: key}}
+  - {{kind: window, uid: per-100ms, size: 100ms, aggregate: sum, field: value}}
+  - {{kind: fileSink, uid: out, path: {}}}
+"#,
+        out.display()
+    );
+    let job_spec = spec(&yaml);
+    let sp = run_and_savepoint(&job_spec, None, None, "per-100ms", 6_000, &sps);
+    let job = engine::start(
+        &job_spec,
+        JobOptions {
+            savepoint: Some(sp),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(job.wait(), JobState::Finished, "{:?}", job.failure());
+    let mut seen: BTreeMap<(i64, i64), i64> = BTreeMap::new();
+    for v in output_lines(&out) {
+        let key = (
+            v["key"].as_i64().unwrap(),
+            v["windowStart"].as_i64().unwrap(),
+        );
+        assert!(
+            seen.insert(key, v["sum"].as_i64().unwrap()).is_none(),
+            "window {key:?} emitted twice"
+        );
+    }
+    let mut want: BTreeMap<(i64, i64), i64> = BTreeMap::new();
+    for i in 0..count {
+        let ts = i as i64;
+        *want.entry(((i % keys) as i64, ts - ts % 100)).or_default() += (i % 1000) as i64;
+    }
+    assert_eq!(seen, want);
+}
+
+#[test]
+fn stateful_operator_without_uid_is_rejected_naming_it() {
+    let yaml = "name: j\noperators:\n  - {kind: generator, uid: s, count: 10}\n  - {kind: keyBy, field: key}\n  - {kind: dedupe, name: first-click}\n  - {kind: discardSink}\n";
+    let err = engine::start(&spec(yaml), JobOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("dedupe named 'first-click'") && err.contains("no uid"),
+        "{err}"
+    );
+}
+
+#[test]
+fn file_source_filter_and_dedupe_keep_the_first_record_per_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let mut text = String::new();
+    for i in 0..5000 {
+        text.push_str(&format!("{{\"user\": \"u{}\", \"n\": {i}}}\n", i % 40));
+    }
+    std::fs::write(&input, text).unwrap();
+    let out = dir.path().join("out");
+    let yaml = format!(
+        "name: firsts\noperators:\n  - {{kind: fileSource, uid: in, path: {}}}\n  - {{kind: filter, expr: 'n % 2 == 0'}}\n  - {{kind: keyBy, field: user}}\n  - {{kind: dedupe, uid: first}}\n  - {{kind: fileSink, uid: out, path: {}}}\n",
+        input.display(),
+        out.display()
+    );
+    let job = engine::start(&spec(&yaml), JobOptions::default()).unwrap();
+    assert_eq!(job.wait(), JobState::Finished, "{:?}", job.failure());
+    let mut firsts: Vec<(String, i64)> = output_lines(&out)
+        .iter()
+        .map(|v| {
+            (
+                v["user"].as_str().unwrap().to_owned(),
+                v["n"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    firsts.sort();
+    let mut want: Vec<(String, i64)> = (0..40)
+        .filter(|i| i % 2 == 0)
+        .map(|i| (format!("u{i}"), i))
+        .collect();
+    want.sort();
+    assert_eq!(firsts, want);
 }

@@ -62,7 +62,10 @@ impl JobState {
         }
     }
     pub fn is_terminal(&self) -> bool {
-        matches!(self, JobState::Finished | JobState::Canceled | JobState::Failed)
+        matches!(
+            self,
+            JobState::Finished | JobState::Canceled | JobState::Failed
+        )
     }
 }
 
@@ -158,11 +161,15 @@ impl Coordinator {
     pub fn run(mut self, rx: Receiver<CoordMsg>) {
         let mut pending: Option<Pending> = None;
         let mut queued: VecDeque<TriggerRequest> = VecDeque::new();
-        let mut next_checkpoint = self.checkpoints.as_ref().map(|c| Instant::now() + c.interval);
+        let mut next_checkpoint = self
+            .checkpoints
+            .as_ref()
+            .map(|c| Instant::now() + c.interval);
         while self.tasks_running > 0 {
             let mut wake = Duration::from_millis(200);
             if let Some(p) = &pending {
-                wake = wake.min((p.started + self.timeout).saturating_duration_since(Instant::now()));
+                wake =
+                    wake.min((p.started + self.timeout).saturating_duration_since(Instant::now()));
             }
             if let Some(t) = next_checkpoint {
                 wake = wake.min(t.saturating_duration_since(Instant::now()));
@@ -286,7 +293,11 @@ impl Coordinator {
         let dir = match req.kind {
             SnapshotKind::Savepoint => {
                 let suffix = uuid::Uuid::new_v4().simple().to_string();
-                let name = format!("savepoint-{}-{}", &self.job_id[..6.min(self.job_id.len())], &suffix[..12]);
+                let name = format!(
+                    "savepoint-{}-{}",
+                    &self.job_id[..6.min(self.job_id.len())],
+                    &suffix[..12]
+                );
                 match Store::open(&req.target) {
                     Ok(s) => s.child(&name),
                     Err(e) => return self.refuse(req, e.to_string()),
@@ -313,7 +324,11 @@ impl Coordinator {
             if *exhausted {
                 drop(exhausted);
                 let _ = dir.delete_all();
-                return self.refuse(req, "the job's input is exhausted; it is finishing and takes no more snapshots".into());
+                return self.refuse(
+                    req,
+                    "the job's input is exhausted; it is finishing and takes no more snapshots"
+                        .into(),
+                );
             }
             for s in &self.sources {
                 if s.send(Control::Trigger(barrier.clone())).is_err() {
@@ -436,7 +451,9 @@ impl Coordinator {
     fn retain_checkpoints(&self) {
         let Some(cfg) = &self.checkpoints else { return };
         let job_dir = cfg.dir.child(&self.job_id);
-        let Ok(dirs) = job_dir.list_dirs() else { return };
+        let Ok(dirs) = job_dir.list_dirs() else {
+            return;
+        };
         let mut ids: Vec<u64> = dirs
             .iter()
             .filter_map(|d| d.strip_prefix("chk-").and_then(|n| n.parse().ok()))

@@ -38,7 +38,9 @@ fn from_cel(v: cel::Value) -> Result<Value, String> {
         cel::Value::Null => Value::Null,
         cel::Value::Bool(b) => Value::Bool(b),
         cel::Value::Int(i) => Value::Int(i),
-        cel::Value::UInt(u) => Value::Int(i64::try_from(u).map_err(|_| format!("{u} is too large"))?),
+        cel::Value::UInt(u) => {
+            Value::Int(i64::try_from(u).map_err(|_| format!("{u} is too large"))?)
+        }
         cel::Value::Float(f) => Value::Float(f),
         cel::Value::String(s) => Value::from(s.as_str()),
         other => {
@@ -101,21 +103,32 @@ mod tests {
     #[test]
     fn evaluates_over_fields_record_and_acc() {
         let rec = Record {
-            fields: vec![(intern("value"), Value::Int(4)), (intern("name"), Value::from("ab"))],
+            fields: vec![
+                (intern("value"), Value::Int(4)),
+                (intern("name"), Value::from("ab")),
+            ],
             key: None,
         };
-        assert_eq!(Expr::compile("value * 2").unwrap().eval(&rec, None), Ok(Value::Int(8)));
+        assert_eq!(
+            Expr::compile("value * 2").unwrap().eval(&rec, None),
+            Ok(Value::Int(8))
+        );
         assert_eq!(
             Expr::compile("record.name + 'c'").unwrap().eval(&rec, None),
             Ok(Value::from("abc"))
         );
         let total = Value::Float(1.5);
         assert_eq!(
-            Expr::compile("acc.total + double(value)").unwrap().eval(&rec, Some(&[("total", &total)])),
+            Expr::compile("acc.total + double(value)")
+                .unwrap()
+                .eval(&rec, Some(&[("total", &total)])),
             Ok(Value::Float(5.5))
         );
         assert!(Expr::compile("value +").is_err());
-        let err = Expr::compile("missing + 1").unwrap().eval(&rec, None).unwrap_err();
+        let err = Expr::compile("missing + 1")
+            .unwrap()
+            .eval(&rec, None)
+            .unwrap_err();
         assert!(err.contains("missing"), "{err}");
     }
 }

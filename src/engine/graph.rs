@@ -41,7 +41,10 @@ impl Node {
         !self.keyed_states.is_empty() || !self.operator_states.is_empty()
     }
     pub fn is_source(&self) -> bool {
-        matches!(self.spec, OperatorSpec::Generator(_) | OperatorSpec::FileSource(_))
+        matches!(
+            self.spec,
+            OperatorSpec::Generator(_) | OperatorSpec::FileSource(_)
+        )
     }
 }
 
@@ -128,20 +131,41 @@ fn declared_state(spec: &OperatorSpec) -> (Vec<KeyedStateMeta>, Vec<OperatorStat
     match spec {
         OperatorSpec::Generator(_) => (
             vec![],
-            split_list("splits", &[("split", FieldType::Int), ("next", FieldType::Int)]),
+            split_list(
+                "splits",
+                &[("split", FieldType::Int), ("next", FieldType::Int)],
+            ),
         ),
         OperatorSpec::FileSource(_) => (
             vec![],
-            split_list("files", &[("file", FieldType::String), ("offset", FieldType::Int)]),
+            split_list(
+                "files",
+                &[("file", FieldType::String), ("offset", FieldType::Int)],
+            ),
         ),
         OperatorSpec::FileSink(_) => (
             vec![],
-            split_list("pending", &[("file", FieldType::String), ("checkpoint", FieldType::Int)]),
+            split_list(
+                "pending",
+                &[("file", FieldType::String), ("checkpoint", FieldType::Int)],
+            ),
         ),
-        OperatorSpec::Count(_) => (keyed_value("count", StateSchema::single("count", FieldType::Int)), vec![]),
-        OperatorSpec::Sum(s) => (keyed_value("sum", StateSchema::single("sum", num_type(s.ty))), vec![]),
-        OperatorSpec::Min(s) => (keyed_value("min", StateSchema::single("min", num_type(s.ty))), vec![]),
-        OperatorSpec::Max(s) => (keyed_value("max", StateSchema::single("max", num_type(s.ty))), vec![]),
+        OperatorSpec::Count(_) => (
+            keyed_value("count", StateSchema::single("count", FieldType::Int)),
+            vec![],
+        ),
+        OperatorSpec::Sum(s) => (
+            keyed_value("sum", StateSchema::single("sum", num_type(s.ty))),
+            vec![],
+        ),
+        OperatorSpec::Min(s) => (
+            keyed_value("min", StateSchema::single("min", num_type(s.ty))),
+            vec![],
+        ),
+        OperatorSpec::Max(s) => (
+            keyed_value("max", StateSchema::single("max", num_type(s.ty))),
+            vec![],
+        ),
         OperatorSpec::Reduce(r) => (
             keyed_value(
                 "acc",
@@ -170,7 +194,10 @@ fn declared_state(spec: &OperatorSpec) -> (Vec<KeyedStateMeta>, Vec<OperatorStat
                 vec![],
             )
         }
-        OperatorSpec::Dedupe(_) => (keyed_value("seen", StateSchema::single("seen", FieldType::Bool)), vec![]),
+        OperatorSpec::Dedupe(_) => (
+            keyed_value("seen", StateSchema::single("seen", FieldType::Bool)),
+            vec![],
+        ),
         OperatorSpec::Map(_)
         | OperatorSpec::Filter(_)
         | OperatorSpec::KeyBy(_)
@@ -249,7 +276,10 @@ fn check_expressions(spec: &OperatorSpec, what: &str, problems: &mut Vec<String>
                 problems.push(format!("{what}: {e}"));
             }
             if w.aggregate != WindowAggregate::Count && w.field.is_none() {
-                problems.push(format!("{what}: field: the {:?} aggregate needs a field", w.aggregate));
+                problems.push(format!(
+                    "{what}: field: the {:?} aggregate needs a field",
+                    w.aggregate
+                ));
             }
         }
         OperatorSpec::Generator(g) => {
@@ -262,7 +292,9 @@ fn check_expressions(spec: &OperatorSpec, what: &str, problems: &mut Vec<String>
             if let Some(r) = g.rate
                 && (r.is_nan() || r <= 0.0)
             {
-                problems.push(format!("{what}: rate must be a positive number of records per second"));
+                problems.push(format!(
+                    "{what}: rate must be a positive number of records per second"
+                ));
             }
         }
         _ => {}
@@ -298,12 +330,16 @@ impl JobGraph {
             let stateful = !keyed_states.is_empty() || !operator_states.is_empty();
             let uid = match op.uid() {
                 Some(u) if u.is_empty() || u.contains(['/', ' ']) => {
-                    problems.push(format!("{label}: uid '{u}' must be non-empty without '/' or spaces"));
+                    problems.push(format!(
+                        "{label}: uid '{u}' must be non-empty without '/' or spaces"
+                    ));
                     u.to_owned()
                 }
                 Some(u) => {
                     if let Some((_, j)) = seen_uids.iter().find(|(s, _)| s == u) {
-                        problems.push(format!("{label}: uid '{u}' is already used by operators[{j}]"));
+                        problems.push(format!(
+                            "{label}: uid '{u}' is already used by operators[{j}]"
+                        ));
                     }
                     seen_uids.push((u.to_owned(), i));
                     u.to_owned()
@@ -321,7 +357,9 @@ impl JobGraph {
                 problems.push(format!("{label}: a source must be the first operator"));
             }
             if i == 0 && !source {
-                problems.push(format!("{label}: the first operator must be a source (generator or fileSource)"));
+                problems.push(format!(
+                    "{label}: the first operator must be a source (generator or fileSource)"
+                ));
             }
             if is_sink(op) && i + 1 != spec.operators.len() {
                 problems.push(format!("{label}: a sink must be the last operator"));
@@ -333,7 +371,9 @@ impl JobGraph {
                 OperatorSpec::KeyBy(_) => keyed_since_keyby = true,
                 o if is_keyed(o) => {
                     if !keyed_since_keyby {
-                        problems.push(format!("{label}: keeps state per key and needs a keyBy before it"));
+                        problems.push(format!(
+                            "{label}: keeps state per key and needs a keyBy before it"
+                        ));
                     }
                     keyed_since_keyby = false;
                 }
@@ -343,7 +383,10 @@ impl JobGraph {
             nodes.push(Node {
                 index: i,
                 uid,
-                name: op.name().map(str::to_owned).unwrap_or_else(|| kind.to_owned()),
+                name: op
+                    .name()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| kind.to_owned()),
                 kind,
                 parallelism: p.max(1),
                 spec: op.clone(),
@@ -355,7 +398,9 @@ impl JobGraph {
         let (max_parallelism, explicit) = match spec.max_parallelism {
             Some(m) => {
                 if m == 0 || m > MAX_MAX_PARALLELISM {
-                    problems.push(format!("maxParallelism must be between 1 and {MAX_MAX_PARALLELISM}"));
+                    problems.push(format!(
+                        "maxParallelism must be between 1 and {MAX_MAX_PARALLELISM}"
+                    ));
                 }
                 (m.max(1), true)
             }
@@ -394,7 +439,9 @@ impl JobGraph {
             let boundary = match stages.last() {
                 None => Some(None),
                 Some(_) if pending_hash => Some(Some(Partitioning::Hash)),
-                Some(last) if last.parallelism != n.parallelism => Some(Some(Partitioning::Rebalance)),
+                Some(last) if last.parallelism != n.parallelism => {
+                    Some(Some(Partitioning::Rebalance))
+                }
                 Some(_) => None,
             };
             match boundary {
@@ -422,7 +469,9 @@ impl JobGraph {
             .map(|n| OperatorDecl {
                 uid: n.uid.clone(),
                 parallelism: n.parallelism,
-                max_parallelism: self.max_parallelism_explicit.then_some(self.max_parallelism),
+                max_parallelism: self
+                    .max_parallelism_explicit
+                    .then_some(self.max_parallelism),
                 keyed_states: n.keyed_states.clone(),
                 operator_states: n.operator_states.clone(),
             })
@@ -451,8 +500,11 @@ mod tests {
             "name: j\nparallelism: 2\noperators:\n- {kind: generator, uid: s, parallelism: 1}\n- {kind: filter, expr: 'value > 1'}\n- {kind: map, set: [{field: x, expr: '1'}], parallelism: 2}\n- {kind: keyBy, field: key}\n- {kind: count, uid: c}\n- {kind: discardSink}\n",
         )
         .unwrap();
-        let shape: Vec<(Vec<usize>, u32, Option<Partitioning>)> =
-            g.stages.iter().map(|s| (s.nodes.clone(), s.parallelism, s.input)).collect();
+        let shape: Vec<(Vec<usize>, u32, Option<Partitioning>)> = g
+            .stages
+            .iter()
+            .map(|s| (s.nodes.clone(), s.parallelism, s.input))
+            .collect();
         assert_eq!(
             shape,
             vec![
@@ -471,7 +523,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("operators[2] (count named 'clicks-per-user') keeps state but has no uid"), "{err}");
+        assert!(
+            err.contains("operators[2] (count named 'clicks-per-user') keeps state but has no uid"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -484,7 +539,10 @@ mod tests {
         assert!(text.contains("first operator must be a source"), "{text}");
         assert!(text.contains("needs a keyBy before it"), "{text}");
         assert!(text.contains("invalid expression 'value >'"), "{text}");
-        assert!(text.contains("uid 'c' is already used by operators[0]"), "{text}");
+        assert!(
+            text.contains("uid 'c' is already used by operators[0]"),
+            "{text}"
+        );
         assert!(text.contains("last operator must be a sink"), "{text}");
     }
 }

@@ -12,8 +12,8 @@ pub mod sources;
 pub mod spec;
 pub mod state;
 
-pub use coordinator::{CompletedSnapshot, JobState, SnapshotStats};
 use coordinator::{CheckpointConfig, CoordMsg, Coordinator, Status, StatusCell, TriggerRequest};
+pub use coordinator::{CompletedSnapshot, JobState, SnapshotStats};
 use graph::{GraphError, JobGraph};
 use runtime::{ChainOp, Output, Shared, Task};
 use spec::{JobSpec, OperatorSpec};
@@ -100,7 +100,10 @@ pub fn new_job_id() -> String {
 }
 
 /// Finds the newest completed checkpoint of a job under a checkpoint directory.
-pub fn latest_checkpoint(dir: &Store, job_id: &str) -> Result<Option<SnapshotMetadata>, StartError> {
+pub fn latest_checkpoint(
+    dir: &Store,
+    job_id: &str,
+) -> Result<Option<SnapshotMetadata>, StartError> {
     let job_dir = dir.child(job_id);
     let mut ids: Vec<u64> = job_dir
         .list_dirs()?
@@ -136,8 +139,12 @@ fn choose_snapshot(
     let checkpoint = match &spec.checkpoints {
         Some(c) => {
             let dir = Store::open(&c.dir)?;
-            latest_checkpoint(&dir, job_id)?
-                .map(|m| (dir.child(job_id).child(&format!("chk-{}", m.snapshot_id)), m))
+            latest_checkpoint(&dir, job_id)?.map(|m| {
+                (
+                    dir.child(job_id).child(&format!("chk-{}", m.snapshot_id)),
+                    m,
+                )
+            })
         }
         None => None,
     };
@@ -174,7 +181,9 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
     let mut graph = JobGraph::build(spec, opts.parallelism)?;
     let job_id = opts.job_id.clone().unwrap_or_else(new_job_id);
     if job_id.len() != 32 || !job_id.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(StartError::Setup(format!("job id '{job_id}' must be 32 hex digits")));
+        return Err(StartError::Setup(format!(
+            "job id '{job_id}' must be 32 hex digits"
+        )));
     }
     let restored = match choose_snapshot(spec, &job_id, opts.savepoint.as_deref())? {
         None => None,
@@ -186,7 +195,12 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
             {
                 graph.adopt_max_parallelism(saved.max_parallelism);
             }
-            let plan = restore::plan(&dir.location(), &meta, &graph.operator_decls(), opts.allow_non_restored_state)?;
+            let plan = restore::plan(
+                &dir.location(),
+                &meta,
+                &graph.operator_decls(),
+                opts.allow_non_restored_state,
+            )?;
             for dropped in &plan.dropped {
                 tracing::warn!(state = %dropped, "saved state not restored (allowNonRestoredState)");
             }
@@ -199,16 +213,24 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
             snapshot = r.plan.snapshot.snapshot_id, "restoring job state");
         // The generator's splits must match: their positions are strides of the split count.
         for n in &graph.nodes {
-            if let (OperatorSpec::Generator(g), Some(op)) = (&n.spec, r.plan.operators.get(&n.uid)) {
+            if let (OperatorSpec::Generator(g), Some(op)) = (&n.spec, r.plan.operators.get(&n.uid))
+            {
                 let lists = op
                     .load_operator_lists(&r.dir, 1, &n.operator_states)
                     .map_err(|e| restore_err(&r.dir, e))?;
-                let total = lists.first().and_then(|l| l.first()).map(Vec::len).unwrap_or(0);
+                let total = lists
+                    .first()
+                    .and_then(|l| l.first())
+                    .map(Vec::len)
+                    .unwrap_or(0);
                 if total != g.splits as usize {
-                    return Err(restore_err(&r.dir, format!(
-                        "generator '{}': the snapshot has {total} splits, the job declares {}; the number of splits cannot change while state exists",
-                        n.uid, g.splits
-                    )));
+                    return Err(restore_err(
+                        &r.dir,
+                        format!(
+                            "generator '{}': the snapshot has {total} splits, the job declares {}; the number of splits cannot change while state exists",
+                            n.uid, g.splits
+                        ),
+                    ));
                 }
             }
         }
@@ -216,7 +238,10 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
     // File sinks: commit what the restored snapshot staged, drop everything else pending.
     for n in &graph.nodes {
         if let OperatorSpec::FileSink(f) = &n.spec {
-            let rows = match restored.as_ref().and_then(|r| r.plan.operators.get(&n.uid).map(|op| (r, op))) {
+            let rows = match restored
+                .as_ref()
+                .and_then(|r| r.plan.operators.get(&n.uid).map(|op| (r, op)))
+            {
                 Some((r, op)) => op
                     .load_operator_lists(&r.dir, 1, &n.operator_states)
                     .map_err(|e| restore_err(&r.dir, e))?
@@ -231,7 +256,8 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
     }
     let checkpoints = match &spec.checkpoints {
         Some(c) => Some(CheckpointConfig {
-            interval: spec::parse_duration("checkpoints.interval", &c.interval).map_err(StartError::Setup)?,
+            interval: spec::parse_duration("checkpoints.interval", &c.interval)
+                .map_err(StartError::Setup)?,
             dir: Store::open(&c.dir)?,
             retained: c.retained,
         }),
@@ -258,12 +284,17 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
         changed: Condvar::new(),
     });
     let (coord_tx, coord_rx) = crossbeam_channel::unbounded::<CoordMsg>();
-    let (writer_tx, mut threads) = runtime::start_writers(opts.writer_threads.max(1), coord_tx.clone());
+    let (writer_tx, mut threads) =
+        runtime::start_writers(opts.writer_threads.max(1), coord_tx.clone());
 
     // Channels: one input channel per subtask of every stage but the first.
     let mut inputs: Vec<Vec<(Sender<runtime::Msg>, Receiver<runtime::Msg>)>> = Vec::new();
     for stage in &graph.stages {
-        inputs.push((0..stage.parallelism).map(|_| crossbeam_channel::bounded(64)).collect());
+        inputs.push(
+            (0..stage.parallelism)
+                .map(|_| crossbeam_channel::bounded(64))
+                .collect(),
+        );
     }
     let mut tasks = Vec::new();
     let mut source_controls = Vec::new();
@@ -283,7 +314,12 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
                 sub,
                 graph.max_parallelism,
             );
-            let input = (si > 0).then(|| (inputs[si][sub as usize].1.clone(), graph.stages[si - 1].parallelism));
+            let input = (si > 0).then(|| {
+                (
+                    inputs[si][sub as usize].1.clone(),
+                    graph.stages[si - 1].parallelism,
+                )
+            });
             tasks.push((si, sub, input, output, ctl_rx));
         }
     }
@@ -342,7 +378,10 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
         sources: source_controls,
         all_tasks: all_controls,
         tasks_running: task_count,
-        next_id: restored.as_ref().map(|r| r.plan.snapshot.snapshot_id + 1).unwrap_or(1),
+        next_id: restored
+            .as_ref()
+            .map(|r| r.plan.snapshot.snapshot_id + 1)
+            .unwrap_or(1),
         timeout: opts.snapshot_timeout,
         checkpoints,
         restored_from: restored_from.clone(),
@@ -381,7 +420,10 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
         return Err(if location.is_empty() {
             StartError::Setup(e)
         } else {
-            StartError::Restore { location, reason: e }
+            StartError::Restore {
+                location,
+                reason: e,
+            }
         });
     }
     {
@@ -394,10 +436,18 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
     Ok(handle)
 }
 
-type Parts = (Option<(usize, String, Box<dyn sources::Source>)>, Vec<ChainOp>);
+type Parts = (
+    Option<(usize, String, Box<dyn sources::Source>)>,
+    Vec<ChainOp>,
+);
 
 /// Builds one task's source and operators and loads their restored state.
-fn build_task(graph: &JobGraph, si: usize, sub: u32, restored: Option<&Restored>) -> Result<Parts, String> {
+fn build_task(
+    graph: &JobGraph,
+    si: usize,
+    sub: u32,
+    restored: Option<&Restored>,
+) -> Result<Parts, String> {
     let stage = &graph.stages[si];
     let p = stage.parallelism;
     let range = range_for_subtask(graph.max_parallelism, p, sub);
@@ -506,7 +556,12 @@ impl JobHandle {
         self.shared.max_stall_us.swap(0, Ordering::Relaxed)
     }
 
-    fn trigger(&self, kind: SnapshotKind, target: &str, stop: Option<bool>) -> Receiver<Result<String, String>> {
+    fn trigger(
+        &self,
+        kind: SnapshotKind,
+        target: &str,
+        stop: Option<bool>,
+    ) -> Receiver<Result<String, String>> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let req = TriggerRequest {
             kind,
@@ -525,7 +580,11 @@ impl JobHandle {
 
     /// Triggers a savepoint into `target_dir`; the receiver yields its path or the cause of
     /// its failure. With `stop`, the job ends once it completes (`Some(drain)`).
-    pub fn trigger_savepoint(&self, target_dir: &str, stop: Option<bool>) -> Receiver<Result<String, String>> {
+    pub fn trigger_savepoint(
+        &self,
+        target_dir: &str,
+        stop: Option<bool>,
+    ) -> Receiver<Result<String, String>> {
         self.trigger(SnapshotKind::Savepoint, target_dir, stop)
     }
 
@@ -601,5 +660,52 @@ impl Drop for JobHandle {
         if !self.state().is_terminal() {
             self.cancel();
         }
+    }
+}
+
+/// The outcome of checking a snapshot against a job without running it.
+pub struct RestoreCheck {
+    pub metadata: SnapshotMetadata,
+    pub plan: RestorePlan,
+}
+
+/// Would this snapshot restore into this job? The same planning as `start`, plus a check of
+/// every state file's size and checksum. Errors list every problem.
+pub fn check_restore(
+    spec: &JobSpec,
+    location: &str,
+    parallelism: Option<u32>,
+    allow_non_restored_state: bool,
+) -> Result<RestoreCheck, Vec<String>> {
+    let mut graph = JobGraph::build(spec, parallelism).map_err(|e| e.0)?;
+    let dir = Store::open(location).map_err(|e| vec![e.to_string()])?;
+    let meta = SnapshotMetadata::read(&dir).map_err(|e| vec![e.to_string()])?;
+    if let Some(saved) = meta
+        .operators
+        .iter()
+        .find(|o| !o.keyed_states.is_empty() && graph.nodes.iter().any(|n| n.uid == o.uid))
+    {
+        graph.adopt_max_parallelism(saved.max_parallelism);
+    }
+    let mut problems = Vec::new();
+    let plan = match restore::plan(
+        &dir.location(),
+        &meta,
+        &graph.operator_decls(),
+        allow_non_restored_state,
+    ) {
+        Ok(p) => Some(p),
+        Err(refused) => {
+            problems.extend(refused.0.iter().map(|p| p.to_string()));
+            None
+        }
+    };
+    problems.extend(crate::savepoint::tools::verify_files(&dir, &meta));
+    match plan {
+        Some(plan) if problems.is_empty() => Ok(RestoreCheck {
+            metadata: meta,
+            plan,
+        }),
+        _ => Err(problems),
     }
 }

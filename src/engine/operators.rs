@@ -83,10 +83,27 @@ pub fn build(
         OperatorSpec::KeyBy(k) => Box::new(KeyByOp {
             field: intern(&k.field),
         }),
-        OperatorSpec::Count(_) => Box::new(AggOp::new(AggKind::Count, None, FieldType::Int, keyed(1))),
-        OperatorSpec::Sum(s) => Box::new(AggOp::new(AggKind::Sum, Some(&s.field), num(s.ty), keyed(1))),
-        OperatorSpec::Min(s) => Box::new(AggOp::new(AggKind::Min, Some(&s.field), num(s.ty), keyed(1))),
-        OperatorSpec::Max(s) => Box::new(AggOp::new(AggKind::Max, Some(&s.field), num(s.ty), keyed(1))),
+        OperatorSpec::Count(_) => {
+            Box::new(AggOp::new(AggKind::Count, None, FieldType::Int, keyed(1)))
+        }
+        OperatorSpec::Sum(s) => Box::new(AggOp::new(
+            AggKind::Sum,
+            Some(&s.field),
+            num(s.ty),
+            keyed(1),
+        )),
+        OperatorSpec::Min(s) => Box::new(AggOp::new(
+            AggKind::Min,
+            Some(&s.field),
+            num(s.ty),
+            keyed(1),
+        )),
+        OperatorSpec::Max(s) => Box::new(AggOp::new(
+            AggKind::Max,
+            Some(&s.field),
+            num(s.ty),
+            keyed(1),
+        )),
         OperatorSpec::Reduce(r) => Box::new(ReduceOp {
             uid: node.uid.clone(),
             fields: r
@@ -247,7 +264,13 @@ fn add(a: &Value, b: &Value) -> Result<Value, String> {
         (Value::Null, v) | (v, Value::Null) => v.clone(),
         _ => match (a.as_f64(), b.as_f64()) {
             (Some(x), Some(y)) => Value::Float(x + y),
-            _ => return Err(format!("cannot add {} and {}", a.type_name(), b.type_name())),
+            _ => {
+                return Err(format!(
+                    "cannot add {} and {}",
+                    a.type_name(),
+                    b.type_name()
+                ));
+            }
         },
     })
 }
@@ -300,7 +323,10 @@ impl Operator for AggOp {
                     next
                 }
                 _ => {
-                    table.insert(key.clone(), StateEntry::Value(Box::new([input_value.clone()])));
+                    table.insert(
+                        key.clone(),
+                        StateEntry::Value(Box::new([input_value.clone()])),
+                    );
                     input_value
                 }
             };
@@ -523,7 +549,10 @@ impl Operator for DedupeOp {
             let kg = self.state.group_of(key)?;
             let table = self.state.table_mut(0, kg);
             if !table.contains_key(key) {
-                table.insert(key.clone(), StateEntry::Value(Box::new([Value::Bool(true)])));
+                table.insert(
+                    key.clone(),
+                    StateEntry::Value(Box::new([Value::Bool(true)])),
+                );
                 rec.key = None;
                 out.push(rec);
             }

@@ -46,7 +46,9 @@ pub(crate) enum Control {
     /// A stop-with-savepoint failed: sources go on.
     Resume,
     /// A stop-with-savepoint completed: sources end the input (with a final watermark if drain).
-    Finish { drain: bool },
+    Finish {
+        drain: bool,
+    },
 }
 
 /// Counters shared by every task of a job.
@@ -179,9 +181,10 @@ pub(crate) fn start_writers(
                             job.subtask,
                             uuid::Uuid::new_v4().simple()
                         );
-                        let result = statefile::write(&job.barrier.dir, &rel, job.subtask, &job.snapshot)
-                            .map(|st| (st, job.positions))
-                            .map_err(|e| e.to_string());
+                        let result =
+                            statefile::write(&job.barrier.dir, &rel, job.subtask, &job.snapshot)
+                                .map(|st| (st, job.positions))
+                                .map_err(|e| e.to_string());
                         let _ = coord.send(CoordMsg::Ack {
                             id: job.barrier.id,
                             node: job.node,
@@ -223,7 +226,8 @@ impl Task {
             }
             self.shared.records_in[c.node].fetch_add(batch.len() as u64, Ordering::Relaxed);
             let mut out = Vec::with_capacity(batch.len());
-            c.op.process(batch, &mut out).map_err(|e| format!("operator '{}': {e}", c.uid))?;
+            c.op.process(batch, &mut out)
+                .map_err(|e| format!("operator '{}': {e}", c.uid))?;
             self.shared.records_out[c.node].fetch_add(out.len() as u64, Ordering::Relaxed);
             batch = out;
         }
@@ -238,14 +242,18 @@ impl Task {
             if !carry.is_empty() {
                 self.shared.records_in[self.chain[k].node]
                     .fetch_add(carry.len() as u64, Ordering::Relaxed);
-                if let Err(e) = self.chain[k].op.process(std::mem::take(&mut carry), &mut out) {
+                if let Err(e) = self.chain[k]
+                    .op
+                    .process(std::mem::take(&mut carry), &mut out)
+                {
                     return Ok(Err(format!("operator '{}': {e}", self.chain[k].uid)));
                 }
             }
             if let Err(e) = self.chain[k].op.on_watermark(wm, &mut out) {
                 return Ok(Err(format!("operator '{}': {e}", self.chain[k].uid)));
             }
-            self.shared.records_out[self.chain[k].node].fetch_add(out.len() as u64, Ordering::Relaxed);
+            self.shared.records_out[self.chain[k].node]
+                .fetch_add(out.len() as u64, Ordering::Relaxed);
             carry = out;
         }
         self.output.emit(carry);
@@ -262,7 +270,8 @@ impl Task {
                 c.op.process(std::mem::take(&mut carry), &mut out)
                     .map_err(|e| format!("operator '{}': {e}", c.uid))?;
             }
-            c.op.finish(&mut out).map_err(|e| format!("operator '{}': {e}", c.uid))?;
+            c.op.finish(&mut out)
+                .map_err(|e| format!("operator '{}': {e}", c.uid))?;
             carry = out;
         }
         self.output.emit(carry);
@@ -290,10 +299,9 @@ impl Task {
             if !c.stateful {
                 continue;
             }
-            let snapshot = c
-                .op
-                .snapshot(barrier.id)
-                .map_err(|e| format!("operator '{}': snapshot {}: {e}", c.uid, barrier.id))?;
+            let snapshot =
+                c.op.snapshot(barrier.id)
+                    .map_err(|e| format!("operator '{}': snapshot {}: {e}", c.uid, barrier.id))?;
             let _ = self.writer.send(WriteJob {
                 barrier: barrier.clone(),
                 node: c.node,
@@ -374,7 +382,9 @@ impl Task {
                             }
                         }
                         self.finish_chain()?;
-                        self.output.broadcast(|| Element::End).map_err(disconnected)?;
+                        self.output
+                            .broadcast(|| Element::End)
+                            .map_err(disconnected)?;
                         return Ok(());
                     }
                 }
@@ -474,7 +484,9 @@ impl Task {
             Err(d) => return Err(disconnected(d)),
         }
         self.finish_chain()?;
-        self.output.broadcast(|| Element::End).map_err(disconnected)?;
+        self.output
+            .broadcast(|| Element::End)
+            .map_err(disconnected)?;
         Ok(())
     }
 
@@ -550,7 +562,9 @@ impl Task {
                     ended[from_i] = true;
                     if ended.iter().all(|e| *e) {
                         self.finish_chain()?;
-                        self.output.broadcast(|| Element::End).map_err(disconnected)?;
+                        self.output
+                            .broadcast(|| Element::End)
+                            .map_err(disconnected)?;
                         return Ok(());
                     }
                 }

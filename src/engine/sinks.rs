@@ -58,7 +58,9 @@ impl FileSink {
         if let Some((name, mut w)) = self.current.take() {
             let path = self.dir.join(PENDING).join(&name);
             w.flush().map_err(|e| io_err("cannot write", &path, e))?;
-            let f = w.into_inner().map_err(|e| io_err("cannot write", &path, e.into_error()))?;
+            let f = w
+                .into_inner()
+                .map_err(|e| io_err("cannot write", &path, e.into_error()))?;
             f.sync_data().map_err(|e| io_err("cannot sync", &path, e))?;
             self.staged.push((name, snapshot_id));
         }
@@ -66,8 +68,10 @@ impl FileSink {
     }
 
     fn commit_up_to(&mut self, snapshot_id: i64) -> Result<(), String> {
-        let (done, keep): (Vec<_>, Vec<_>) =
-            self.staged.drain(..).partition(|(_, id)| *id <= snapshot_id);
+        let (done, keep): (Vec<_>, Vec<_>) = self
+            .staged
+            .drain(..)
+            .partition(|(_, id)| *id <= snapshot_id);
         self.staged = keep;
         for (name, _) in done {
             commit(&self.dir, &name)?;
@@ -113,7 +117,8 @@ pub fn prepare_file_sink(dir: &str, uid: &str, restored: &[Row]) -> Result<(), S
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
         if name.starts_with(&prefix) && !keep.contains(&name) {
-            std::fs::remove_file(entry.path()).map_err(|e| io_err("cannot delete", &entry.path(), e))?;
+            std::fs::remove_file(entry.path())
+                .map_err(|e| io_err("cannot delete", &entry.path(), e))?;
         }
     }
     Ok(())

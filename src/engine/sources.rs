@@ -44,18 +44,27 @@ pub fn build(node: &Node, subtask: u32, parallelism: u32) -> Result<Box<dyn Sour
                 splits: u64::from(splits),
                 step: g.timestamp_step_ms,
                 key_prefix: g.key_prefix.clone(),
-                payload: g.payload_bytes.map(|n| Value::Str(Arc::from("x".repeat(n).as_str()))),
+                payload: g
+                    .payload_bytes
+                    .map(|n| Value::Str(Arc::from("x".repeat(n).as_str()))),
                 rate: g.rate,
                 parallel_splits: splits,
                 owned,
                 cursor: 0,
                 started: None,
                 emitted: 0,
-                names: [intern("seq"), intern("key"), intern("value"), intern("ts"), intern("payload")],
+                names: [
+                    intern("seq"),
+                    intern("key"),
+                    intern("value"),
+                    intern("ts"),
+                    intern("payload"),
+                ],
             }))
         }
         OperatorSpec::FileSource(f) => {
-            let files = list_files(&f.path).map_err(|e| format!("fileSource '{}': {e}", node.uid))?;
+            let files =
+                list_files(&f.path).map_err(|e| format!("fileSource '{}': {e}", node.uid))?;
             let owned = files
                 .into_iter()
                 .enumerate()
@@ -107,7 +116,10 @@ impl Generator {
         fields.push((self.names[0], Value::Int(i as i64)));
         fields.push((self.names[1], key));
         fields.push((self.names[2], Value::Int((i % 1000) as i64)));
-        fields.push((self.names[3], Value::Int((i as i64).saturating_mul(self.step))));
+        fields.push((
+            self.names[3],
+            Value::Int((i as i64).saturating_mul(self.step)),
+        ));
         if let Some(p) = &self.payload {
             fields.push((self.names[4], p.clone()));
         }
@@ -122,7 +134,8 @@ impl Source for Generator {
         }
         let mut budget = max;
         if let Some(total_rate) = self.rate {
-            let share = total_rate * self.owned.len() as f64 / f64::from(self.parallel_splits.max(1));
+            let share =
+                total_rate * self.owned.len() as f64 / f64::from(self.parallel_splits.max(1));
             let started = *self.started.get_or_insert_with(Instant::now);
             let due = (started.elapsed().as_secs_f64() * share) as u64;
             let allowed = due.saturating_sub(self.emitted);
@@ -172,7 +185,9 @@ impl Source for Generator {
         vec![
             self.owned
                 .iter()
-                .map(|(s, next)| Box::new([Value::Int(i64::from(*s)), Value::Int(*next as i64)]) as Row)
+                .map(|(s, next)| {
+                    Box::new([Value::Int(i64::from(*s)), Value::Int(*next as i64)]) as Row
+                })
                 .collect(),
         ]
     }
@@ -193,7 +208,10 @@ impl Source for Generator {
         for row in rows {
             match (row.first(), row.get(1)) {
                 (Some(Value::Int(s)), Some(Value::Int(next)))
-                    if *s >= 0 && (*s as u64) < self.splits && *next >= 0 && (*next as u64) % self.splits == *s as u64 =>
+                    if *s >= 0
+                        && (*s as u64) < self.splits
+                        && *next >= 0
+                        && (*next as u64) % self.splits == *s as u64 =>
                 {
                     owned.push((*s as u32, *next as u64));
                 }
@@ -242,9 +260,15 @@ impl Source for FileSource {
         while out.len() < max {
             if self.current.is_none() {
                 let Some(i) = self.owned.iter().position(|(p, off)| {
-                    std::fs::metadata(p).map(|m| *off < m.len()).unwrap_or(false)
+                    std::fs::metadata(p)
+                        .map(|m| *off < m.len())
+                        .unwrap_or(false)
                 }) else {
-                    return Ok(if out.is_empty() { Poll::Exhausted } else { Poll::Records });
+                    return Ok(if out.is_empty() {
+                        Poll::Exhausted
+                    } else {
+                        Poll::Records
+                    });
                 };
                 let (path, off) = &self.owned[i];
                 let mut f = std::fs::File::open(path)
@@ -258,13 +282,18 @@ impl Source for FileSource {
             };
             let i = *i;
             buf.clear();
-            let n = reader
-                .read_line(&mut buf)
-                .map_err(|e| format!("fileSource '{}': reading {}: {e}", self.uid, self.owned[i].0))?;
+            let n = reader.read_line(&mut buf).map_err(|e| {
+                format!(
+                    "fileSource '{}': reading {}: {e}",
+                    self.uid, self.owned[i].0
+                )
+            })?;
             if n == 0 {
                 // Mark the file done even if it is shorter than its recorded offset.
                 self.owned[i].1 = self.owned[i].1.max(
-                    std::fs::metadata(&self.owned[i].0).map(|m| m.len()).unwrap_or(0),
+                    std::fs::metadata(&self.owned[i].0)
+                        .map(|m| m.len())
+                        .unwrap_or(0),
                 );
                 self.current = None;
                 continue;
@@ -304,7 +333,9 @@ impl Source for FileSource {
     fn watermark(&self) -> i64 {
         let done = self.current.is_none()
             && self.owned.iter().all(|(p, off)| {
-                std::fs::metadata(p).map(|m| *off >= m.len()).unwrap_or(true)
+                std::fs::metadata(p)
+                    .map(|m| *off >= m.len())
+                    .unwrap_or(true)
             });
         if done { i64::MAX } else { i64::MIN }
     }
@@ -336,7 +367,12 @@ impl Source for FileSource {
                 (Some(Value::Str(p)), Some(Value::Int(off))) if *off >= 0 => {
                     owned.push((p.to_string(), *off as u64))
                 }
-                _ => return Err(format!("fileSource '{}': invalid restored position {row:?}", self.uid)),
+                _ => {
+                    return Err(format!(
+                        "fileSource '{}': invalid restored position {row:?}",
+                        self.uid
+                    ));
+                }
             }
         }
         self.owned = owned;

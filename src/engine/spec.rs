@@ -41,12 +41,13 @@ fn three() -> u32 {
 
 /// Parses a duration such as `500ms`, `10s`, `5m`.
 pub fn parse_duration(field: &str, text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim())
-        .map_err(|e| format!("{field}: '{text}' is not a duration ({e}); write e.g. 500ms, 10s, 5m"))
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        format!("{field}: '{text}' is not a duration ({e}); write e.g. 500ms, 10s, 5m")
+    })
 }
 
 macro_rules! operator_specs {
-    ($( $(#[$vmeta:meta])* $variant:ident ( $name:ident ) { $( $(#[$fmeta:meta])* $field:ident : $ty:ty ),* $(,)? } )*) => {
+    ($( $(#[$vmeta:meta])* $variant:ident ( $name:ident, $kind:literal ) { $( $(#[$fmeta:meta])* $field:ident : $ty:ty ),* $(,)? } )*) => {
         $(
             $(#[$vmeta])*
             #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -80,6 +81,22 @@ macro_rules! operator_specs {
             pub fn parallelism(&self) -> Option<u32> {
                 match self { $( OperatorSpec::$variant(s) => s.parallelism, )* }
             }
+
+            /// Deserializes one operator of a known kind, with the path of a bad field.
+            fn parse_kind(kind: &str, fields: serde_yaml::Value) -> Result<OperatorSpec, String> {
+                match kind {
+                    $( $kind => serde_path_to_error::deserialize::<_, $name>(fields)
+                        .map(OperatorSpec::$variant)
+                        .map_err(|e| {
+                            let path = e.path().to_string();
+                            if path == "." { e.inner().to_string() } else { format!("{path}: {}", e.inner()) }
+                        }), )*
+                    other => Err(format!(
+                        "unknown operator kind '{other}'; expected one of: {}",
+                        [$( $kind ),*].join(", ")
+                    )),
+                }
+            }
         }
     };
 }
@@ -88,7 +105,7 @@ operator_specs! {
     /// Deterministic keyed records: record `i` (0, 1, 2, …) has `seq = i`, `key = i mod keys`
     /// (or `"<keyPrefix><i mod keys>"`), `value = i mod 1000`, `ts = i * timestampStepMs`.
     /// Records are dealt to `splits` splits (`i mod splits`); each split's position is state.
-    Generator(GeneratorSpec) {
+    Generator(GeneratorSpec, "generator") {
         #[serde(default = "default_keys")]
         keys: u64,
         /// Total records; unbounded when absent.
@@ -109,54 +126,54 @@ operator_specs! {
     }
     /// Newline-delimited JSON objects (or text lines as `{"line": …}`) from a file or from
     /// every file of a directory; each file's byte offset is state.
-    FileSource(FileSourceSpec) {
+    FileSource(FileSourceSpec, "fileSource") {
         path: String,
         #[serde(default)]
         format: FileFormat,
     }
     /// Sets fields from CEL expressions over the record's fields; drops fields.
-    Map(MapSpec) {
+    Map(MapSpec, "map") {
         #[serde(default)]
         set: Vec<FieldExpr>,
         #[serde(default)]
         drop: Vec<String>,
     }
     /// Keeps records for which the CEL expression is true.
-    Filter(FilterSpec) {
+    Filter(FilterSpec, "filter") {
         expr: String,
     }
     /// Partitions the stream by a field; the operators after it keep state per key.
-    KeyBy(KeyBySpec) {
+    KeyBy(KeyBySpec, "keyBy") {
         field: String,
     }
     /// Counts records per key; emits `{key, count}` on every record.
-    Count(CountSpec) {}
+    Count(CountSpec, "count") {}
     /// Sums a field per key; emits `{key, sum}`.
-    Sum(AggSpec) {
+    Sum(AggSpec, "sum") {
         field: String,
         #[serde(rename = "type", default = "default_num_type")]
         ty: NumType,
     }
     /// Minimum of a field per key; emits `{key, min}`.
-    Min(MinSpec) {
+    Min(MinSpec, "min") {
         field: String,
         #[serde(rename = "type", default = "default_num_type")]
         ty: NumType,
     }
     /// Maximum of a field per key; emits `{key, max}`.
-    Max(MaxSpec) {
+    Max(MaxSpec, "max") {
         field: String,
         #[serde(rename = "type", default = "default_num_type")]
         ty: NumType,
     }
     /// A per-key accumulator with declared fields, updated by CEL expressions that see the
     /// record's fields and `acc` (the accumulator before this record); emits `{key, …fields}`.
-    Reduce(ReduceSpec) {
+    Reduce(ReduceSpec, "reduce") {
         fields: Vec<ReduceField>,
     }
     /// Event-time tumbling (or, with `slide`, sliding) windows per key over `timeField`;
     /// emits `{key, windowStart, windowEnd, <aggregate>}` when the watermark passes the end.
-    Window(WindowSpec) {
+    Window(WindowSpec, "window") {
         size: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         slide: Option<String>,
@@ -167,16 +184,16 @@ operator_specs! {
         field: Option<String>,
     }
     /// Emits the first record of each key and drops the rest.
-    Dedupe(DedupeSpec) {}
+    Dedupe(DedupeSpec, "dedupe") {}
     /// Writes JSON lines under `path`, exactly once: a part file becomes visible only when
     /// the checkpoint or savepoint that covers it completes (or the input ends).
-    FileSink(FileSinkSpec) {
+    FileSink(FileSinkSpec, "fileSink") {
         path: String,
     }
     /// Prints JSON lines to standard output as records arrive (at least once).
-    StdoutSink(StdoutSinkSpec) {}
+    StdoutSink(StdoutSinkSpec, "stdoutSink") {}
     /// Drops every record.
-    DiscardSink(DiscardSinkSpec) {}
+    DiscardSink(DiscardSinkSpec, "discardSink") {}
 }
 
 fn default_keys() -> u64 {
@@ -241,13 +258,38 @@ pub struct ReduceField {
 impl JobSpec {
     /// Parses a job file; errors carry the line, column and path of the fault.
     pub fn from_yaml(text: &str) -> Result<JobSpec, String> {
-        serde_yaml::from_str(text).map_err(|e| {
-            let at = e
-                .location()
-                .map(|l| format!("line {}, column {}: ", l.line(), l.column()))
-                .unwrap_or_default();
-            format!("{at}{e}")
-        })
+        let err = match serde_yaml::from_str(text) {
+            Ok(spec) => return Ok(spec),
+            Err(e) => e,
+        };
+        let at = err
+            .location()
+            .map(|l| format!("line {}, column {}: ", l.line(), l.column()))
+            .unwrap_or_default();
+        // Inside an operator serde loses the field's path; find it by parsing that operator
+        // alone.
+        if let Some(detail) = Self::operator_detail(text) {
+            return Err(format!("{at}{detail}"));
+        }
+        Err(format!("{at}{err}"))
+    }
+
+    fn operator_detail(text: &str) -> Option<String> {
+        let doc: serde_yaml::Value = serde_yaml::from_str(text).ok()?;
+        let ops = doc.get("operators")?.as_sequence()?;
+        for (i, op) in ops.iter().enumerate() {
+            let mut map = op.as_mapping()?.clone();
+            let Some(kind) = map.remove("kind") else {
+                return Some(format!("operators[{i}]: missing field `kind`"));
+            };
+            let Some(kind) = kind.as_str() else {
+                return Some(format!("operators[{i}].kind: must be a string"));
+            };
+            if let Err(e) = OperatorSpec::parse_kind(kind, serde_yaml::Value::Mapping(map)) {
+                return Some(format!("operators[{i}] ({kind}): {e}"));
+            }
+        }
+        None
     }
 }
 
@@ -287,8 +329,16 @@ operators:
         assert!(err.contains("keyz"), "{err}");
         assert!(err.contains("line"), "{err}");
         let err = JobSpec::from_yaml("name: x\noperators:\n  - kind: teleport\n").unwrap_err();
-        assert!(err.contains("unknown variant `teleport`"), "{err}");
+        assert!(err.contains("unknown operator kind 'teleport'"), "{err}");
         assert!(err.contains("operators[0]"), "{err}");
+        let err = JobSpec::from_yaml(
+            "name: x\noperators:\n  - kind: generator\n    uid: s\n    keys: many\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("line 3") && err.contains("operators[0] (generator): keys: invalid type"),
+            "{err}"
+        );
         let err = JobSpec::from_yaml("name: [x\n").unwrap_err();
         assert!(err.contains("line 1"), "{err}");
     }

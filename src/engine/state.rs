@@ -102,18 +102,29 @@ mod tests {
         let mut ks = KeyedState::new(range, 128, 1);
         let key = Value::Int(5);
         let kg = ks.group_of(&key).unwrap();
-        ks.table_mut(0, kg).insert(key.clone(), StateEntry::Value(vec![Value::Int(1)].into()));
+        ks.table_mut(0, kg)
+            .insert(key.clone(), StateEntry::Value(vec![Value::Int(1)].into()));
         let snap = ks.snapshot();
-        ks.table_mut(0, kg).insert(key.clone(), StateEntry::Value(vec![Value::Int(2)].into()));
+        ks.table_mut(0, kg)
+            .insert(key.clone(), StateEntry::Value(vec![Value::Int(2)].into()));
         let saved = &snap.tables[0][kg as usize];
-        assert_eq!(saved.get(&key), Some(&StateEntry::Value(vec![Value::Int(1)].into())));
-        assert_eq!(ks.table(0, kg).get(&key), Some(&StateEntry::Value(vec![Value::Int(2)].into())));
+        assert_eq!(
+            saved.get(&key),
+            Some(&StateEntry::Value(vec![Value::Int(1)].into()))
+        );
+        assert_eq!(
+            ks.table(0, kg).get(&key),
+            Some(&StateEntry::Value(vec![Value::Int(2)].into()))
+        );
     }
 
     #[test]
     fn keys_outside_the_range_are_refused() {
         let ks = KeyedState::new(range_for_subtask(128, 2, 0), 128, 1);
-        let outside = (0..1000).map(Value::Int).find(|k| key_group(k, 128) >= 64).unwrap();
+        let outside = (0..1000)
+            .map(Value::Int)
+            .find(|k| key_group(k, 128) >= 64)
+            .unwrap();
         assert!(ks.group_of(&outside).is_err());
     }
 }

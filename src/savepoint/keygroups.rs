@@ -156,9 +156,21 @@ mod tests {
     #[test]
     fn subtask_ranges_hand_computed() {
         // maxP 128, p 3: [0,42], [43,85], [86,127]
-        assert_eq!(range_for_subtask(128, 3, 0), KeyGroupRange { start: 0, end: 42 });
-        assert_eq!(range_for_subtask(128, 3, 1), KeyGroupRange { start: 43, end: 85 });
-        assert_eq!(range_for_subtask(128, 3, 2), KeyGroupRange { start: 86, end: 127 });
+        assert_eq!(
+            range_for_subtask(128, 3, 0),
+            KeyGroupRange { start: 0, end: 42 }
+        );
+        assert_eq!(
+            range_for_subtask(128, 3, 1),
+            KeyGroupRange { start: 43, end: 85 }
+        );
+        assert_eq!(
+            range_for_subtask(128, 3, 2),
+            KeyGroupRange {
+                start: 86,
+                end: 127
+            }
+        );
         // maxP 10, p 4: [0,2], [3,4], [5,7], [8,9]
         let r: Vec<_> = (0..4).map(|i| range_for_subtask(10, 4, i)).collect();
         assert_eq!(
@@ -171,13 +183,27 @@ mod tests {
             ]
         );
         // p == maxP: one group each; p 1: everything.
-        assert_eq!(range_for_subtask(4, 4, 3), KeyGroupRange { start: 3, end: 3 });
-        assert_eq!(range_for_subtask(128, 1, 0), KeyGroupRange { start: 0, end: 127 });
+        assert_eq!(
+            range_for_subtask(4, 4, 3),
+            KeyGroupRange { start: 3, end: 3 }
+        );
+        assert_eq!(
+            range_for_subtask(128, 1, 0),
+            KeyGroupRange { start: 0, end: 127 }
+        );
     }
 
     #[test]
     fn ranges_partition_all_groups_and_match_the_owner_rule() {
-        for &(m, p) in &[(128u32, 1u32), (128, 2), (128, 3), (128, 7), (10, 4), (256, 5), (32768, 33)] {
+        for &(m, p) in &[
+            (128u32, 1u32),
+            (128, 2),
+            (128, 3),
+            (128, 7),
+            (10, 4),
+            (256, 5),
+            (32768, 33),
+        ] {
             let mut next = 0;
             for i in 0..p {
                 let r = range_for_subtask(m, p, i);
@@ -194,9 +220,15 @@ mod tests {
     #[test]
     fn key_groups_are_stable_and_in_range() {
         // Fixed by the format: these values must never change.
-        assert_eq!(key_hash(&Value::Int(0)), xxh3_64_with_seed(&0i64.to_le_bytes(), 3));
+        assert_eq!(
+            key_hash(&Value::Int(0)),
+            xxh3_64_with_seed(&0i64.to_le_bytes(), 3)
+        );
         let k = Value::from("user-17");
-        assert_eq!(key_group(&k, 128), (xxh3_64_with_seed(b"user-17", 5) % 128) as u32);
+        assert_eq!(
+            key_group(&k, 128),
+            (xxh3_64_with_seed(b"user-17", 5) % 128) as u32
+        );
         for i in 0..1000 {
             assert!(key_group(&Value::Int(i), 128) < 128);
         }
@@ -212,14 +244,20 @@ mod tests {
     fn list_split_with_remainders() {
         let old = vec![vec![1, 2, 3], vec![4, 5], vec![6, 7]];
         // 7 entries over 2: 4 + 3
-        assert_eq!(redistribute(Distribution::Split, &old, 2), vec![vec![1, 2, 3, 4], vec![5, 6, 7]]);
+        assert_eq!(
+            redistribute(Distribution::Split, &old, 2),
+            vec![vec![1, 2, 3, 4], vec![5, 6, 7]]
+        );
         // 7 over 4: 2 2 2 1
         assert_eq!(
             redistribute(Distribution::Split, &old, 4),
             vec![vec![1, 2], vec![3, 4], vec![5, 6], vec![7]]
         );
         // 7 over 1
-        assert_eq!(redistribute(Distribution::Split, &old, 1), vec![vec![1, 2, 3, 4, 5, 6, 7]]);
+        assert_eq!(
+            redistribute(Distribution::Split, &old, 1),
+            vec![vec![1, 2, 3, 4, 5, 6, 7]]
+        );
         // 2 entries over 3: one subtask empty
         assert_eq!(
             redistribute(Distribution::Split, &[vec![8], vec![9]], 3),
@@ -237,6 +275,9 @@ mod tests {
             vec![vec!["a", "b", "c"]; 3]
         );
         let same = vec![vec!["x", "y"], vec!["x", "y"]];
-        assert_eq!(redistribute(Distribution::Broadcast, &same, 3), vec![vec!["x", "y"]; 3]);
+        assert_eq!(
+            redistribute(Distribution::Broadcast, &same, 3),
+            vec![vec!["x", "y"]; 3]
+        );
     }
 }

@@ -195,7 +195,11 @@ impl SnapshotMetadata {
         let trimmed = text.strip_suffix('\n').unwrap_or(text);
         let (body, trailer) = match trimmed.rfind('\n') {
             Some(i) => (&text[..=i], &trimmed[i + 1..]),
-            None => return Err(corrupt("the checksum trailer is missing (truncated?)".into())),
+            None => {
+                return Err(corrupt(
+                    "the checksum trailer is missing (truncated?)".into(),
+                ));
+            }
         };
         let want = trailer
             .strip_prefix("#crc32c:")
@@ -275,8 +279,13 @@ mod tests {
         assert_eq!(SnapshotMetadata::decode(&bytes, "x").unwrap(), m);
         let mut bad = bytes.clone();
         bad[10] ^= 1;
-        let err = SnapshotMetadata::decode(&bad, "x/_metadata").unwrap_err().to_string();
-        assert!(err.contains("x/_metadata is corrupt: checksum mismatch"), "{err}");
+        let err = SnapshotMetadata::decode(&bad, "x/_metadata")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("x/_metadata is corrupt: checksum mismatch"),
+            "{err}"
+        );
         let err = SnapshotMetadata::decode(&bytes[..bytes.len() / 2], "x").unwrap_err();
         assert!(err.to_string().contains("trailer is missing"), "{err}");
     }
@@ -285,10 +294,16 @@ mod tests {
     fn missing_and_incomplete_directories_are_told_apart() {
         let dir = tempfile::tempdir().unwrap();
         let missing = Store::open(&dir.path().join("nope").display().to_string()).unwrap();
-        assert!(matches!(SnapshotMetadata::read(&missing), Err(MetadataError::NotFound(_))));
+        assert!(matches!(
+            SnapshotMetadata::read(&missing),
+            Err(MetadataError::NotFound(_))
+        ));
         let incomplete = Store::open(&dir.path().display().to_string()).unwrap();
         let err = SnapshotMetadata::read(&incomplete).unwrap_err();
-        assert!(err.to_string().contains("is not a complete savepoint"), "{err}");
+        assert!(
+            err.to_string().contains("is not a complete savepoint"),
+            "{err}"
+        );
         sample().write(&incomplete).unwrap();
         assert_eq!(SnapshotMetadata::read(&incomplete).unwrap(), sample());
     }

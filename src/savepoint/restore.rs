@@ -29,11 +29,31 @@ pub struct OperatorDecl {
 #[derive(Clone, Debug, PartialEq)]
 pub enum RestoreProblem {
     /// Saved state that the new job has no place for.
-    NotRestored { uids: Vec<String> },
-    MaxParallelism { uid: String, saved: u32, new: u32 },
-    ParallelismAboveMax { uid: String, parallelism: u32, max: u32 },
-    StateKind { uid: String, state: String, saved: String, new: String },
-    Schema { uid: String, state: String, field: String, reason: String },
+    NotRestored {
+        uids: Vec<String>,
+    },
+    MaxParallelism {
+        uid: String,
+        saved: u32,
+        new: u32,
+    },
+    ParallelismAboveMax {
+        uid: String,
+        parallelism: u32,
+        max: u32,
+    },
+    StateKind {
+        uid: String,
+        state: String,
+        saved: String,
+        new: String,
+    },
+    Schema {
+        uid: String,
+        state: String,
+        field: String,
+        reason: String,
+    },
 }
 
 impl fmt::Display for RestoreProblem {
@@ -43,7 +63,11 @@ impl fmt::Display for RestoreProblem {
                 f,
                 "the savepoint holds state for {} that the new job does not have: {}. \
                  Restore the operator(s) with the same uid, or pass --allow-non-restored-state to drop that state",
-                if uids.len() == 1 { "an operator" } else { "operators" },
+                if uids.len() == 1 {
+                    "an operator"
+                } else {
+                    "operators"
+                },
                 uids.join(", ")
             ),
             RestoreProblem::MaxParallelism { uid, saved, new } => write!(
@@ -196,11 +220,12 @@ pub fn plan(
                         });
                         None
                     } else {
-                        resolve_schemas(uid, &ns.name, &old.schema, &ns.schema, &mut problems)
-                            .map(|migration| StateSource {
+                        resolve_schemas(uid, &ns.name, &old.schema, &ns.schema, &mut problems).map(
+                            |migration| StateSource {
                                 saved_index: i,
                                 migration,
-                            })
+                            },
+                        )
                     }
                 }
             };
@@ -243,7 +268,12 @@ pub fn plan(
         );
     }
     if !missing.is_empty() && !allow_non_restored_state {
-        problems.insert(0, RestoreProblem::NotRestored { uids: missing.clone() });
+        problems.insert(
+            0,
+            RestoreProblem::NotRestored {
+                uids: missing.clone(),
+            },
+        );
     }
     if !problems.is_empty() {
         return Err(RestoreRefused(problems));

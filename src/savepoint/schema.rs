@@ -201,7 +201,10 @@ mod tests {
 
     #[test]
     fn same_schema_is_compatible_as_is() {
-        let s = schema(&[("count", FieldType::Int, None), ("last", FieldType::String, None)]);
+        let s = schema(&[
+            ("count", FieldType::Int, None),
+            ("last", FieldType::String, None),
+        ]);
         assert_eq!(resolve(&s, &s), Compatibility::AsIs);
     }
 
@@ -221,7 +224,10 @@ mod tests {
             panic!("expected a migration");
         };
         let row = m.apply(&[Value::Int(3), Value::from("x"), Value::Int(10)]);
-        assert_eq!(&*row, &[Value::Float(10.0), Value::Int(3), Value::from("eu")]);
+        assert_eq!(
+            &*row,
+            &[Value::Float(10.0), Value::Int(3), Value::from("eu")]
+        );
     }
 
     #[test]

@@ -47,7 +47,9 @@ pub struct KeyedSnapshot {
 pub enum StateFileError {
     #[error("state file {path} is missing")]
     Missing { path: String },
-    #[error("state file {path} is truncated: _metadata records {expected} bytes, the file has {found}")]
+    #[error(
+        "state file {path} is truncated: _metadata records {expected} bytes, the file has {found}"
+    )]
     Truncated {
         path: String,
         expected: u64,
@@ -342,11 +344,17 @@ mod tests {
         let mut groups = Vec::new();
         for kg in range.iter() {
             let mut t = GroupTable::new();
-            t.insert(Value::Int(i64::from(kg)), StateEntry::Value(vec![Value::Int(i64::from(kg) * 2)].into()));
+            t.insert(
+                Value::Int(i64::from(kg)),
+                StateEntry::Value(vec![Value::Int(i64::from(kg) * 2)].into()),
+            );
             groups.push(Arc::new(t));
         }
         let snap = SubtaskSnapshot {
-            keyed: Some(KeyedSnapshot { range, tables: vec![groups] }),
+            keyed: Some(KeyedSnapshot {
+                range,
+                tables: vec![groups],
+            }),
             operator_lists: vec![vec![vec![Value::from("split-0"), Value::Int(7)].into()]],
         };
         let st = write(&store, "operators/c-0-x", 0, &snap).unwrap();
@@ -356,9 +364,13 @@ mod tests {
             schema: StateSchema::single("count", FieldType::Int),
         }];
         let mut seen = Vec::new();
-        read_key_groups(&store, &st, &metas, KeyGroupRange { start: 12, end: 20 }, |s, kg, k, e| {
-            seen.push((s, kg, k, e))
-        })
+        read_key_groups(
+            &store,
+            &st,
+            &metas,
+            KeyGroupRange { start: 12, end: 20 },
+            |s, kg, k, e| seen.push((s, kg, k, e)),
+        )
         .unwrap();
         assert_eq!(seen.len(), 2);
         assert_eq!(seen[0].1, 12);
@@ -374,7 +386,11 @@ mod tests {
         bytes[off] ^= 0xff;
         std::fs::write(&file, &bytes).unwrap();
         let err = read_key_groups(&store, &st, &metas, range, |_, _, _, _| {}).unwrap_err();
-        assert!(err.to_string().contains("c-0-x is corrupt: checksum mismatch in key group 11"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("c-0-x is corrupt: checksum mismatch in key group 11"),
+            "{err}"
+        );
 
         // Truncate it: named, with both sizes.
         std::fs::write(&file, &bytes[..bytes.len() - 5]).unwrap();

@@ -189,17 +189,22 @@ impl Store {
         }
         let prefix = self.base.clone();
         let metas: Vec<object_store::ObjectMeta> =
-            block_on(self.os.list(Some(&prefix)).try_collect()).map_err(|source| StoreError::Io {
-                op: "listing",
-                location: self.location(),
-                source,
+            block_on(self.os.list(Some(&prefix)).try_collect()).map_err(|source| {
+                StoreError::Io {
+                    op: "listing",
+                    location: self.location(),
+                    source,
+                }
             })?;
         Ok(metas
             .into_iter()
             .filter_map(|m| {
-                m.location
-                    .prefix_match(&prefix)
-                    .map(|parts| parts.map(|p| p.as_ref().to_owned()).collect::<Vec<_>>().join("/"))
+                m.location.prefix_match(&prefix).map(|parts| {
+                    parts
+                        .map(|p| p.as_ref().to_owned())
+                        .collect::<Vec<_>>()
+                        .join("/")
+                })
             })
             .collect())
     }
@@ -320,7 +325,9 @@ mod tests {
     fn put_get_range_list_and_delete() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&format!("file://{}", dir.path().join("sp").display())).unwrap();
-        store.put("a/b.bin", Bytes::from_static(b"hello world")).unwrap();
+        store
+            .put("a/b.bin", Bytes::from_static(b"hello world"))
+            .unwrap();
         assert_eq!(&store.get("a/b.bin").unwrap()[..], b"hello world");
         assert_eq!(&store.get_range("a/b.bin", 6..11).unwrap()[..], b"world");
         assert_eq!(store.size("a/b.bin").unwrap(), Some(11));

@@ -201,10 +201,7 @@ impl Record {
     }
 
     pub fn get(&self, name: &str) -> Option<&Value> {
-        self.fields
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| v)
+        self.fields.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
     }
 
     /// Sets a field, replacing an existing one of the same name.

@@ -1,0 +1,131 @@
+//! Offline tools over a snapshot directory: describe it, verify its files, dispose of it.
+
+use super::metadata::{METADATA_FILE, MetadataError, SnapshotMetadata};
+use super::statefile;
+use super::store::Store;
+use std::fmt::Write as _;
+
+/// A human-readable description of a snapshot.
+pub fn describe(location: &str, m: &SnapshotMetadata) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{} {} of job {} ({})",
+        m.kind, m.snapshot_id, m.job_name, m.job_id
+    );
+    let _ = writeln!(s, "  location:    {location}");
+    let _ = writeln!(s, "  taken at:    {} ms since the epoch", m.timestamp_ms);
+    if let Some(r) = &m.restored_from {
+        let _ = writeln!(s, "  job restored from: {r}");
+    }
+    let _ = writeln!(s, "  state bytes: {}", m.total_bytes());
+    let _ = writeln!(s, "  operators:");
+    for o in &m.operators {
+        let _ = writeln!(
+            s,
+            "    - uid {} ({}, name {}), parallelism {}, max parallelism {}{}",
+            o.uid,
+            o.kind,
+            o.name,
+            o.parallelism,
+            o.max_parallelism,
+            if o.is_stateful() { "" } else { ", stateless" }
+        );
+        for k in &o.keyed_states {
+            let fields: Vec<String> = k
+                .schema
+                .fields
+                .iter()
+                .map(|f| format!("{}: {}", f.name, f.ty))
+                .collect();
+            let entries: u64 = o.subtasks.iter().map(|t| t.keyed_entries).sum();
+            let _ = writeln!(
+                s,
+                "        keyed {} state '{}' {{{}}}, {entries} entries (all keyed states)",
+                k.kind,
+                k.name,
+                fields.join(", ")
+            );
+        }
+        for l in &o.operator_states {
+            let fields: Vec<String> = l
+                .schema
+                .fields
+                .iter()
+                .map(|f| format!("{}: {}", f.name, f.ty))
+                .collect();
+            let _ = writeln!(
+                s,
+                "        operator list state '{}' ({:?}) {{{}}}",
+                l.name,
+                l.distribution,
+                fields.join(", ")
+            );
+        }
+        if o.is_stateful() {
+            let _ = writeln!(
+                s,
+                "        {} bytes in {} file(s)",
+                o.state_bytes(),
+                o.subtasks.len()
+            );
+        }
+        if !o.source_positions.is_empty() {
+            let pos: Vec<String> = o
+                .source_positions
+                .iter()
+                .map(|p| format!("{}@{}", p.split, p.position))
+                .collect();
+            let _ = writeln!(s, "        positions: {}", pos.join(" "));
+        }
+    }
+    s
+}
+
+/// Checks every state file's size and checksum against `_metadata`.
+pub fn verify_files(dir: &Store, m: &SnapshotMetadata) -> Vec<String> {
+    let mut problems = Vec::new();
+    for o in &m.operators {
+        for st in &o.subtasks {
+            if let Err(e) = statefile::verify(dir, st) {
+                problems.push(e.to_string());
+            }
+        }
+    }
+    problems
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DisposeError {
+    #[error(
+        "{0} does not look like a snapshot (no _metadata and no operators/ directory); refusing to delete it"
+    )]
+    NotASnapshot(String),
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    #[error(transparent)]
+    Store(#[from] super::store::StoreError),
+}
+
+/// Deletes a snapshot directory (complete or incomplete), refusing anything else.
+pub fn dispose(dir: &Store) -> Result<u64, DisposeError> {
+    if std::path::Path::new(&dir.location()).is_file() {
+        return Err(DisposeError::NotASnapshot(dir.location()));
+    }
+    let bytes = match SnapshotMetadata::read(dir) {
+        Ok(m) => m.total_bytes(),
+        Err(MetadataError::Incomplete(loc)) => {
+            let files = dir.list()?;
+            if !files
+                .iter()
+                .all(|f| f.starts_with("operators/") || f == METADATA_FILE)
+            {
+                return Err(DisposeError::NotASnapshot(loc));
+            }
+            0
+        }
+        Err(e) => return Err(e.into()),
+    };
+    dir.delete_all()?;
+    Ok(bytes)
+}
