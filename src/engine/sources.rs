@@ -44,9 +44,7 @@ pub fn build(node: &Node, subtask: u32, parallelism: u32) -> Result<Box<dyn Sour
                 splits: u64::from(splits),
                 step: g.timestamp_step_ms,
                 key_prefix: g.key_prefix.clone(),
-                payload: g
-                    .payload_bytes
-                    .map(|n| Value::Str(Arc::from("x".repeat(n).as_str()))),
+                payload_bytes: g.payload_bytes,
                 rate: g.rate,
                 parallel_splits: splits,
                 owned,
@@ -90,7 +88,7 @@ struct Generator {
     splits: u64,
     step: i64,
     key_prefix: Option<String>,
-    payload: Option<Value>,
+    payload_bytes: Option<usize>,
     rate: Option<f64>,
     parallel_splits: u32,
     /// (split, next record index of that split).
@@ -120,8 +118,12 @@ impl Generator {
             self.names[3],
             Value::Int((i as i64).saturating_mul(self.step)),
         ));
-        if let Some(p) = &self.payload {
-            fields.push((self.names[4], p.clone()));
+        if let Some(n) = self.payload_bytes {
+            // Unique per record: the index in hex, padded to the requested size.
+            let mut p = format!("{i:016x}");
+            p.truncate(n);
+            p.extend(std::iter::repeat_n('.', n.saturating_sub(p.len())));
+            fields.push((self.names[4], Value::Str(Arc::from(p.as_str()))));
         }
         Record { fields, key: None }
     }

@@ -120,7 +120,7 @@ operator_specs! {
         timestamp_step_ms: i64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         key_prefix: Option<String>,
-        /// Adds a `payload` string field of this many bytes.
+        /// Adds a `payload` string field of this many bytes (the index in hex, padded).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         payload_bytes: Option<usize>,
     }

@@ -24,7 +24,7 @@ impl KeyedState {
             range,
             max_parallelism,
             tables: (0..states)
-                .map(|_| (0..groups).map(|_| Arc::new(GroupTable::new())).collect())
+                .map(|_| (0..groups).map(|_| Arc::new(GroupTable::default())).collect())
                 .collect(),
         }
     }

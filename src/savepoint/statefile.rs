@@ -28,7 +28,10 @@ pub enum StateEntry {
 }
 
 /// One keyed state's entries in one key group.
-pub type GroupTable = HashMap<Value, StateEntry>;
+pub type GroupTable = HashMap<Value, StateEntry, foldhash::fast::RandomState>;
+
+/// The most bytes of a state file fetched at once when restoring.
+const READ_CHUNK: u64 = 64 << 20;
 
 /// What a subtask hands to the writer: shared, immutable views of its state.
 pub struct SubtaskSnapshot {
@@ -239,38 +242,50 @@ pub fn read_key_groups(
     let path = check_size(dir, st)?;
     let first = (overlap.start - index.range.start) as usize;
     let last = (overlap.end - index.range.start) as usize;
-    let (Some(b0), Some(b1)) = (index.blocks.get(first), index.blocks.get(last)) else {
+    let (Some(_), Some(b1)) = (index.blocks.get(first), index.blocks.get(last)) else {
         return Err(StateFileError::Invalid {
             path,
             reason: "_metadata lists fewer key-group blocks than its range".into(),
         });
     };
-    let span = b0.offset..b1.offset + b1.len;
-    if span.end > st.size {
+    if b1.offset + b1.len > st.size {
         return Err(StateFileError::Invalid {
             path,
             reason: "a key-group block lies beyond the end of the file".into(),
         });
     }
-    let bytes = dir.get_range(&st.file, span.clone())?;
-    for (i, block) in index.blocks[first..=last].iter().enumerate() {
-        let kg = overlap.start + i as u32;
-        let what = format!("key group {kg}");
-        let slice = verified(&path, &bytes, span.start, block, &what)?;
-        let mut r = Reader::new(slice);
-        let decode_err = |source| StateFileError::Decode {
-            path: path.clone(),
-            block: what.clone(),
-            source,
-        };
-        for (s, meta) in states.iter().enumerate() {
-            let n = r.varint().map_err(decode_err)?;
-            for _ in 0..n {
-                let key = r.value().map_err(decode_err)?;
-                let entry = decode_entry(&mut r, meta.kind).map_err(decode_err)?;
-                sink(s, kg, key, entry);
+    // Fetch contiguous blocks in chunks of at most READ_CHUNK bytes, so a large state is
+    // never held twice (raw and decoded) in full.
+    let blocks = &index.blocks[first..=last];
+    let mut i = 0;
+    while i < blocks.len() {
+        let start = blocks[i].offset;
+        let mut j = i;
+        while j + 1 < blocks.len() && blocks[j + 1].offset + blocks[j + 1].len - start <= READ_CHUNK {
+            j += 1;
+        }
+        let end = blocks[j].offset + blocks[j].len;
+        let bytes = dir.get_range(&st.file, start..end)?;
+        for (n, block) in blocks[i..=j].iter().enumerate() {
+            let kg = overlap.start + (i + n) as u32;
+            let what = format!("key group {kg}");
+            let slice = verified(&path, &bytes, start, block, &what)?;
+            let mut r = Reader::new(slice);
+            let decode_err = |source| StateFileError::Decode {
+                path: path.clone(),
+                block: what.clone(),
+                source,
+            };
+            for (s, meta) in states.iter().enumerate() {
+                let n = r.varint().map_err(decode_err)?;
+                for _ in 0..n {
+                    let key = r.value().map_err(decode_err)?;
+                    let entry = decode_entry(&mut r, meta.kind).map_err(decode_err)?;
+                    sink(s, kg, key, entry);
+                }
             }
         }
+        i = j + 1;
     }
     Ok(())
 }
@@ -343,7 +358,7 @@ mod tests {
         let range = KeyGroupRange { start: 10, end: 13 };
         let mut groups = Vec::new();
         for kg in range.iter() {
-            let mut t = GroupTable::new();
+            let mut t = GroupTable::default();
             t.insert(
                 Value::Int(i64::from(kg)),
                 StateEntry::Value(vec![Value::Int(i64::from(kg) * 2)].into()),

@@ -1,0 +1,191 @@
+//! Engine benchmarks that print figures (run through `e2e/bench/engine-vs-flink.sh`, which
+//! puts them beside Flink's, or alone):
+//!
+//!   cargo bench --bench engine -- throughput [SECONDS] [KEYS] [PARALLELISM]
+//!   cargo bench --bench engine -- savepoint [KEYS] [PAYLOAD_BYTES] [DIR]
+//!
+//! Each prints one JSON object per line.
+
+use sjob::engine::{self, JobHandle, JobOptions, JobState, spec::JobSpec};
+use std::time::{Duration, Instant};
+
+fn records_in(job: &JobHandle, uid: &str) -> u64 {
+    job.vertices().iter().find(|v| v.uid == uid).map(|v| v.records_in).unwrap_or(0)
+}
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn percentile(v: &mut [u64], p: f64) -> u64 {
+    if v.is_empty() {
+        return 0;
+    }
+    v.sort_unstable();
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+fn throughput(seconds: u64, keys: u64, parallelism: u32) {
+    let yaml = format!(
+        "name: count\nparallelism: {parallelism}\noperators:\n  - {{kind: generator, uid: source, keys: {keys}}}\n  - {{kind: keyBy, field: key}}\n  - {{kind: count, uid: counter}}\n  - {{kind: discardSink}}\n"
+    );
+    let spec = JobSpec::from_yaml(&yaml).expect("bench job parses");
+    let job = engine::start(&spec, JobOptions::default()).expect("bench job starts");
+    std::thread::sleep(Duration::from_secs(3));
+    let (t0, n0) = (Instant::now(), records_in(&job, "counter"));
+    std::thread::sleep(Duration::from_secs(seconds));
+    let (dt, n1) = (t0.elapsed().as_secs_f64(), records_in(&job, "counter"));
+    job.cancel();
+    job.wait();
+    let rps = (n1 - n0) as f64 / dt;
+    println!(
+        "{{\"bench\":\"throughput\",\"engine\":\"sjob\",\"keys\":{keys},\"parallelism\":{parallelism},\"seconds\":{dt:.2},\"records_per_s\":{rps:.0},\"peak_rss_mb\":{:.1}}}",
+        peak_rss_mb()
+    );
+}
+
+/// Samples the longest batch (or synchronous snapshot step) per 5 ms window until `until`.
+fn stalls(job: &JobHandle, mut until: impl FnMut() -> bool) -> Vec<u64> {
+    let mut out = Vec::new();
+    job.take_max_stall_us();
+    while !until() {
+        std::thread::sleep(Duration::from_millis(5));
+        out.push(job.take_max_stall_us());
+    }
+    out
+}
+
+fn savepoint(keys: u64, payload: usize, dir: &str) {
+    let yaml = format!(
+        r#"name: big-state
+parallelism: 2
+operators:
+  - {{kind: generator, uid: source, keys: {keys}, payloadBytes: {payload}}}
+  - {{kind: keyBy, field: key}}
+  - kind: reduce
+    uid: latest
+    fields:
+      - {{name: payload, type: string, default: "", expr: "payload"}}
+      - {{name: n, type: int, default: 0, expr: "acc.n + 1"}}
+  - {{kind: discardSink}}
+"#
+    );
+    let spec = JobSpec::from_yaml(&yaml).expect("bench job parses");
+    let _ = std::fs::remove_dir_all(dir);
+    reset_peak_rss();
+    let fill = Instant::now();
+    let job = engine::start(&spec, JobOptions::default()).expect("bench job starts");
+    while records_in(&job, "latest") < keys + keys / 10 {
+        std::thread::sleep(Duration::from_millis(50));
+        if job.state() != JobState::Running {
+            panic!("job ended: {:?}", job.failure());
+        }
+    }
+    let fill_s = fill.elapsed().as_secs_f64();
+    let base_start = Instant::now();
+    let mut baseline = stalls(&job, || base_start.elapsed() >= Duration::from_secs(2));
+    let t = Instant::now();
+    let rx = job.trigger_savepoint(dir, None);
+    let mut result = None;
+    let mut during = stalls(&job, || match rx.try_recv() {
+        Ok(r) => {
+            result = Some(r);
+            true
+        }
+        Err(_) => false,
+    });
+    let sp_s = t.elapsed().as_secs_f64();
+    let path = match result {
+        Some(Ok(p)) => p,
+        other => panic!("savepoint failed: {other:?}"),
+    };
+    let rss_run = peak_rss_mb();
+    job.cancel();
+    job.wait();
+    drop(job);
+    let meta = sjob::savepoint::metadata::SnapshotMetadata::read(
+        &sjob::savepoint::store::Store::open(&path).expect("savepoint path"),
+    )
+    .expect("savepoint metadata");
+    let mb = meta.total_bytes() as f64 / 1e6;
+
+    reset_peak_rss();
+    let t = Instant::now();
+    let job = engine::start(
+        &spec,
+        JobOptions {
+            savepoint: Some(path.clone()),
+            ..Default::default()
+        },
+    )
+    .expect("restore starts");
+    let loaded_s = t.elapsed().as_secs_f64();
+    while records_in(&job, "latest") == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let restore_s = t.elapsed().as_secs_f64();
+    let rss_restore = peak_rss_mb();
+    job.cancel();
+    job.wait();
+    println!(
+        "{{\"bench\":\"savepoint\",\"engine\":\"sjob\",\"keys\":{keys},\"state_mb\":{mb:.1},\"fill_s\":{fill_s:.1},\"savepoint_s\":{sp_s:.3},\"savepoint_mb_per_s\":{:.0},\"restore_s\":{restore_s:.3},\"restore_load_s\":{loaded_s:.3},\"restore_mb_per_s\":{:.0},\"stall_p99_ms_during\":{:.2},\"stall_max_ms_during\":{:.2},\"stall_p99_ms_baseline\":{:.2},\"peak_rss_mb_running\":{rss_run:.0},\"peak_rss_mb_restore\":{rss_restore:.0},\"path\":\"{path}\"}}",
+        mb / sp_s,
+        mb / restore_s,
+        percentile(&mut during, 0.99) as f64 / 1000.0,
+        during.iter().max().copied().unwrap_or(0) as f64 / 1000.0,
+        percentile(&mut baseline, 0.99) as f64 / 1000.0,
+    );
+}
+
+/// The state-file writer alone: 2M entries of a 240-byte string, written once.
+fn write_only(dir: &str) {
+    use sjob::savepoint::keygroups::{key_group, range_for_subtask};
+    use sjob::savepoint::statefile::{GroupTable, KeyedSnapshot, StateEntry, SubtaskSnapshot};
+    use sjob::savepoint::value::Value;
+    use std::sync::Arc;
+    let range = range_for_subtask(128, 1, 0);
+    let mut groups: Vec<GroupTable> = (0..128).map(|_| GroupTable::default()).collect();
+    for i in 0..2_000_000i64 {
+        let k = Value::Int(i);
+        let kg = key_group(&k, 128) as usize;
+        let payload = format!("{i:016x}{}", ".".repeat(224));
+        groups[kg].insert(k, StateEntry::Value(vec![Value::from(payload.as_str()), Value::Int(i)].into()));
+    }
+    let snap = SubtaskSnapshot {
+        keyed: Some(KeyedSnapshot { range, tables: vec![groups.into_iter().map(Arc::new).collect()] }),
+        operator_lists: vec![],
+    };
+    let _ = std::fs::remove_dir_all(dir);
+    let store = sjob::savepoint::store::Store::open(dir).expect("store");
+    let t = Instant::now();
+    let st = sjob::savepoint::statefile::write(&store, "operators/x-0-y", 0, &snap).expect("write");
+    let s = t.elapsed().as_secs_f64();
+    println!("{{\"bench\":\"write\",\"mb\":{:.0},\"seconds\":{s:.3},\"mb_per_s\":{:.0}}}", st.size as f64 / 1e6, st.size as f64 / 1e6 / s);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let num = |i: usize, d: u64| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(d);
+    match args.first().map(String::as_str) {
+        Some("throughput") => throughput(num(1, 20), num(2, 100_000), num(3, 2) as u32),
+        Some("write") => write_only(args.get(1).map(String::as_str).unwrap_or("/tmp/sjob-bench-write")),
+        Some("savepoint") => savepoint(
+            num(1, 4_000_000),
+            num(2, 240) as usize,
+            args.get(3).map(String::as_str).unwrap_or("/tmp/sjob-bench-savepoints"),
+        ),
+        _ => eprintln!("usage: engine throughput [SECONDS] [KEYS] [P] | savepoint [KEYS] [PAYLOAD_BYTES] [DIR]"),
+    }
+}
