@@ -1,5 +1,8 @@
 //! The `sjob` command line: parses arguments and hands each command to its module.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use sjob::engine::{self, JobOptions, JobState, spec::JobSpec};

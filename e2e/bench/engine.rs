@@ -6,11 +6,18 @@
 //!
 //! Each prints one JSON object per line.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use sjob::engine::{self, JobHandle, JobOptions, JobState, spec::JobSpec};
 use std::time::{Duration, Instant};
 
 fn records_in(job: &JobHandle, uid: &str) -> u64 {
-    job.vertices().iter().find(|v| v.uid == uid).map(|v| v.records_in).unwrap_or(0)
+    job.vertices()
+        .iter()
+        .find(|v| v.uid == uid)
+        .map(|v| v.records_in)
+        .unwrap_or(0)
 }
 
 fn peak_rss_mb() -> f64 {
@@ -74,11 +81,7 @@ parallelism: 2
 operators:
   - {{kind: generator, uid: source, keys: {keys}, payloadBytes: {payload}}}
   - {{kind: keyBy, field: key}}
-  - kind: reduce
-    uid: latest
-    fields:
-      - {{name: payload, type: string, default: "", expr: "payload"}}
-      - {{name: n, type: int, default: 0, expr: "acc.n + 1"}}
+  - {{kind: max, uid: latest, field: payload, type: string}}
   - {{kind: discardSink}}
 "#
     );
@@ -107,13 +110,18 @@ operators:
         Err(_) => false,
     });
     let sp_s = t.elapsed().as_secs_f64();
-    let path = match result {
-        Some(Ok(p)) => p,
+    match result {
+        Some(Ok(_)) => {}
         other => panic!("savepoint failed: {other:?}"),
-    };
+    }
     let rss_run = peak_rss_mb();
-    job.cancel();
-    job.wait();
+    // Stop with a savepoint, as an upgrade does: the sources pause at the barrier, so the
+    // writers have the machine to themselves.
+    let t = Instant::now();
+    let path = job
+        .stop_with_savepoint(dir, false)
+        .expect("stop-with-savepoint");
+    let stop_s = t.elapsed().as_secs_f64();
     drop(job);
     let meta = sjob::savepoint::metadata::SnapshotMetadata::read(
         &sjob::savepoint::store::Store::open(&path).expect("savepoint path"),
@@ -140,8 +148,9 @@ operators:
     job.cancel();
     job.wait();
     println!(
-        "{{\"bench\":\"savepoint\",\"engine\":\"sjob\",\"keys\":{keys},\"state_mb\":{mb:.1},\"fill_s\":{fill_s:.1},\"savepoint_s\":{sp_s:.3},\"savepoint_mb_per_s\":{:.0},\"restore_s\":{restore_s:.3},\"restore_load_s\":{loaded_s:.3},\"restore_mb_per_s\":{:.0},\"stall_p99_ms_during\":{:.2},\"stall_max_ms_during\":{:.2},\"stall_p99_ms_baseline\":{:.2},\"peak_rss_mb_running\":{rss_run:.0},\"peak_rss_mb_restore\":{rss_restore:.0},\"path\":\"{path}\"}}",
+        "{{\"bench\":\"savepoint\",\"engine\":\"sjob\",\"keys\":{keys},\"state_mb\":{mb:.1},\"fill_s\":{fill_s:.1},\"savepoint_s\":{sp_s:.3},\"savepoint_mb_per_s\":{:.0},\"stop_savepoint_s\":{stop_s:.3},\"stop_savepoint_mb_per_s\":{:.0},\"restore_s\":{restore_s:.3},\"restore_load_s\":{loaded_s:.3},\"restore_mb_per_s\":{:.0},\"stall_p99_ms_during\":{:.2},\"stall_max_ms_during\":{:.2},\"stall_p99_ms_baseline\":{:.2},\"peak_rss_mb_running\":{rss_run:.0},\"peak_rss_mb_restore\":{rss_restore:.0},\"path\":\"{path}\"}}",
         mb / sp_s,
+        mb / stop_s,
         mb / restore_s,
         percentile(&mut during, 0.99) as f64 / 1000.0,
         during.iter().max().copied().unwrap_or(0) as f64 / 1000.0,
@@ -161,10 +170,24 @@ fn write_only(dir: &str) {
         let k = Value::Int(i);
         let kg = key_group(&k, 128) as usize;
         let payload = format!("{i:016x}{}", ".".repeat(224));
-        groups[kg].insert(k, StateEntry::Value(vec![Value::from(payload.as_str()), Value::Int(i)].into()));
+        groups[kg].insert(
+            k,
+            StateEntry::Value(vec![Value::from(payload.as_str()), Value::Int(i)].into()),
+        );
     }
+    let t = Instant::now();
+    let copies: Vec<GroupTable> = groups.to_vec();
+    eprintln!(
+        "copy-on-write cost: cloning {} entries took {:?}",
+        copies.iter().map(|g| g.len()).sum::<usize>(),
+        t.elapsed()
+    );
+    drop(copies);
     let snap = SubtaskSnapshot {
-        keyed: Some(KeyedSnapshot { range, tables: vec![groups.into_iter().map(Arc::new).collect()] }),
+        keyed: Some(KeyedSnapshot {
+            range,
+            tables: vec![groups.into_iter().map(Arc::new).collect()],
+        }),
         operator_lists: vec![],
     };
     let _ = std::fs::remove_dir_all(dir);
@@ -172,20 +195,35 @@ fn write_only(dir: &str) {
     let t = Instant::now();
     let st = sjob::savepoint::statefile::write(&store, "operators/x-0-y", 0, &snap).expect("write");
     let s = t.elapsed().as_secs_f64();
-    println!("{{\"bench\":\"write\",\"mb\":{:.0},\"seconds\":{s:.3},\"mb_per_s\":{:.0}}}", st.size as f64 / 1e6, st.size as f64 / 1e6 / s);
+    println!(
+        "{{\"bench\":\"write\",\"mb\":{:.0},\"seconds\":{s:.3},\"mb_per_s\":{:.0}}}",
+        st.size as f64 / 1e6,
+        st.size as f64 / 1e6 / s
+    );
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let num = |i: usize, d: u64| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(d);
     match args.first().map(String::as_str) {
         Some("throughput") => throughput(num(1, 20), num(2, 100_000), num(3, 2) as u32),
-        Some("write") => write_only(args.get(1).map(String::as_str).unwrap_or("/tmp/sjob-bench-write")),
+        Some("write") => write_only(
+            args.get(1)
+                .map(String::as_str)
+                .unwrap_or("/tmp/sjob-bench-write"),
+        ),
         Some("savepoint") => savepoint(
             num(1, 4_000_000),
             num(2, 240) as usize,
-            args.get(3).map(String::as_str).unwrap_or("/tmp/sjob-bench-savepoints"),
+            args.get(3)
+                .map(String::as_str)
+                .unwrap_or("/tmp/sjob-bench-savepoints"),
         ),
-        _ => eprintln!("usage: engine throughput [SECONDS] [KEYS] [P] | savepoint [KEYS] [PAYLOAD_BYTES] [DIR]"),
+        _ => eprintln!(
+            "usage: engine throughput [SECONDS] [KEYS] [P] | savepoint [KEYS] [PAYLOAD_BYTES] [DIR]"
+        ),
     }
 }

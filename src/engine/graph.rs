@@ -98,6 +98,7 @@ fn num_type(t: NumType) -> FieldType {
     match t {
         NumType::Int => FieldType::Int,
         NumType::Float => FieldType::Float,
+        NumType::String => FieldType::String,
     }
 }
 
@@ -281,6 +282,9 @@ fn check_expressions(spec: &OperatorSpec, what: &str, problems: &mut Vec<String>
                     w.aggregate
                 ));
             }
+        }
+        OperatorSpec::Sum(s) if s.ty == NumType::String => {
+            problems.push(format!("{what}: type: a sum is int or float, not string"));
         }
         OperatorSpec::Generator(g) => {
             if g.keys == 0 {

@@ -10,6 +10,7 @@ use crate::savepoint::schema::FieldType;
 use crate::savepoint::statefile::{StateEntry, SubtaskSnapshot};
 use crate::savepoint::value::{Name, Record, Row, Value, intern};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 /// One operator instance (one subtask) inside a task.
 pub trait Operator: Send {
@@ -156,6 +157,7 @@ fn num(t: NumType) -> FieldType {
     match t {
         NumType::Int => FieldType::Int,
         NumType::Float => FieldType::Float,
+        NumType::String => FieldType::String,
     }
 }
 
@@ -319,13 +321,13 @@ impl Operator for AggOp {
                         AggKind::Count | AggKind::Sum => add(current, &input_value)?,
                         kind => pick(kind, current, &input_value),
                     };
-                    row[0] = self.ty.coerce(next.clone());
+                    Arc::make_mut(row)[0] = self.ty.coerce(next.clone());
                     next
                 }
                 _ => {
                     table.insert(
                         key.clone(),
-                        StateEntry::Value(Box::new([input_value.clone()])),
+                        StateEntry::Value(Row::from([input_value.clone()])),
                     );
                     input_value
                 }
@@ -396,7 +398,7 @@ impl Operator for ReduceOp {
             fields.extend(self.fields.iter().map(|f| f.name).zip(next.iter().cloned()));
             self.state
                 .table_mut(0, kg)
-                .insert(key, StateEntry::Value(next.into_boxed_slice()));
+                .insert(key, StateEntry::Value(Row::from(next)));
             out.push(Record { fields, key: None });
         }
         Ok(())
@@ -491,12 +493,12 @@ impl Operator for WindowOp {
                         .or_insert_with(|| StateEntry::Map(BTreeMap::new()));
                     if let StateEntry::Map(windows) = entry {
                         let slot = windows.entry(Value::Int(start)).or_insert_with(|| {
-                            Box::new([match self.agg {
+                            Row::from([match self.agg {
                                 WindowAggregate::Count => Value::Int(0),
                                 _ => Value::Null,
                             }])
                         });
-                        slot[0] = match self.agg {
+                        Arc::make_mut(slot)[0] = match self.agg {
                             WindowAggregate::Count => add(&slot[0], &Value::Int(1))?,
                             WindowAggregate::Sum => add(&slot[0], &v)?,
                             WindowAggregate::Min => pick(AggKind::Min, &slot[0], &v),
@@ -551,7 +553,7 @@ impl Operator for DedupeOp {
             if !table.contains_key(key) {
                 table.insert(
                     key.clone(),
-                    StateEntry::Value(Box::new([Value::Bool(true)])),
+                    StateEntry::Value(Row::from([Value::Bool(true)])),
                 );
                 rec.key = None;
                 out.push(rec);

@@ -61,7 +61,8 @@ pub(crate) struct Shared {
     /// Held while a trigger is sent and while the input is declared exhausted, so a trigger is
     /// either seen by every source or refused.
     pub source_gate: Mutex<bool>,
-    /// The longest time a task spent in one batch or snapshot since the last reset, in µs.
+    /// The longest time a downstream task spent processing one batch, or any task in the
+    /// synchronous part of a snapshot, since the last reset, in µs.
     pub max_stall_us: AtomicU64,
 }
 
@@ -403,7 +404,6 @@ impl Task {
                 return Err("source task without a source".into());
             };
             let mut batch = Vec::with_capacity(BATCH);
-            let started = Instant::now();
             let outcome = source.poll(&mut batch, BATCH)?;
             let wm = source.watermark();
             match outcome {
@@ -423,7 +423,6 @@ impl Task {
             }
             self.run_chain(0, batch)?;
             self.output.flush().map_err(disconnected)?;
-            self.note_stall(started);
             if wm > last_wm && (exhausted || last_wm_sent.elapsed() >= Duration::from_millis(20)) {
                 last_wm = wm;
                 last_wm_sent = Instant::now();
@@ -537,8 +536,9 @@ impl Task {
                 Element::Batch(batch) => {
                     let started = Instant::now();
                     self.run_chain(0, batch)?;
-                    self.output.flush().map_err(disconnected)?;
+                    // Processing time only: waiting on a full downstream channel is backpressure.
                     self.note_stall(started);
+                    self.output.flush().map_err(disconnected)?;
                 }
                 Element::Watermark(w) => {
                     watermarks[from_i] = watermarks[from_i].max(w);

@@ -144,7 +144,7 @@ impl Operator for FileSink {
             operator_lists: vec![
                 self.staged
                     .iter()
-                    .map(|(n, id)| Box::new([Value::from(n.as_str()), Value::Int(*id)]) as Row)
+                    .map(|(n, id)| Row::from([Value::from(n.as_str()), Value::Int(*id)]))
                     .collect(),
             ],
         })

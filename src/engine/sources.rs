@@ -187,9 +187,7 @@ impl Source for Generator {
         vec![
             self.owned
                 .iter()
-                .map(|(s, next)| {
-                    Box::new([Value::Int(i64::from(*s)), Value::Int(*next as i64)]) as Row
-                })
+                .map(|(s, next)| Row::from([Value::Int(i64::from(*s)), Value::Int(*next as i64)]))
                 .collect(),
         ]
     }
@@ -346,7 +344,7 @@ impl Source for FileSource {
         vec![
             self.owned
                 .iter()
-                .map(|(p, off)| Box::new([Value::from(p.as_str()), Value::Int(*off as i64)]) as Row)
+                .map(|(p, off)| Row::from([Value::from(p.as_str()), Value::Int(*off as i64)]))
                 .collect(),
         ]
     }

@@ -225,6 +225,8 @@ pub enum FileFormat {
 pub enum NumType {
     Int,
     Float,
+    /// For `min` and `max` only: lexicographic order.
+    String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

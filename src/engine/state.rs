@@ -24,7 +24,11 @@ impl KeyedState {
             range,
             max_parallelism,
             tables: (0..states)
-                .map(|_| (0..groups).map(|_| Arc::new(GroupTable::default())).collect())
+                .map(|_| {
+                    (0..groups)
+                        .map(|_| Arc::new(GroupTable::default()))
+                        .collect()
+                })
                 .collect(),
         }
     }

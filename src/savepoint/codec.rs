@@ -138,7 +138,7 @@ impl<'a> Reader<'a> {
         for _ in 0..n {
             row.push(self.value()?);
         }
-        Ok(row.into_boxed_slice())
+        Ok(Row::from(row))
     }
 }
 

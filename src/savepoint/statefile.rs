@@ -16,7 +16,7 @@ use super::metadata::{
 };
 use super::store::{Store, StoreError};
 use super::value::{Row, Value};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// The state one key holds in one keyed state.
@@ -27,8 +27,15 @@ pub enum StateEntry {
     Map(BTreeMap<Value, Row>),
 }
 
-/// One keyed state's entries in one key group.
-pub type GroupTable = HashMap<Value, StateEntry, foldhash::fast::RandomState>;
+/// One keyed state's entries in one key group: a persistent (hash array mapped trie) map, so
+/// a snapshot is an O(1) clone and a later write copies only the trie nodes on its path, never
+/// the whole group (a whole-group copy of a large state would stall processing).
+pub type GroupTable = imbl::GenericHashMap<
+    Value,
+    StateEntry,
+    foldhash::fast::RandomState,
+    imbl::shared_ptr::DefaultSharedPtr,
+>;
 
 /// The most bytes of a state file fetched at once when restoring.
 const READ_CHUNK: u64 = 64 << 20;
@@ -261,7 +268,8 @@ pub fn read_key_groups(
     while i < blocks.len() {
         let start = blocks[i].offset;
         let mut j = i;
-        while j + 1 < blocks.len() && blocks[j + 1].offset + blocks[j + 1].len - start <= READ_CHUNK {
+        while j + 1 < blocks.len() && blocks[j + 1].offset + blocks[j + 1].len - start <= READ_CHUNK
+        {
             j += 1;
         }
         let end = blocks[j].offset + blocks[j].len;

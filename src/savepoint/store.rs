@@ -259,7 +259,10 @@ impl Store {
         let target = self.local.join(rel);
         let temp = target.with_file_name(format!(
             ".{}.{}.tmp",
-            target.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+            target
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default(),
             uuid::Uuid::new_v4().simple()
         ));
         let file = target

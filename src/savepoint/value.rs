@@ -231,8 +231,10 @@ impl Record {
     }
 }
 
-/// A row of state: one value per field of the state's schema, in schema order.
-pub type Row = Box<[Value]>;
+/// A row of state: one value per field of the state's schema, in schema order. Shared, so
+/// that copying a key group for copy-on-write snapshots copies pointers, not rows; a row
+/// being updated while a snapshot still reads it is copied alone (`Arc::make_mut`).
+pub type Row = Arc<[Value]>;
 
 #[cfg(test)]
 mod tests {
