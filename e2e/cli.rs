@@ -6,8 +6,12 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 fn sjob(dir: &Path, args: &[&str]) -> Output {
+    let mut all: Vec<&str> = args.to_vec();
+    if args.first() == Some(&"run") {
+        all.splice(1..1, ["--rest-port", "0"]);
+    }
     Command::new(env!("CARGO_BIN_EXE_sjob"))
-        .args(args)
+        .args(&all)
         .current_dir(dir)
         .env("SJOB_LOG", "warn")
         .output()

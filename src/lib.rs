@@ -2,4 +2,5 @@
 //! Kubernetes operator that upgrades jobs through them.
 
 pub mod engine;
+pub mod operator;
 pub mod savepoint;

@@ -25,9 +25,52 @@ struct Cli {
 enum Command {
     /// Run a job file in this process (what an engine pod runs), optionally from a savepoint.
     Run(RunArgs),
+    /// List the jobs of an engine (or a Flink cluster) over REST.
+    List(Endpoint),
+    /// Trigger a savepoint of a running job and wait for its path.
+    Savepoint {
+        job_id: String,
+        /// Where to put it (the engine's default savepoint directory if absent).
+        target_directory: Option<String>,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Cancel a job, optionally taking a savepoint first (`-s DIR`).
+    Cancel {
+        job_id: String,
+        #[arg(short = 's', long = "with-savepoint", num_args = 0..=1, default_missing_value = "")]
+        savepoint: Option<String>,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Stop a job with a savepoint (its output up to the savepoint is committed).
+    Stop {
+        job_id: String,
+        #[arg(short = 'p', long = "savepoint-path", visible_alias = "savepointPath")]
+        savepoint_path: Option<String>,
+        /// Emit the final watermark first, firing every pending window.
+        #[arg(short = 'd', long)]
+        drain: bool,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
     /// Offline savepoint tools.
     #[command(subcommand)]
     Savepoints(SavepointsCommand),
+}
+
+#[derive(Args)]
+struct Endpoint {
+    /// The REST endpoint of the engine or Flink cluster.
+    #[arg(long, env = "SJOB_URL", default_value = "http://127.0.0.1:8081")]
+    url: String,
+    /// How long to wait for a savepoint.
+    #[arg(long, default_value = "10m", value_parser = parse_timeout)]
+    timeout: std::time::Duration,
+}
+
+fn parse_timeout(s: &str) -> std::result::Result<std::time::Duration, String> {
+    engine::spec::parse_duration("--timeout", s)
 }
 
 #[derive(Args)]
@@ -56,6 +99,19 @@ struct RunArgs {
     /// Where a detached job writes its log.
     #[arg(long, default_value = "sjob-run.log")]
     log_file: PathBuf,
+    /// REST port (0: any free port); the API speaks Flink's REST dialect.
+    #[arg(long, env = "SJOB_REST_PORT", default_value_t = 8081)]
+    rest_port: u16,
+    /// REST bind address.
+    #[arg(long, env = "SJOB_REST_ADDRESS", default_value = "127.0.0.1")]
+    rest_address: String,
+    /// Default directory for savepoints triggered without one.
+    #[arg(long, env = "SJOB_SAVEPOINT_DIR")]
+    savepoint_dir: Option<String>,
+    /// After the job ends, the REST API stays up until clients have read every savepoint
+    /// outcome, for at most this many seconds.
+    #[arg(long, default_value_t = 30)]
+    linger: u64,
 }
 
 #[derive(Subcommand)]
@@ -118,6 +174,12 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         if let Some(p) = args.parallelism {
             cmd.arg("-p").arg(p.to_string());
         }
+        cmd.arg("--rest-port").arg(args.rest_port.to_string());
+        cmd.arg("--rest-address").arg(&args.rest_address);
+        cmd.arg("--linger").arg(args.linger.to_string());
+        if let Some(d) = &args.savepoint_dir {
+            cmd.arg("--savepoint-dir").arg(d);
+        }
         let child = cmd
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
@@ -143,30 +205,49 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     )?;
     eprintln!("Job has been submitted with JobID {}", job.id());
     let job = std::sync::Arc::new(job);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the REST runtime")?;
+    let addr = format!("{}:{}", args.rest_address, args.rest_port);
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(&addr))
+        .with_context(|| {
+            format!("cannot listen on {addr} for the REST API (--rest-port / --rest-address)")
+        })?;
+    let bound = listener.local_addr()?;
+    eprintln!("REST API on http://{bound}");
+    let state = engine::rest::RestState::new(job.clone(), args.savepoint_dir.clone());
+    let rest_state = state.clone();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = rt.spawn(engine::rest::serve(state, listener, async move {
+        let _ = stop_rx.await;
+    }));
     let for_signal = job.clone();
-    std::thread::spawn(move || {
-        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            rt.block_on(async {
-                let mut term =
-                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    {
-                        Ok(s) => s,
-                        Err(_) => return,
-                    };
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {},
-                    _ = term.recv() => {},
-                }
-            });
-            eprintln!("signal received: cancelling job {}", for_signal.id());
-            for_signal.cancel();
+    rt.spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
         }
+        eprintln!("signal received: cancelling job {}", for_signal.id());
+        for_signal.cancel();
     });
-    let state = job.wait();
+    let waiter = job.clone();
+    let state =
+        rt.block_on(async move { tokio::task::spawn_blocking(move || waiter.wait()).await })?;
     eprintln!("Job {} {}", job.id(), state.as_flink());
+    let linger_until = std::time::Instant::now() + std::time::Duration::from_secs(args.linger);
+    while rest_state.has_unread_outcomes() && std::time::Instant::now() < linger_until {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = stop_tx.send(());
+    let _ = rt.block_on(server);
     match state {
         JobState::Failed => {
             bail!(
@@ -177,6 +258,105 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         }
         _ => Ok(ExitCode::SUCCESS),
     }
+}
+
+fn client_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the client runtime")
+}
+
+fn remote(cmd: Command) -> Result<ExitCode> {
+    use sjob::operator::engine_client::EngineClient;
+    let rt = client_runtime()?;
+    rt.block_on(async move {
+        match cmd {
+            Command::List(ep) => {
+                let client = EngineClient::new(&ep.url);
+                let jobs = client.jobs_overview().await?;
+                let (running, other): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|j| {
+                    matches!(
+                        j.state.as_str(),
+                        "RUNNING" | "RESTARTING" | "CREATED" | "INITIALIZING"
+                    )
+                });
+                println!("------------------ Running/Restarting Jobs -------------------");
+                if running.is_empty() {
+                    println!("No running jobs.");
+                }
+                for j in &running {
+                    println!("{} : {} : {} ({})", j.start_time, j.jid, j.name, j.state);
+                }
+                if !other.is_empty() {
+                    println!("---------------------- Terminated Jobs -----------------------");
+                    for j in &other {
+                        println!("{} : {} : {} ({})", j.start_time, j.jid, j.name, j.state);
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Savepoint {
+                job_id,
+                target_directory,
+                endpoint,
+            } => {
+                let client = EngineClient::new(&endpoint.url);
+                eprintln!("Triggering savepoint for job {job_id}.");
+                let trigger = client
+                    .trigger_savepoint(&job_id, target_directory.as_deref(), false)
+                    .await?;
+                eprintln!("Waiting for response...");
+                let path = client
+                    .wait_savepoint(&job_id, &trigger, endpoint.timeout)
+                    .await?;
+                println!("Savepoint completed. Path: {path}");
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Cancel {
+                job_id,
+                savepoint,
+                endpoint,
+            } => {
+                let client = EngineClient::new(&endpoint.url);
+                match savepoint {
+                    Some(dir) => {
+                        let dir = (!dir.is_empty()).then_some(dir);
+                        let trigger = client
+                            .trigger_savepoint(&job_id, dir.as_deref(), true)
+                            .await?;
+                        let path = client
+                            .wait_savepoint(&job_id, &trigger, endpoint.timeout)
+                            .await?;
+                        println!("Cancelled job {job_id}. Savepoint stored in {path}.");
+                    }
+                    None => {
+                        client.cancel(&job_id).await?;
+                        println!("Cancelled job {job_id}.");
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Stop {
+                job_id,
+                savepoint_path,
+                drain,
+                endpoint,
+            } => {
+                let client = EngineClient::new(&endpoint.url);
+                eprintln!("Suspending job \"{job_id}\" with a savepoint.");
+                let trigger = client
+                    .stop_with_savepoint(&job_id, savepoint_path.as_deref(), drain)
+                    .await?;
+                let path = client
+                    .wait_savepoint(&job_id, &trigger, endpoint.timeout)
+                    .await?;
+                println!("Savepoint completed. Path: {path}");
+                Ok(ExitCode::SUCCESS)
+            }
+            _ => bail!("not a remote command"),
+        }
+    })
 }
 
 fn savepoints(cmd: SavepointsCommand) -> Result<ExitCode> {
@@ -237,6 +417,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Savepoints(cmd) => savepoints(cmd),
+        cmd => remote(cmd),
     };
     match result {
         Ok(code) => code,

@@ -5,7 +5,9 @@
 pub mod coordinator;
 pub mod expr;
 pub mod graph;
+pub mod metrics;
 pub mod operators;
+pub mod rest;
 mod runtime;
 pub mod sinks;
 pub mod sources;

@@ -85,6 +85,9 @@ impl Store {
     pub fn open(location: &str) -> Result<Store, StoreError> {
         let path_text = if let Some(rest) = location.strip_prefix("file://") {
             rest.to_owned()
+        } else if let Some(rest) = location.strip_prefix("file:") {
+            // Flink's spelling: file:/path
+            rest.to_owned()
         } else if location.contains("://") {
             return Err(StoreError::Unsupported(location.to_owned()));
         } else {

@@ -1,0 +1,178 @@
+//! Prometheus metrics of a running engine, read from the job at scrape time.
+
+use super::{JobHandle, JobState};
+use prometheus::core::Collector;
+use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::{Encoder, TextEncoder};
+
+fn label(name: &str, value: &str) -> LabelPair {
+    let mut l = LabelPair::default();
+    l.set_name(name.to_owned());
+    l.set_value(value.to_owned());
+    l
+}
+
+fn family(name: &str, help: &str, ty: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(name.to_owned());
+    f.set_help(help.to_owned());
+    f.set_field_type(ty);
+    f.set_metric(metrics);
+    f
+}
+
+fn counter(labels: Vec<LabelPair>, v: f64) -> Metric {
+    let mut c = Counter::default();
+    c.set_value(v);
+    let mut m = Metric::default();
+    m.set_label(labels);
+    m.set_counter(c);
+    m
+}
+
+fn gauge(labels: Vec<LabelPair>, v: f64) -> Metric {
+    let mut g = Gauge::default();
+    g.set_value(v);
+    let mut m = Metric::default();
+    m.set_label(labels);
+    m.set_gauge(g);
+    m
+}
+
+struct JobCollector<'a> {
+    job: &'a JobHandle,
+}
+
+impl Collector for JobCollector<'_> {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        Vec::new()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let job = self.job;
+        let jl = || {
+            vec![
+                label("job_id", job.id()),
+                label("job_name", &job.graph().name),
+            ]
+        };
+        let with = |extra: Vec<LabelPair>| {
+            let mut l = jl();
+            l.extend(extra);
+            l
+        };
+        let vertices = job.vertices();
+        let per_op = |f: fn(&super::VertexStats) -> u64| {
+            vertices
+                .iter()
+                .map(|v| {
+                    counter(
+                        with(vec![label("operator", &v.name), label("uid", &v.uid)]),
+                        f(v) as f64,
+                    )
+                })
+                .collect()
+        };
+        let stats = job.snapshot_stats();
+        let state = job.state();
+        let states = [
+            JobState::Created,
+            JobState::Running,
+            JobState::Finished,
+            JobState::Canceled,
+            JobState::Failed,
+        ];
+        let mut out = vec![
+            family(
+                "sjob_job_state",
+                "1 for the job's current state, 0 for the others.",
+                MetricType::GAUGE,
+                states
+                    .iter()
+                    .map(|s| {
+                        gauge(
+                            with(vec![label("state", s.as_flink())]),
+                            f64::from(u8::from(*s == state)),
+                        )
+                    })
+                    .collect(),
+            ),
+            family(
+                "sjob_operator_records_in_total",
+                "Records an operator has received.",
+                MetricType::COUNTER,
+                per_op(|v| v.records_in),
+            ),
+            family(
+                "sjob_operator_records_out_total",
+                "Records an operator has emitted.",
+                MetricType::COUNTER,
+                per_op(|v| v.records_out),
+            ),
+            family(
+                "sjob_snapshots_completed_total",
+                "Checkpoints and savepoints completed.",
+                MetricType::COUNTER,
+                vec![counter(jl(), stats.completed as f64)],
+            ),
+            family(
+                "sjob_snapshots_failed_total",
+                "Checkpoints and savepoints that failed or were refused.",
+                MetricType::COUNTER,
+                vec![counter(jl(), stats.failed as f64)],
+            ),
+            family(
+                "sjob_snapshots_in_progress",
+                "Snapshots being taken now.",
+                MetricType::GAUGE,
+                vec![gauge(jl(), stats.in_progress as f64)],
+            ),
+            family(
+                "sjob_job_restored",
+                "1 if the job was restored from a snapshot.",
+                MetricType::GAUGE,
+                vec![gauge(
+                    jl(),
+                    f64::from(u8::from(job.restored_from().is_some())),
+                )],
+            ),
+        ];
+        for (kind, snap) in [
+            ("checkpoint", &stats.latest_checkpoint),
+            ("savepoint", &stats.latest_savepoint),
+        ] {
+            if let Some(s) = snap {
+                let l = || with(vec![label("kind", kind)]);
+                out.push(family(
+                    &format!("sjob_last_{kind}_size_bytes"),
+                    &format!("Size of the latest completed {kind}."),
+                    MetricType::GAUGE,
+                    vec![gauge(l(), s.size as f64)],
+                ));
+                out.push(family(
+                    &format!("sjob_last_{kind}_duration_seconds"),
+                    &format!("Duration of the latest completed {kind}."),
+                    MetricType::GAUGE,
+                    vec![gauge(l(), s.duration_ms as f64 / 1000.0)],
+                ));
+                out.push(family(
+                    &format!("sjob_last_{kind}_timestamp_seconds"),
+                    &format!("Completion time of the latest {kind}."),
+                    MetricType::GAUGE,
+                    vec![gauge(l(), s.timestamp_ms as f64 / 1000.0)],
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// The Prometheus text exposition of a job's metrics.
+pub fn render(job: &JobHandle) -> Result<String, String> {
+    let families = JobCollector { job }.collect();
+    let mut buf = Vec::new();
+    TextEncoder::new()
+        .encode(&families, &mut buf)
+        .map_err(|e| e.to_string())?;
+    String::from_utf8(buf).map_err(|e| e.to_string())
+}

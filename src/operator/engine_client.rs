@@ -1,0 +1,372 @@
+//! A client for the engine's REST API that works unchanged against Apache Flink's (the subset
+//! an operator needs): overview, jobs, job details, savepoints and stop-with-savepoint with
+//! trigger ids, cancel, checkpoint statistics.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the engine at {url}: {source}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{what} not found ({url})")]
+    NotFound { what: String, url: String },
+    #[error("{url} answered {status}: {message}")]
+    Api {
+        url: String,
+        status: u16,
+        message: String,
+    },
+    #[error("unexpected answer from {url}: {reason}")]
+    Decode { url: String, reason: String },
+    #[error("savepoint failed: {0}")]
+    SavepointFailed(String),
+    #[error("the savepoint did not complete within {0:?}")]
+    Timeout(Duration),
+}
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct JobIdStatus {
+    pub id: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct JobOverview {
+    pub jid: String,
+    pub name: String,
+    pub state: String,
+    #[serde(rename = "start-time", default)]
+    pub start_time: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Vertex {
+    pub id: String,
+    pub name: String,
+    pub parallelism: u32,
+    pub read_records: u64,
+    pub write_records: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct JobDetails {
+    pub id: String,
+    pub name: String,
+    pub state: String,
+    pub vertices: Vec<Vertex>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum SavepointStatus {
+    InProgress,
+    Completed(String),
+    Failed(String),
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct CheckpointInfo {
+    pub completed: u64,
+    pub failed: u64,
+    pub latest_completed: Option<String>,
+    pub latest_savepoint: Option<String>,
+    pub restored_from: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct EngineClient {
+    base: String,
+    http: reqwest::Client,
+}
+
+fn errors_of(v: &Value) -> Option<String> {
+    let errs = v.get("errors")?.as_array()?;
+    Some(
+        errs.iter()
+            .filter_map(|e| e.as_str())
+            .map(|e| e.lines().next().unwrap_or(e).to_owned())
+            .collect::<Vec<_>>()
+            .join("; "),
+    )
+}
+
+impl EngineClient {
+    /// `base` is the REST endpoint, e.g. `http://127.0.0.1:8081`.
+    pub fn new(base: &str) -> EngineClient {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        EngineClient {
+            base: base.trim_end_matches('/').to_owned(),
+            http,
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        what: &str,
+    ) -> Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
+        let status = resp.status();
+        let text = resp
+            .text()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
+        let v: Value = if text.trim().is_empty() {
+            json!({})
+        } else {
+            serde_json::from_str(&text).map_err(|e| ClientError::Decode {
+                url: url.clone(),
+                reason: format!("{e}: {}", text.chars().take(200).collect::<String>()),
+            })?
+        };
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Err(ClientError::NotFound {
+                what: what.to_owned(),
+                url,
+            });
+        }
+        if !status.is_success() {
+            return Err(ClientError::Api {
+                url,
+                status: status.as_u16(),
+                message: errors_of(&v).unwrap_or(text),
+            });
+        }
+        Ok(v)
+    }
+
+    fn decode<T: for<'de> Deserialize<'de>>(&self, v: Value, path: &str) -> Result<T> {
+        serde_json::from_value(v).map_err(|e| ClientError::Decode {
+            url: format!("{}{path}", self.base),
+            reason: e.to_string(),
+        })
+    }
+
+    pub async fn overview(&self) -> Result<Value> {
+        self.call(reqwest::Method::GET, "/overview", None, "overview")
+            .await
+    }
+
+    pub async fn list_jobs(&self) -> Result<Vec<JobIdStatus>> {
+        let v = self
+            .call(reqwest::Method::GET, "/jobs", None, "jobs")
+            .await?;
+        self.decode(v.get("jobs").cloned().unwrap_or(json!([])), "/jobs")
+    }
+
+    pub async fn jobs_overview(&self) -> Result<Vec<JobOverview>> {
+        let v = self
+            .call(reqwest::Method::GET, "/jobs/overview", None, "jobs")
+            .await?;
+        self.decode(
+            v.get("jobs").cloned().unwrap_or(json!([])),
+            "/jobs/overview",
+        )
+    }
+
+    pub async fn job(&self, id: &str) -> Result<JobDetails> {
+        let path = format!("/jobs/{id}");
+        let v = self
+            .call(reqwest::Method::GET, &path, None, &format!("job {id}"))
+            .await?;
+        let s = |v: &Value, k: &str| {
+            v.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let vertices = v
+            .get("vertices")
+            .and_then(Value::as_array)
+            .map(|vs| {
+                vs.iter()
+                    .map(|x| Vertex {
+                        id: s(x, "id"),
+                        name: s(x, "name"),
+                        parallelism: x.get("parallelism").and_then(Value::as_u64).unwrap_or(0)
+                            as u32,
+                        read_records: x
+                            .pointer("/metrics/read-records")
+                            .and_then(Value::as_u64)
+                            .unwrap_or(0),
+                        write_records: x
+                            .pointer("/metrics/write-records")
+                            .and_then(Value::as_u64)
+                            .unwrap_or(0),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(JobDetails {
+            id: s(&v, "jid"),
+            name: s(&v, "name"),
+            state: s(&v, "state"),
+            vertices,
+        })
+    }
+
+    fn request_id(&self, v: &Value, path: &str) -> Result<String> {
+        v.get("request-id")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| ClientError::Decode {
+                url: format!("{}{path}", self.base),
+                reason: "no request-id in the answer".into(),
+            })
+    }
+
+    /// Triggers a savepoint; returns the trigger id to poll.
+    pub async fn trigger_savepoint(
+        &self,
+        id: &str,
+        target_dir: Option<&str>,
+        cancel_job: bool,
+    ) -> Result<String> {
+        let path = format!("/jobs/{id}/savepoints");
+        let body = json!({ "target-directory": target_dir, "cancel-job": cancel_job, "formatType": "CANONICAL" });
+        let v = self
+            .call(
+                reqwest::Method::POST,
+                &path,
+                Some(body),
+                &format!("job {id}"),
+            )
+            .await?;
+        self.request_id(&v, &path)
+    }
+
+    /// Stops the job with a savepoint; returns the trigger id to poll.
+    pub async fn stop_with_savepoint(
+        &self,
+        id: &str,
+        target_dir: Option<&str>,
+        drain: bool,
+    ) -> Result<String> {
+        let path = format!("/jobs/{id}/stop");
+        let body = json!({ "targetDirectory": target_dir, "drain": drain });
+        let v = self
+            .call(
+                reqwest::Method::POST,
+                &path,
+                Some(body),
+                &format!("job {id}"),
+            )
+            .await?;
+        self.request_id(&v, &path)
+    }
+
+    pub async fn savepoint_status(&self, id: &str, trigger: &str) -> Result<SavepointStatus> {
+        let path = format!("/jobs/{id}/savepoints/{trigger}");
+        let v = self
+            .call(
+                reqwest::Method::GET,
+                &path,
+                None,
+                &format!("savepoint trigger {trigger} of job {id}"),
+            )
+            .await?;
+        match v.pointer("/status/id").and_then(Value::as_str) {
+            Some("IN_PROGRESS") => Ok(SavepointStatus::InProgress),
+            Some("COMPLETED") => {
+                if let Some(loc) = v.pointer("/operation/location").and_then(Value::as_str) {
+                    return Ok(SavepointStatus::Completed(loc.to_owned()));
+                }
+                let cause = v.pointer("/operation/failure-cause");
+                let text = cause
+                    .and_then(|c| {
+                        c.get("stack-trace")
+                            .and_then(Value::as_str)
+                            .or_else(|| c.get("class").and_then(Value::as_str))
+                    })
+                    .map(|t| t.lines().next().unwrap_or(t).to_owned())
+                    .unwrap_or_else(|| "unknown cause".into());
+                Ok(SavepointStatus::Failed(text))
+            }
+            other => Err(ClientError::Decode {
+                url: format!("{}{path}", self.base),
+                reason: format!("unknown status {other:?}"),
+            }),
+        }
+    }
+
+    /// Polls a savepoint trigger until it completes; returns the savepoint's location.
+    pub async fn wait_savepoint(
+        &self,
+        id: &str,
+        trigger: &str,
+        timeout: Duration,
+    ) -> Result<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.savepoint_status(id, trigger).await? {
+                SavepointStatus::Completed(loc) => return Ok(loc),
+                SavepointStatus::Failed(cause) => return Err(ClientError::SavepointFailed(cause)),
+                SavepointStatus::InProgress => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ClientError::Timeout(timeout));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    pub async fn cancel(&self, id: &str) -> Result<()> {
+        let path = format!("/jobs/{id}?mode=cancel");
+        self.call(reqwest::Method::PATCH, &path, None, &format!("job {id}"))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn checkpoints(&self, id: &str) -> Result<CheckpointInfo> {
+        let path = format!("/jobs/{id}/checkpoints");
+        let v = self
+            .call(reqwest::Method::GET, &path, None, &format!("job {id}"))
+            .await?;
+        let p = |ptr: &str| v.pointer(ptr).and_then(Value::as_str).map(str::to_owned);
+        Ok(CheckpointInfo {
+            completed: v
+                .pointer("/counts/completed")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+            failed: v
+                .pointer("/counts/failed")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+            latest_completed: p("/latest/completed/external_path"),
+            latest_savepoint: p("/latest/savepoint/external_path"),
+            restored_from: p("/latest/restored/external_path"),
+        })
+    }
+}

@@ -1,0 +1,3 @@
+//! The Kubernetes operator side. For now: the client that drives engines over REST.
+
+pub mod engine_client;
