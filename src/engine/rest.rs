@@ -52,13 +52,22 @@ impl RestState {
 type Shared = State<Arc<RestState>>;
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, Json(json!({ "errors": [msg.into()] }))).into_response()
+    ApiError(status, msg.into()).into_response()
+}
+
+/// An error in Flink's shape: `{"errors": [message]}` with a status code.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "errors": [self.1] }))).into_response()
+    }
 }
 
 /// The job, or Flink's 404 for an unknown id (400 for one that is not a job id at all).
-fn the_job<'a>(state: &'a RestState, id: &str) -> Result<&'a JobHandle, Response> {
+fn the_job<'a>(state: &'a RestState, id: &str) -> Result<&'a JobHandle, ApiError> {
     if id.len() != 32 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(error(
+        return Err(ApiError(
             StatusCode::BAD_REQUEST,
             format!(
                 "Bad request, could not parse parameter jobid: '{id}' is not a job id (32 hex digits)"
@@ -66,7 +75,10 @@ fn the_job<'a>(state: &'a RestState, id: &str) -> Result<&'a JobHandle, Response
         ));
     }
     if id != state.job.id() {
-        return Err(error(StatusCode::NOT_FOUND, format!("Job {id} not found")));
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("Job {id} not found"),
+        ));
     }
     Ok(&state.job)
 }
@@ -166,7 +178,7 @@ async fn jobs_overview(State(s): Shared) -> Json<Value> {
 async fn job_details(State(s): Shared, Path(id): Path<String>) -> Response {
     let job = match the_job(&s, &id) {
         Ok(j) => j,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let (start, end, duration) = times(job);
     let status = job.state().as_flink();
@@ -226,14 +238,14 @@ struct StopRequest {
     drain: bool,
 }
 
-fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Response> {
+fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
     let body = if body.iter().all(u8::is_ascii_whitespace) {
         &b"{}"[..]
     } else {
         body
     };
     serde_json::from_slice(body).map_err(|e| {
-        error(
+        ApiError(
             StatusCode::BAD_REQUEST,
             format!("Bad request, could not parse the request body: {e}"),
         )
@@ -278,11 +290,11 @@ async fn trigger_savepoint(
     body: axum::body::Bytes,
 ) -> Response {
     if let Err(r) = the_job(&s, &id) {
-        return r;
+        return r.into_response();
     }
     let req: SavepointRequest = match parse_body(&body) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     if let Some(f) = &req.format_type
         && !matches!(f.as_str(), "CANONICAL" | "NATIVE" | "DEFAULT")
@@ -297,11 +309,11 @@ async fn trigger_savepoint(
 
 async fn stop_job(State(s): Shared, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
     if let Err(r) = the_job(&s, &id) {
-        return r;
+        return r.into_response();
     }
     let req: StopRequest = match parse_body(&body) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     start_trigger(&s, req.target_directory, Some(req.drain))
 }
@@ -311,7 +323,7 @@ async fn savepoint_status(
     Path((id, trigger)): Path<(String, String)>,
 ) -> Response {
     if let Err(r) = the_job(&s, &id) {
-        return r;
+        return r.into_response();
     }
     let mut triggers = match s.triggers.lock() {
         Ok(t) => t,
@@ -371,7 +383,7 @@ async fn patch_job(
 ) -> Response {
     let job = match the_job(&s, &id) {
         Ok(j) => j,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match q.mode.as_deref() {
         None | Some("cancel") => {
@@ -402,7 +414,7 @@ fn snapshot_json(s: &super::CompletedSnapshot, savepoint: bool) -> Value {
 async fn checkpoints(State(s): Shared, Path(id): Path<String>) -> Response {
     let job = match the_job(&s, &id) {
         Ok(j) => j,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let st = job.snapshot_stats();
     let restored = job.restored_from().map(|p| {
