@@ -606,3 +606,112 @@ fn file_source_filter_and_dedupe_keep_the_first_record_per_key() {
     want.sort();
     assert_eq!(firsts, want);
 }
+
+#[test]
+fn savepoints_check_agrees_with_a_real_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let sps = dir.path().join("sp");
+    let base = count_job(&out, 1_000_000, 50, 20_000, 2, PEAK);
+    let sp = run_and_savepoint(&spec(&base), None, None, "peak", 2_000, &sps);
+    // A separate sink directory: a sink's directory belongs to one job lineage.
+    let out2 = dir.path().join("out2");
+    let reduce_v1 = spec(&reduce_job(&out2, 1_000_000, 30, TOTALS_V1));
+    let sp_reduce = run_and_savepoint(&reduce_v1, None, None, "totals", 2_000, &sps);
+    let cases: Vec<(&str, String, &str, Option<u32>, bool)> = vec![
+        ("unchanged", base.clone(), sp.as_str(), None, true),
+        (
+            "removed uid",
+            count_job(&out, 1_000_000, 50, 20_000, 2, ""),
+            sp.as_str(),
+            None,
+            false,
+        ),
+        (
+            "added uid",
+            count_job(
+                &out,
+                1_000_000,
+                50,
+                20_000,
+                2,
+                &format!(
+                    "{PEAK}  - {{kind: keyBy, field: key}}\n  - {{kind: dedupe, uid: first}}\n"
+                ),
+            ),
+            sp.as_str(),
+            None,
+            true,
+        ),
+        ("rescaled to 3", base.clone(), sp.as_str(), Some(3), true),
+        (
+            "rescaled beyond max parallelism",
+            base.clone(),
+            sp.as_str(),
+            Some(129),
+            false,
+        ),
+        (
+            "compatible schema change",
+            reduce_job(
+                &out2,
+                1_000_000,
+                30,
+                "      - {name: total, type: float, default: 0.0, expr: \"acc.total + double(value)\"}\n      - {name: n, type: int, default: 0, expr: \"acc.n + 1\"}",
+            ),
+            sp_reduce.as_str(),
+            None,
+            true,
+        ),
+        (
+            "incompatible schema change",
+            reduce_job(
+                &out2,
+                1_000_000,
+                30,
+                "      - {name: total, type: string, default: \"\", expr: \"string(value)\"}",
+            ),
+            sp_reduce.as_str(),
+            None,
+            false,
+        ),
+    ];
+    for (name, yaml, path, p, expect_ok) in cases {
+        let job_spec = spec(&yaml);
+        let check = engine::check_restore(&job_spec, path, p, false);
+        let real = engine::start(
+            &job_spec,
+            JobOptions {
+                savepoint: Some(path.to_owned()),
+                parallelism: p,
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            check.is_ok(),
+            expect_ok,
+            "{name}: check said {:?}",
+            check.as_ref().err()
+        );
+        match real {
+            Ok(job) => {
+                assert!(expect_ok, "{name}: the restore ran but check refused it");
+                job.cancel();
+                job.wait();
+            }
+            Err(e) => {
+                assert!(
+                    !expect_ok,
+                    "{name}: check accepted it but the restore failed: {e}"
+                );
+                // Both name the same problems.
+                for problem in check.err().unwrap() {
+                    assert!(
+                        e.to_string().contains(&problem),
+                        "{name}: restore error lacks {problem:?}: {e}"
+                    );
+                }
+            }
+        }
+    }
+}

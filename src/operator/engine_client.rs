@@ -51,6 +51,8 @@ pub struct JobOverview {
 pub struct Vertex {
     pub id: String,
     pub name: String,
+    /// RUNNING once every subtask of the vertex runs.
+    pub status: String,
     pub parallelism: u32,
     pub read_records: u64,
     pub write_records: u64,
@@ -213,6 +215,7 @@ impl EngineClient {
                     .map(|x| Vertex {
                         id: s(x, "id"),
                         name: s(x, "name"),
+                        status: s(x, "status"),
                         parallelism: x.get("parallelism").and_then(Value::as_u64).unwrap_or(0)
                             as u32,
                         read_records: x
@@ -233,6 +236,14 @@ impl EngineClient {
             state: s(&v, "state"),
             vertices,
         })
+    }
+
+    /// Whether the job and every one of its vertices run (a savepoint needs all tasks).
+    pub async fn all_tasks_running(&self, id: &str) -> Result<bool> {
+        let j = self.job(id).await?;
+        Ok(j.state == "RUNNING"
+            && !j.vertices.is_empty()
+            && j.vertices.iter().all(|v| v.status == "RUNNING"))
     }
 
     fn request_id(&self, v: &Value, path: &str) -> Result<String> {

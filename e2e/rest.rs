@@ -1,0 +1,623 @@
+//! The engine's REST API through the client, against real `sjob run` processes, and the same
+//! scripted sequence against a real Apache Flink 2.3 session cluster (started by the test from
+//! PyPI through e2e/flink/flink-local.sh; needs Java 17).
+
+use sjob::operator::engine_client::{ClientError, EngineClient, SavepointStatus};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `sjob run` process, killed when dropped.
+struct Engine {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Engine {
+    fn start(dir: &Path, job: &Path, extra: &[&str]) -> Engine {
+        let port = free_port();
+        let log = dir.join(format!("engine-{port}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_sjob"))
+            .arg("run")
+            .arg(job)
+            .args(["--rest-port", &port.to_string(), "--savepoint-dir"])
+            .arg(dir.join("default-savepoints"))
+            .args(extra)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let engine = Engine { child, port, log };
+        engine.wait_ready();
+        engine
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "engine did not open its REST port; log:\n{}",
+            self.log_text()
+        );
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "engine did not exit; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_job(dir: &Path, name: &str, yaml: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, yaml).unwrap();
+    p
+}
+
+fn unbounded_count_job(out: &Path) -> String {
+    format!(
+        "name: rest-count\nparallelism: 2\noperators:\n  - {{kind: generator, uid: source, keys: 100, rate: 20000}}\n  - {{kind: keyBy, field: key}}\n  - {{kind: count, uid: counter}}\n  - {{kind: fileSink, uid: out, path: {}}}\n",
+        out.display()
+    )
+}
+
+async fn only_job(client: &EngineClient) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let jobs = client.list_jobs().await.unwrap();
+        if let Some(j) = jobs.iter().find(|j| j.status == "RUNNING") {
+            return j.id.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no running job at {}: {jobs:?}",
+            client.base()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_state(client: &EngineClient, id: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match client.job(id).await {
+            Ok(j) if j.state == want => return,
+            Ok(j) => assert!(
+                Instant::now() < deadline,
+                "job {id} is {} not {want}",
+                j.state
+            ),
+            // The engine process may be gone once its job has ended.
+            Err(ClientError::Unreachable { .. }) if want != "RUNNING" => return,
+            Err(e) => panic!("{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn local_path(location: &str) -> PathBuf {
+    PathBuf::from(format!(
+        "/{}",
+        location.trim_start_matches("file:").trim_start_matches('/')
+    ))
+}
+
+/// The scripted sequence an operator performs. `restart` starts the job again from a
+/// savepoint and returns a client for it and the new job's id.
+async fn conformance<F, Fut>(client: &EngineClient, sp_dir: &Path, restart: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = (EngineClient, String)>,
+{
+    let overview = client.overview().await.unwrap();
+    assert!(overview["flink-version"].is_string(), "{overview}");
+    assert!(
+        overview["jobs-running"].as_u64().unwrap() >= 1,
+        "{overview}"
+    );
+    let id = only_job(client).await;
+    assert!(
+        client
+            .jobs_overview()
+            .await
+            .unwrap()
+            .iter()
+            .any(|j| j.jid == id && j.state == "RUNNING")
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !client.all_tasks_running(&id).await.unwrap() {
+        assert!(Instant::now() < deadline, "tasks of {id} not running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let details = client.job(&id).await.unwrap();
+    assert_eq!(details.state, "RUNNING");
+    assert!(details.vertices.iter().all(|v| v.parallelism >= 1) && !details.vertices.is_empty());
+
+    // Savepoint, polled to completion.
+    let trigger = client
+        .trigger_savepoint(&id, Some(sp_dir.to_str().unwrap()), false)
+        .await
+        .unwrap();
+    let sp = client
+        .wait_savepoint(&id, &trigger, Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert!(local_path(&sp).join("_metadata").is_file(), "{sp}");
+    assert_eq!(
+        client.savepoint_status(&id, &trigger).await.unwrap(),
+        SavepointStatus::Completed(sp.clone())
+    );
+
+    // Unknown ids are told apart.
+    let unknown = "0123456789abcdef0123456789abcdef";
+    assert!(matches!(
+        client.job(unknown).await,
+        Err(ClientError::NotFound { .. })
+    ));
+    assert!(matches!(
+        client.savepoint_status(&id, "f00").await,
+        Err(ClientError::NotFound { .. }) | Err(ClientError::Api { .. })
+    ));
+
+    // Stop with a savepoint; the job finishes.
+    let trigger = client
+        .stop_with_savepoint(&id, Some(sp_dir.to_str().unwrap()), false)
+        .await
+        .unwrap();
+    let stopped = client
+        .wait_savepoint(&id, &trigger, Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert!(
+        local_path(&stopped).join("_metadata").is_file(),
+        "{stopped}"
+    );
+    wait_state(client, &id, "FINISHED").await;
+
+    // Start from it; it says where it restored from; cancel it.
+    let (client2, id2) = restart(stopped.clone()).await;
+    wait_state(&client2, &id2, "RUNNING").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while client2
+        .checkpoints(&id2)
+        .await
+        .unwrap()
+        .restored_from
+        .is_none()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "job {id2} does not report a restore"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let info = client2.checkpoints(&id2).await.unwrap();
+    let restored = info.restored_from.expect("restored-from reported");
+    assert_eq!(local_path(&restored), local_path(&stopped));
+    client2.cancel(&id2).await.unwrap();
+    wait_state(&client2, &id2, "CANCELED").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_against_sjob() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(
+        dir.path(),
+        "job.yaml",
+        &unbounded_count_job(&dir.path().join("out")),
+    );
+    let mut first = Engine::start(dir.path(), &job, &[]);
+    let client = EngineClient::new(&first.url());
+    let d = dir.path().to_owned();
+    let job2 = job.clone();
+    let holder = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let h = holder.clone();
+    conformance(&client, &dir.path().join("sp"), move |sp| async move {
+        let engine = Engine::start(&d, &job2, &["-s", &sp]);
+        let c = EngineClient::new(&engine.url());
+        let id = only_job(&c).await;
+        *h.lock().unwrap() = Some(engine);
+        (c, id)
+    })
+    .await;
+    assert!(first.wait_exit(Duration::from_secs(30)).success());
+    drop(holder);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_have_flinks_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(
+        dir.path(),
+        "job.yaml",
+        &unbounded_count_job(&dir.path().join("out")),
+    );
+    let engine = Engine::start(dir.path(), &job, &[]);
+    let http = reqwest::Client::new();
+    let id = only_job(&EngineClient::new(&engine.url())).await;
+    let cases = [
+        (
+            reqwest::Method::GET,
+            "/jobs/0123456789abcdef0123456789abcdef".to_owned(),
+            None,
+            404,
+        ),
+        (
+            reqwest::Method::GET,
+            "/jobs/not-a-job".to_owned(),
+            None,
+            400,
+        ),
+        (
+            reqwest::Method::GET,
+            format!("/jobs/{id}/savepoints/nope"),
+            None,
+            404,
+        ),
+        (
+            reqwest::Method::POST,
+            format!("/jobs/{id}/savepoints"),
+            Some("{not json"),
+            400,
+        ),
+        (
+            reqwest::Method::POST,
+            format!("/jobs/{id}/stop"),
+            Some("{\"drain\": \"yes\"}"),
+            400,
+        ),
+        (reqwest::Method::GET, "/no/such/route".to_owned(), None, 404),
+    ];
+    for (method, path, body, status) in cases {
+        let mut req = http.request(method.clone(), format!("{}{path}", engine.url()));
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{method} {path}");
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert!(
+            v["errors"].as_array().is_some_and(|e| !e.is_empty()),
+            "{method} {path}: {v}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_savepoint_leaves_the_job_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(
+        dir.path(),
+        "job.yaml",
+        &unbounded_count_job(&dir.path().join("out")),
+    );
+    let engine = Engine::start(dir.path(), &job, &[]);
+    let client = EngineClient::new(&engine.url());
+    let id = only_job(&client).await;
+    for stop in [false, true] {
+        let trigger = if stop {
+            client
+                .stop_with_savepoint(&id, Some("/proc/sjob-not-writable"), false)
+                .await
+                .unwrap()
+        } else {
+            client
+                .trigger_savepoint(&id, Some("/proc/sjob-not-writable"), false)
+                .await
+                .unwrap()
+        };
+        let err = client
+            .wait_savepoint(&id, &trigger, Duration::from_secs(60))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("/proc/sjob-not-writable"),
+            "the cause names the target: {err}"
+        );
+        assert!(!Path::new("/proc/sjob-not-writable").exists());
+        let before = client.job(&id).await.unwrap();
+        assert_eq!(before.state, "RUNNING");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = client.job(&id).await.unwrap();
+        let total = |j: &sjob::operator::engine_client::JobDetails| {
+            j.vertices.iter().map(|v| v.read_records).sum::<u64>()
+        };
+        assert!(
+            total(&after) > total(&before),
+            "records keep flowing after the failed savepoint"
+        );
+    }
+    let info = client.checkpoints(&id).await.unwrap();
+    assert_eq!(info.failed, 2);
+    // A later savepoint to a good target succeeds; one with no target uses the default dir.
+    let trigger = client.trigger_savepoint(&id, None, false).await.unwrap();
+    let sp = client
+        .wait_savepoint(&id, &trigger, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(
+        sp.starts_with(dir.path().join("default-savepoints").to_str().unwrap()),
+        "{sp}"
+    );
+    assert!(Path::new(&sp).join("_metadata").is_file());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(
+        dir.path(),
+        "job.yaml",
+        &unbounded_count_job(&dir.path().join("out")),
+    );
+    let engine = Engine::start(dir.path(), &job, &[]);
+    let client = EngineClient::new(&engine.url());
+    let id = only_job(&client).await;
+    let t = client.trigger_savepoint(&id, None, false).await.unwrap();
+    client
+        .wait_savepoint(&id, &t, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let text = reqwest::get(format!("{}/metrics", engine.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for want in [
+        "sjob_operator_records_in_total{",
+        "sjob_snapshots_completed_total{",
+        "sjob_last_savepoint_size_bytes{",
+        "sjob_job_state{",
+    ] {
+        assert!(text.contains(want), "{want} missing from:\n{text}");
+    }
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (Debian package prometheus; .ci/run installs it)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn crash_recovery_resumes_from_the_newest_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (count, keys) = (60_000u64, 37u64);
+    let yaml = format!(
+        "name: crashy\nparallelism: 2\ncheckpoints: {{interval: 200ms, dir: {}, retained: 2}}\noperators:\n  - {{kind: generator, uid: source, keys: {keys}, count: {count}, rate: 15000}}\n  - {{kind: keyBy, field: key}}\n  - {{kind: count, uid: counter}}\n  - {{kind: fileSink, uid: out, path: {}}}\n",
+        dir.path().join("chk").display(),
+        out.display()
+    );
+    let job = write_job(dir.path(), "job.yaml", &yaml);
+    let job_id = "00000000000000000000000000c0ffee";
+    let args = ["--job-id", job_id];
+    let mut first = Engine::start(dir.path(), &job, &args);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = EngineClient::new(&first.url());
+    rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client.checkpoints(job_id).await.unwrap().completed < 3 {
+            assert!(Instant::now() < deadline, "no checkpoints");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    // kill -9, mid-run.
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let kept: Vec<_> = std::fs::read_dir(dir.path().join("chk").join(job_id))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(
+        kept.len() <= 3,
+        "old checkpoints are deleted (2 retained, one may be in progress)"
+    );
+
+    let mut second = Engine::start(dir.path(), &job, &args);
+    assert!(
+        second.wait_exit(Duration::from_secs(60)).success(),
+        "{}",
+        second.log_text()
+    );
+    let log = second.log_text();
+    assert!(log.contains("resuming from the newest checkpoint"), "{log}");
+
+    // Exactly once: each key's counts 1..=n once each.
+    let mut per_key: std::collections::BTreeMap<i64, Vec<u64>> = Default::default();
+    for e in std::fs::read_dir(&out).unwrap().flatten() {
+        if !e.path().is_file() {
+            continue;
+        }
+        for l in std::fs::read_to_string(e.path()).unwrap().lines() {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            per_key
+                .entry(v["key"].as_i64().unwrap())
+                .or_default()
+                .push(v["count"].as_u64().unwrap());
+        }
+    }
+    for k in 0..keys {
+        let n = (0..count).filter(|i| i % keys == k).count() as u64;
+        let mut have = per_key.remove(&(k as i64)).unwrap_or_default();
+        have.sort_unstable();
+        assert_eq!(have, (1..=n).collect::<Vec<_>>(), "key {k}");
+    }
+}
+
+/// A Flink session cluster for the conformance test, started once through the ported script.
+fn flink_cluster() -> (String, PathBuf) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/flink/flink-local.sh");
+    let home = std::env::var("FLINK_HOME").unwrap_or_else(|_| "/tmp/sjob-flink".into());
+    let port = std::env::var("FLINK_REST_PORT").unwrap_or_else(|_| free_port().to_string());
+    let run = |cmd: &str| {
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg(cmd)
+            .env("FLINK_HOME", &home)
+            .env("FLINK_REST_PORT", &port)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "flink-local.sh {cmd}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    run("start");
+    let jar = run("job");
+    (format!("http://127.0.0.1:{port}"), PathBuf::from(jar))
+}
+
+fn stop_flink() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/flink/flink-local.sh");
+    let home = std::env::var("FLINK_HOME").unwrap_or_else(|_| "/tmp/sjob-flink".into());
+    let _ = Command::new("bash")
+        .arg(&script)
+        .arg("stop")
+        .env("FLINK_HOME", &home)
+        .output();
+}
+
+async fn flink_run(
+    http: &reqwest::Client,
+    url: &str,
+    jar: &Path,
+    savepoint: Option<&str>,
+) -> String {
+    let form = reqwest::multipart::Form::new().part(
+        "jarfile",
+        reqwest::multipart::Part::bytes(std::fs::read(jar).unwrap())
+            .file_name("count.jar")
+            .mime_str("application/x-java-archive")
+            .unwrap(),
+    );
+    let up: serde_json::Value = http
+        .post(format!("{url}/jars/upload"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let jar_id = up["filename"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let mut body = serde_json::json!({"entryClass": "demo.CountJob", "programArgs": "--keys 1000", "parallelism": 2});
+    if let Some(sp) = savepoint {
+        body["savepointPath"] = serde_json::json!(sp);
+    }
+    let run: serde_json::Value = http
+        .post(format!("{url}/jars/{jar_id}/run"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    run["jobid"]
+        .as_str()
+        .unwrap_or_else(|| panic!("run failed: {run}"))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_against_flink() {
+    let (url, jar) = tokio::task::spawn_blocking(flink_cluster).await.unwrap();
+    struct Stop;
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            stop_flink();
+        }
+    }
+    let _stop = Stop;
+    let http = reqwest::Client::new();
+    let client = EngineClient::new(&url);
+    for j in client
+        .list_jobs()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|j| j.status == "RUNNING")
+    {
+        client.cancel(&j.id).await.unwrap();
+    }
+    let first = flink_run(&http, &url, &jar, None).await;
+    wait_state(&client, &first, "RUNNING").await;
+    let dir = tempfile::tempdir().unwrap();
+    let url2 = url.clone();
+    conformance(&client, dir.path(), move |sp| async move {
+        let http = reqwest::Client::new();
+        let id = flink_run(&http, &url2, &jar, Some(&sp)).await;
+        (EngineClient::new(&url2), id)
+    })
+    .await;
+}
