@@ -100,6 +100,15 @@ fn unbounded_count_job(out: &Path) -> String {
     )
 }
 
+/// An engine running an unbounded keyed count, a client for it, and its job id.
+async fn start_count_engine(dir: &Path) -> (Engine, EngineClient, String) {
+    let job = write_job(dir, "job.yaml", &unbounded_count_job(&dir.join("out")));
+    let engine = Engine::start(dir, &job, &[]);
+    let client = EngineClient::new(&engine.url());
+    let id = only_job(&client).await;
+    (engine, client, id)
+}
+
 async fn only_job(client: &EngineClient) -> String {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -266,14 +275,8 @@ async fn conformance_against_sjob() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_have_flinks_shape() {
     let dir = tempfile::tempdir().unwrap();
-    let job = write_job(
-        dir.path(),
-        "job.yaml",
-        &unbounded_count_job(&dir.path().join("out")),
-    );
-    let engine = Engine::start(dir.path(), &job, &[]);
+    let (engine, _, id) = start_count_engine(dir.path()).await;
     let http = reqwest::Client::new();
-    let id = only_job(&EngineClient::new(&engine.url())).await;
     let cases = [
         (
             reqwest::Method::GET,
@@ -325,14 +328,7 @@ async fn errors_have_flinks_shape() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_savepoint_leaves_the_job_running() {
     let dir = tempfile::tempdir().unwrap();
-    let job = write_job(
-        dir.path(),
-        "job.yaml",
-        &unbounded_count_job(&dir.path().join("out")),
-    );
-    let engine = Engine::start(dir.path(), &job, &[]);
-    let client = EngineClient::new(&engine.url());
-    let id = only_job(&client).await;
+    let (_engine, client, id) = start_count_engine(dir.path()).await;
     for stop in [false, true] {
         let trigger = if stop {
             client
@@ -384,14 +380,7 @@ async fn failed_savepoint_leaves_the_job_running() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool() {
     let dir = tempfile::tempdir().unwrap();
-    let job = write_job(
-        dir.path(),
-        "job.yaml",
-        &unbounded_count_job(&dir.path().join("out")),
-    );
-    let engine = Engine::start(dir.path(), &job, &[]);
-    let client = EngineClient::new(&engine.url());
-    let id = only_job(&client).await;
+    let (engine, client, id) = start_count_engine(dir.path()).await;
     let t = client.trigger_savepoint(&id, None, false).await.unwrap();
     client
         .wait_savepoint(&id, &t, Duration::from_secs(60))

@@ -236,30 +236,35 @@ impl Task {
         Ok(())
     }
 
-    fn watermark(&mut self, wm: i64) -> Result<TaskResult, Disconnected> {
+    fn watermark(&mut self, wm: i64) -> TaskResult {
         let mut carry = Vec::new();
         for k in 0..self.chain.len() {
             let mut out = Vec::new();
+            let c = &mut self.chain[k];
             if !carry.is_empty() {
-                self.shared.records_in[self.chain[k].node]
-                    .fetch_add(carry.len() as u64, Ordering::Relaxed);
-                if let Err(e) = self.chain[k]
-                    .op
-                    .process(std::mem::take(&mut carry), &mut out)
-                {
-                    return Ok(Err(format!("operator '{}': {e}", self.chain[k].uid)));
-                }
+                self.shared.records_in[c.node].fetch_add(carry.len() as u64, Ordering::Relaxed);
+                c.op.process(std::mem::take(&mut carry), &mut out)
+                    .map_err(|e| format!("operator '{}': {e}", c.uid))?;
             }
-            if let Err(e) = self.chain[k].op.on_watermark(wm, &mut out) {
-                return Ok(Err(format!("operator '{}': {e}", self.chain[k].uid)));
-            }
-            self.shared.records_out[self.chain[k].node]
-                .fetch_add(out.len() as u64, Ordering::Relaxed);
+            c.op.on_watermark(wm, &mut out)
+                .map_err(|e| format!("operator '{}': {e}", c.uid))?;
+            self.shared.records_out[c.node].fetch_add(out.len() as u64, Ordering::Relaxed);
             carry = out;
         }
         self.output.emit(carry);
-        self.output.broadcast(|| Element::Watermark(wm))?;
-        Ok(Ok(()))
+        self.output
+            .broadcast(|| Element::Watermark(wm))
+            .map_err(disconnected)
+    }
+
+    /// Ends this task's output: optionally a final watermark (firing every window), then the
+    /// chain's end of input, then `End` downstream.
+    fn end_stream(&mut self, final_watermark: bool) -> TaskResult {
+        if final_watermark {
+            self.watermark(i64::MAX)?;
+        }
+        self.finish_chain()?;
+        self.output.broadcast(|| Element::End).map_err(disconnected)
     }
 
     fn finish_chain(&mut self) -> TaskResult {
@@ -362,32 +367,8 @@ impl Task {
                 self.control.recv_timeout(wait).ok()
             };
             if let Some(msg) = msg {
-                match msg {
-                    Control::Trigger(b) => {
-                        self.snapshot(&b)?;
-                        let barrier = b.clone();
-                        self.output
-                            .broadcast(|| Element::Barrier(barrier.clone()))
-                            .map_err(disconnected)?;
-                        if b.stop {
-                            paused = true;
-                        }
-                    }
-                    Control::Complete(id) => self.complete(id)?,
-                    Control::Resume => paused = false,
-                    Control::Finish { drain } => {
-                        if drain {
-                            match self.watermark(i64::MAX) {
-                                Ok(r) => r?,
-                                Err(d) => return Err(disconnected(d)),
-                            }
-                        }
-                        self.finish_chain()?;
-                        self.output
-                            .broadcast(|| Element::End)
-                            .map_err(disconnected)?;
-                        return Ok(());
-                    }
+                if self.on_control(msg, &mut paused)? {
+                    return Ok(());
                 }
                 continue;
             }
@@ -409,8 +390,10 @@ impl Task {
             match outcome {
                 Poll::Records => {}
                 Poll::Throttled(d) => {
-                    if let Ok(msg) = self.control.recv_timeout(d) {
-                        self.handle_early(msg, &mut paused)?;
+                    if let Ok(msg) = self.control.recv_timeout(d)
+                        && self.on_control(msg, &mut paused)?
+                    {
+                        return Ok(());
                     }
                 }
                 Poll::Exhausted => {
@@ -426,16 +409,13 @@ impl Task {
             if wm > last_wm && (exhausted || last_wm_sent.elapsed() >= Duration::from_millis(20)) {
                 last_wm = wm;
                 last_wm_sent = Instant::now();
-                match self.watermark(wm) {
-                    Ok(r) => r?,
-                    Err(d) => return Err(disconnected(d)),
-                }
+                self.watermark(wm)?;
             }
         }
     }
 
-    /// A control message that arrived while the source was throttled.
-    fn handle_early(&mut self, msg: Control, paused: &mut bool) -> TaskResult {
+    /// Handles a control message at a source; true when the source has ended its stream.
+    fn on_control(&mut self, msg: Control, paused: &mut bool) -> Result<bool, String> {
         match msg {
             Control::Trigger(b) => {
                 self.snapshot(&b)?;
@@ -449,11 +429,14 @@ impl Task {
             }
             Control::Complete(id) => self.complete(id)?,
             Control::Resume => *paused = false,
-            Control::Finish { .. } => {
-                // Only sent after a stop barrier, which pauses the source first.
+            // Only sent after a stop barrier, which paused the source.
+            Control::Finish { drain } if *paused => {
+                self.end_stream(drain)?;
+                return Ok(true);
             }
+            Control::Finish { .. } => {}
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Every source subtask is done: refuse further snapshots, then end the stream.
@@ -478,15 +461,7 @@ impl Task {
                 }
             }
         }
-        match self.watermark(i64::MAX) {
-            Ok(r) => r?,
-            Err(d) => return Err(disconnected(d)),
-        }
-        self.finish_chain()?;
-        self.output
-            .broadcast(|| Element::End)
-            .map_err(disconnected)?;
-        Ok(())
+        self.end_stream(true)
     }
 
     fn run_downstream(&mut self) -> TaskResult {
@@ -548,10 +523,7 @@ impl Task {
                         .unwrap_or(i64::MAX);
                     if min > current_wm {
                         current_wm = min;
-                        match self.watermark(min) {
-                            Ok(r) => r?,
-                            Err(d) => return Err(disconnected(d)),
-                        }
+                        self.watermark(min)?;
                     }
                 }
                 Element::Barrier(b) => {
@@ -561,11 +533,7 @@ impl Task {
                 Element::End => {
                     ended[from_i] = true;
                     if ended.iter().all(|e| *e) {
-                        self.finish_chain()?;
-                        self.output
-                            .broadcast(|| Element::End)
-                            .map_err(disconnected)?;
-                        return Ok(());
+                        return self.end_stream(false);
                     }
                 }
             }
