@@ -175,3 +175,122 @@ fn savepoint_tools_inspect_check_and_dispose() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(!Path::new(&sp).exists());
 }
+
+#[test]
+fn remote_commands_drive_a_detached_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let url = format!("http://127.0.0.1:{port}");
+    std::fs::write(
+        dir.path().join("job.yaml"),
+        "name: remote\noperators:\n  - {kind: generator, uid: src, keys: 10, rate: 5000}\n  - {kind: keyBy, field: key}\n  - {kind: count, uid: counter}\n  - {kind: discardSink}\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_sjob"))
+            .args(args)
+            .current_dir(dir.path())
+            .env("SJOB_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let o = run(&["run", "-d", "--rest-port", &port, "job.yaml"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let job_id = String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .nth(6)
+        .unwrap()
+        .to_owned();
+    assert_eq!(job_id.len(), 32, "{}", text(&o));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let o = run(&["list", "--url", &url]);
+        if o.status.success() && text(&o).contains(&format!("{job_id} : remote (RUNNING)")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", text(&o));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = run(&["savepoint", &job_id, "sps", "--url", &url]);
+    assert!(o.status.success(), "{}", text(&o));
+    let path = text(&o)
+        .lines()
+        .find_map(|l| l.strip_prefix("Savepoint completed. Path: "))
+        .unwrap()
+        .to_owned();
+    assert!(Path::new(&path).join("_metadata").is_file());
+
+    let o = run(&[
+        "savepoint",
+        "0123456789abcdef0123456789abcdef",
+        "--url",
+        &url,
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("job 0123456789abcdef0123456789abcdef not found"),
+        "{}",
+        text(&o)
+    );
+
+    let o = run(&["stop", "-p", "sps", &job_id, "--url", &url]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("Savepoint completed. Path: "),
+        "{}",
+        text(&o)
+    );
+
+    // Restart from it detached (on another port: the first may still be closing), then
+    // cancel with a savepoint.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let url = format!("http://127.0.0.1:{port}");
+    let o = run(&[
+        "run",
+        "-d",
+        "--rest-port",
+        &port,
+        "-s",
+        &path,
+        "--log-file",
+        "second.log",
+        "job.yaml",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let second = String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .nth(6)
+        .unwrap()
+        .to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let o = run(&["cancel", "-s", "sps", &second, "--url", &url]);
+        if o.status.success() {
+            assert!(
+                text(&o).contains(&format!("Cancelled job {second}. Savepoint stored in")),
+                "{}",
+                text(&o)
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", text(&o));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let o = run(&["list", "--url", "http://127.0.0.1:1"]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("cannot reach the engine at http://127.0.0.1:1"),
+        "{}",
+        text(&o)
+    );
+}

@@ -8,12 +8,8 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the engine at {url}: {source}")]
-    Unreachable {
-        url: String,
-        #[source]
-        source: reqwest::Error,
-    },
+    #[error("cannot reach the engine at {url}: {cause}")]
+    Unreachable { url: String, cause: String },
     #[error("{what} not found ({url})")]
     NotFound { what: String, url: String },
     #[error("{url} answered {status}: {message}")]
@@ -88,6 +84,23 @@ pub struct EngineClient {
     http: reqwest::Client,
 }
 
+/// The innermost cause of a transport error ("Connection refused", "timed out", …).
+fn unreachable(url: &str, e: reqwest::Error) -> ClientError {
+    let mut cause: &dyn std::error::Error = &e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    let cause = if e.is_timeout() {
+        format!("timed out ({cause})")
+    } else {
+        cause.to_string()
+    };
+    ClientError::Unreachable {
+        url: url.to_owned(),
+        cause,
+    }
+}
+
 fn errors_of(v: &Value) -> Option<String> {
     let errs = v.get("errors")?.as_array()?;
     Some(
@@ -128,21 +141,9 @@ impl EngineClient {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|source| ClientError::Unreachable {
-                url: url.clone(),
-                source,
-            })?;
+        let resp = req.send().await.map_err(|e| unreachable(&url, e))?;
         let status = resp.status();
-        let text = resp
-            .text()
-            .await
-            .map_err(|source| ClientError::Unreachable {
-                url: url.clone(),
-                source,
-            })?;
+        let text = resp.text().await.map_err(|e| unreachable(&url, e))?;
         let v: Value = if text.trim().is_empty() {
             json!({})
         } else {
