@@ -57,6 +57,8 @@ enum Command {
     /// Offline savepoint tools.
     #[command(subcommand)]
     Savepoints(SavepointsCommand),
+    /// Print the CustomResourceDefinitions (StatefulJob, Savepoint) as YAML.
+    Crd,
 }
 
 #[derive(Args)]
@@ -418,6 +420,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Savepoints(cmd) => savepoints(cmd),
+        Command::Crd => sjob::operator::crd::crds_yaml()
+            .map(|y| {
+                print!("{y}");
+                ExitCode::SUCCESS
+            })
+            .map_err(Into::into),
         cmd => remote(cmd),
     };
     match result {

@@ -4,9 +4,10 @@
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JobSpec {
+    /// The job's name, shown by `sjob list` and in metrics.
     pub name: String,
     /// Default parallelism of every operator that does not set its own.
     #[serde(default = "one")]
@@ -14,8 +15,10 @@ pub struct JobSpec {
     /// Number of key groups; fixed once keyed state exists. Default: Flink's rule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_parallelism: Option<u32>,
+    /// Periodic checkpoints, for crash recovery.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoints: Option<CheckpointSpec>,
+    /// The pipeline: a source first, a sink last.
     pub operators: Vec<OperatorSpec>,
 }
 
@@ -23,7 +26,7 @@ fn one() -> u32 {
     1
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CheckpointSpec {
     /// How often to take a checkpoint, e.g. `10s`.
@@ -50,7 +53,7 @@ macro_rules! operator_specs {
     ($( $(#[$vmeta:meta])* $variant:ident ( $name:ident, $kind:literal ) { $( $(#[$fmeta:meta])* $field:ident : $ty:ty ),* $(,)? } )*) => {
         $(
             $(#[$vmeta])*
-            #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+            #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
             #[serde(rename_all = "camelCase", deny_unknown_fields)]
             pub struct $name {
                 /// Stable identity of the operator's state across job versions.
@@ -82,6 +85,9 @@ macro_rules! operator_specs {
                 match self { $( OperatorSpec::$variant(s) => s.parallelism, )* }
             }
 
+            /// Every operator kind, as written in job files.
+            pub const KINDS: &'static [&'static str] = &[$( $kind ),*];
+
             /// Deserializes one operator of a known kind, with the path of a bad field.
             fn parse_kind(kind: &str, fields: serde_yaml::Value) -> Result<OperatorSpec, String> {
                 match kind {
@@ -96,6 +102,30 @@ macro_rules! operator_specs {
                         [$( $kind ),*].join(", ")
                     )),
                 }
+            }
+        }
+
+        /// One object schema with every kind's fields, `kind` an enum: a structural schema, as
+        /// Kubernetes requires of CRDs (a union of per-kind schemas is not).
+        impl schemars::JsonSchema for OperatorSpec {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                "OperatorSpec".into()
+            }
+
+            fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                let mut props = serde_json::Map::new();
+                props.insert("kind".into(), serde_json::json!({
+                    "type": "string",
+                    "description": "The operator's kind; the other fields that apply depend on it.",
+                    "enum": OperatorSpec::KINDS,
+                }));
+                $( { let sub = generator.subschema_for::<$name>(); merge_properties(generator, sub, &mut props); } )*
+                schemars::json_schema!({
+                    "type": "object",
+                    "description": "One operator of the pipeline.",
+                    "required": ["kind"],
+                    "properties": props,
+                })
             }
         }
     };
@@ -196,6 +226,29 @@ operator_specs! {
     DiscardSink(DiscardSinkSpec, "discardSink") {}
 }
 
+/// Adds a struct schema's properties to `into`, resolving a `$ref` through the generator.
+fn merge_properties(
+    generator: &mut schemars::SchemaGenerator,
+    schema: schemars::Schema,
+    into: &mut serde_json::Map<String, serde_json::Value>,
+) {
+    let mut value = schema.to_value();
+    if let Some(name) = value
+        .get("$ref")
+        .and_then(|r| r.as_str())
+        .and_then(|r| r.rsplit('/').next())
+        .map(str::to_owned)
+        && let Some(def) = generator.definitions().get(&name)
+    {
+        value = def.clone();
+    }
+    if let Some(props) = value.get("properties").and_then(|p| p.as_object()) {
+        for (k, v) in props {
+            into.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+}
+
 fn default_keys() -> u64 {
     1000
 }
@@ -212,7 +265,9 @@ fn default_num_type() -> NumType {
     NumType::Int
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum FileFormat {
     #[default]
@@ -220,7 +275,7 @@ pub enum FileFormat {
     Text,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum NumType {
     Int,
@@ -229,7 +284,7 @@ pub enum NumType {
     String,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum WindowAggregate {
     Count,
@@ -238,14 +293,14 @@ pub enum WindowAggregate {
     Max,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FieldExpr {
     pub field: String,
     pub expr: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReduceField {
     pub name: String,
@@ -253,8 +308,17 @@ pub struct ReduceField {
     pub ty: crate::savepoint::schema::FieldType,
     /// The value before the first record; also how existing state gains a new field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_scalar")]
     pub default: Option<serde_json::Value>,
     pub expr: String,
+}
+
+/// A JSON scalar of any type, in a form Kubernetes accepts in a structural schema.
+fn any_scalar(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "A scalar (string, number or bool) matching the field's type.",
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
 }
 
 impl JobSpec {

@@ -1,3 +1,4 @@
 //! The Kubernetes operator side. For now: the client that drives engines over REST.
 
+pub mod crd;
 pub mod engine_client;
