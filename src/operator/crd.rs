@@ -222,6 +222,10 @@ pub struct StatefulJobStatus {
     /// The `restartNonce` acted on last.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_restart_nonce: Option<i64>,
+    /// A spec hash whose upgrade failed and was rolled back (or refused by preflight): not
+    /// tried again until the spec changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected_spec_hash: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

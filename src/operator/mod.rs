@@ -2,3 +2,4 @@
 
 pub mod crd;
 pub mod engine_client;
+pub mod planner;
