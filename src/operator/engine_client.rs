@@ -264,17 +264,8 @@ impl EngineClient {
         target_dir: Option<&str>,
         cancel_job: bool,
     ) -> Result<String> {
-        let path = format!("/jobs/{id}/savepoints");
         let body = json!({ "target-directory": target_dir, "cancel-job": cancel_job, "formatType": "CANONICAL" });
-        let v = self
-            .call(
-                reqwest::Method::POST,
-                &path,
-                Some(body),
-                &format!("job {id}"),
-            )
-            .await?;
-        self.request_id(&v, &path)
+        self.post_trigger(id, "savepoints", body).await
     }
 
     /// Stops the job with a savepoint; returns the trigger id to poll.
@@ -284,8 +275,13 @@ impl EngineClient {
         target_dir: Option<&str>,
         drain: bool,
     ) -> Result<String> {
-        let path = format!("/jobs/{id}/stop");
         let body = json!({ "targetDirectory": target_dir, "drain": drain });
+        self.post_trigger(id, "stop", body).await
+    }
+
+    /// POSTs to an asynchronous operation of a job and returns its request id.
+    async fn post_trigger(&self, id: &str, operation: &str, body: Value) -> Result<String> {
+        let path = format!("/jobs/{id}/{operation}");
         let v = self
             .call(
                 reqwest::Method::POST,
