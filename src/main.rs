@@ -10,6 +10,8 @@ use sjob::savepoint::{metadata::SnapshotMetadata, store::Store, tools};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod operator_cmd;
+
 #[derive(Parser)]
 #[command(
     name = "sjob",
@@ -17,8 +19,17 @@ use std::process::ExitCode;
     about = "Stateful stream jobs that survive upgrades: engine, savepoint tools and Kubernetes operator"
 )]
 struct Cli {
+    /// Log format: `text`, or `json` (one object per line, for log collectors).
+    #[arg(long, global = true, env = "SJOB_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -59,6 +70,8 @@ enum Command {
     Savepoints(SavepointsCommand),
     /// Print the CustomResourceDefinitions (StatefulJob, Savepoint) as YAML.
     Crd,
+    /// Run the Kubernetes operator (in a cluster, or against any kubeconfig).
+    Operator(operator_cmd::OperatorArgs),
 }
 
 #[derive(Args)]
@@ -114,6 +127,10 @@ struct RunArgs {
     /// outcome, for at most this many seconds.
     #[arg(long, default_value_t = 30)]
     linger: u64,
+    /// After the job ends, keep serving REST until SIGTERM (how engine pods run: a restarted
+    /// process would otherwise resume a job that was stopped on purpose).
+    #[arg(long)]
+    keep_running: bool,
 }
 
 #[derive(Subcommand)]
@@ -142,15 +159,19 @@ enum SavepointsCommand {
     Dispose { path: String },
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SJOB_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
 }
 
 fn read_job(path: &PathBuf) -> Result<JobSpec> {
@@ -180,6 +201,9 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         cmd.arg("--rest-port").arg(args.rest_port.to_string());
         cmd.arg("--rest-address").arg(&args.rest_address);
         cmd.arg("--linger").arg(args.linger.to_string());
+        if args.keep_running {
+            cmd.arg("--keep-running");
+        }
         if let Some(d) = &args.savepoint_dir {
             cmd.arg("--savepoint-dir").arg(d);
         }
@@ -228,6 +252,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         let _ = stop_rx.await;
     }));
     let for_signal = job.clone();
+    let (term_tx, mut term_rx) = tokio::sync::watch::channel(false);
     rt.spawn(async move {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -239,12 +264,23 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             _ = term.recv() => {},
         }
         eprintln!("signal received: cancelling job {}", for_signal.id());
+        let _ = term_tx.send(true);
         for_signal.cancel();
     });
     let waiter = job.clone();
     let state =
         rt.block_on(async move { tokio::task::spawn_blocking(move || waiter.wait()).await })?;
     eprintln!("Job {} {}", job.id(), state.as_flink());
+    if args.keep_running {
+        eprintln!("the job has ended; serving REST until SIGTERM (--keep-running)");
+        rt.block_on(async {
+            while !*term_rx.borrow_and_update() {
+                if term_rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
     let linger_until = std::time::Instant::now() + std::time::Duration::from_secs(args.linger);
     while rest_state.has_unread_outcomes() && std::time::Instant::now() < linger_until {
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -416,7 +452,7 @@ fn savepoints(cmd: SavepointsCommand) -> Result<ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    init_logging(cli.log_format);
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Savepoints(cmd) => savepoints(cmd),
@@ -426,6 +462,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             })
             .map_err(Into::into),
+        Command::Operator(args) => operator_cmd::run(args),
         cmd => remote(cmd),
     };
     match result {

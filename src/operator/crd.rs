@@ -222,6 +222,9 @@ pub struct StatefulJobStatus {
     /// The `restartNonce` acted on last.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_restart_nonce: Option<i64>,
+    /// A manual or periodic savepoint the running job is taking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_savepoint: Option<PendingSavepoint>,
     /// A spec hash whose upgrade failed and was rolled back (or refused by preflight): not
     /// tried again until the spec changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -275,6 +278,18 @@ pub struct UpgradeStatus {
     /// Why the last attempt failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+}
+
+/// A savepoint requested from the running job and not yet recorded.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingSavepoint {
+    /// The engine's request id.
+    pub trigger_id: String,
+    /// Manual or periodic.
+    pub trigger: SavepointTrigger,
+    /// When it was requested (RFC 3339).
+    pub started: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -115,8 +115,14 @@ fn errors_of(v: &Value) -> Option<String> {
 impl EngineClient {
     /// `base` is the REST endpoint, e.g. `http://127.0.0.1:8081`.
     pub fn new(base: &str) -> EngineClient {
+        EngineClient::with_timeout(base, Duration::from_secs(30))
+    }
+
+    /// A client whose every request gives up after `timeout`.
+    pub fn with_timeout(base: &str, timeout: Duration) -> EngineClient {
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(2)))
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
         EngineClient {

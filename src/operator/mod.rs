@@ -1,5 +1,11 @@
-//! The Kubernetes operator side. For now: the client that drives engines over REST.
+//! The Kubernetes operator: CRDs, the pure upgrade planner, the controller that runs it, and the
+//! client that drives engines over REST.
 
+pub mod controller;
 pub mod crd;
 pub mod engine_client;
+pub mod lease;
+pub mod metrics;
 pub mod planner;
+pub mod resources;
+pub mod runner;

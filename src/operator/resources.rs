@@ -1,0 +1,288 @@
+//! The Kubernetes objects that run one StatefulJob's engine: a ConfigMap with the job file, a
+//! Deployment of one engine pod (`sjob run`, all subtasks in one process) and a Service for its
+//! REST API. Pure functions of the spec, so the objects are the same on every reconcile and a
+//! server-side apply of them changes nothing when nothing changed.
+
+use super::crd::{StatefulJob, StatefulJobSpec};
+use crate::engine::spec::{CheckpointSpec, JobSpec};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+/// Label on every object of a StatefulJob: its name.
+pub const LABEL_JOB: &str = "sjob.dev/job";
+/// Label on engine pods (and annotation on the Deployment): the spec hash they run.
+pub const LABEL_SPEC_HASH: &str = "sjob.dev/spec-hash";
+/// Annotation on the Deployment: the snapshot the engine starts from.
+pub const ANNOTATION_RESTORE_FROM: &str = "sjob.dev/restore-from";
+/// Annotation on the Deployment: the engine's job id.
+pub const ANNOTATION_JOB_ID: &str = "sjob.dev/job-id";
+/// Annotation on the pod template, changed to restart the engine.
+pub const ANNOTATION_RESTARTED: &str = "sjob.dev/restart-nonce";
+/// Where the job file is mounted in the engine container.
+pub const JOB_MOUNT: &str = "/etc/sjob";
+
+/// How engine pods are built, set by the operator's flags.
+#[derive(Clone, Debug)]
+pub struct EngineSettings {
+    /// Image of engine pods when the spec names none.
+    pub image: String,
+    /// Savepoint directory when the spec names none.
+    pub default_savepoint_dir: Option<String>,
+    /// The engines' REST port.
+    pub port: u16,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            image: "ghcr.io/sjob-dev/sjob:latest".into(),
+            default_savepoint_dir: None,
+            port: 8081,
+        }
+    }
+}
+
+pub fn engine_name(job: &str) -> String {
+    format!("{job}-engine")
+}
+
+pub fn job_config_name(job: &str) -> String {
+    format!("{job}-job")
+}
+
+pub fn rest_service_name(job: &str) -> String {
+    format!("{job}-rest")
+}
+
+/// Where savepoints of this job go.
+pub fn savepoint_dir(spec: &StatefulJobSpec, settings: &EngineSettings) -> Option<String> {
+    spec.savepoints
+        .dir
+        .clone()
+        .or_else(|| settings.default_savepoint_dir.clone())
+}
+
+/// The job file the engine runs: the spec's job with the StatefulJob's overrides, and
+/// checkpoints next to the savepoints when the job sets none (so a crashed engine resumes and
+/// `last-state` upgrades have something to start from).
+pub fn engine_job(spec: &StatefulJobSpec, settings: &EngineSettings) -> JobSpec {
+    let mut job = spec.job.clone();
+    if spec.max_parallelism.is_some() {
+        job.max_parallelism = spec.max_parallelism;
+    }
+    if job.checkpoints.is_none()
+        && let Some(dir) = savepoint_dir(spec, settings)
+    {
+        job.checkpoints = Some(CheckpointSpec {
+            interval: "10s".into(),
+            dir: format!("{}/checkpoints", dir.trim_end_matches('/')),
+            retained: 3,
+        });
+    }
+    job
+}
+
+/// The engine's job id: fixed for a (StatefulJob, spec, start snapshot), so a restarted pod
+/// finds its own checkpoints and a new version never resumes an old version's.
+pub fn job_id(uid: &str, spec_hash: &str, restore_from: Option<&str>) -> String {
+    let key = format!("{uid}/{spec_hash}/{}", restore_from.unwrap_or(""));
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(key.as_bytes()))
+}
+
+/// The ConfigMap, Deployment and Service of an engine for `spec`.
+pub fn engine_objects(
+    sj: &StatefulJob,
+    spec: &StatefulJobSpec,
+    spec_hash: &str,
+    restore_from: Option<&str>,
+    restart_nonce: Option<i64>,
+    settings: &EngineSettings,
+) -> Result<(ConfigMap, Deployment, Service), String> {
+    let name = sj.name_any();
+    let owner = sj
+        .controller_owner_ref(&())
+        .ok_or_else(|| format!("StatefulJob {name} has no uid yet"))?;
+    let owner = serde_json::to_value(owner).map_err(|e| e.to_string())?;
+    let uid = sj.uid().unwrap_or_default();
+    let id = job_id(&uid, spec_hash, restore_from);
+    let job_yaml =
+        serde_yaml::to_string(&engine_job(spec, settings)).map_err(|e| format!("spec.job: {e}"))?;
+    let port = settings.port;
+    let mut args = vec![
+        "run".to_owned(),
+        format!("{JOB_MOUNT}/job.yaml"),
+        "--job-id".into(),
+        id.clone(),
+        "--rest-port".into(),
+        port.to_string(),
+        "--keep-running".into(),
+    ];
+    if let Some(dir) = savepoint_dir(spec, settings) {
+        args.extend(["--savepoint-dir".into(), dir]);
+    }
+    if let Some(from) = restore_from {
+        args.extend(["--from-savepoint".into(), from.to_owned()]);
+    }
+    if spec.upgrade.allow_non_restored_state {
+        args.push("--allow-non-restored-state".into());
+    }
+    if let Some(p) = spec.parallelism {
+        args.extend(["--parallelism".into(), p.to_string()]);
+    }
+    let labels = json!({ LABEL_JOB: name });
+    let cm = json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": job_config_name(&name), "labels": labels, "ownerReferences": [owner]},
+        "data": {"job.yaml": job_yaml},
+    });
+    let mut template_annotations = serde_json::Map::new();
+    if let Some(n) = restart_nonce {
+        template_annotations.insert(ANNOTATION_RESTARTED.into(), json!(n.to_string()));
+    }
+    let deploy = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": engine_name(&name),
+            "labels": labels,
+            "annotations": {
+                LABEL_SPEC_HASH: spec_hash,
+                ANNOTATION_RESTORE_FROM: restore_from.unwrap_or(""),
+                ANNOTATION_JOB_ID: id,
+            },
+            "ownerReferences": [owner],
+        },
+        "spec": {
+            "replicas": 1,
+            // Never two engines of one job at once: they would share sinks and checkpoints.
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {
+                    "labels": {LABEL_JOB: name, LABEL_SPEC_HASH: spec_hash},
+                    "annotations": template_annotations,
+                },
+                "spec": {
+                    "terminationGracePeriodSeconds": 30,
+                    "containers": [{
+                        "name": "engine",
+                        "image": spec.image.clone().unwrap_or_else(|| settings.image.clone()),
+                        "command": ["sjob"],
+                        "args": args,
+                        "env": [
+                            {"name": "SJOB_REST_ADDRESS",
+                             "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                        ],
+                        "ports": [{"name": "rest", "containerPort": port}],
+                        "readinessProbe": {
+                            "httpGet": {"path": "/overview", "port": port},
+                            "periodSeconds": 2,
+                        },
+                        "resources": spec.resources.clone().map(|r| serde_json::to_value(r).unwrap_or_default()).unwrap_or_else(|| json!({})),
+                        "volumeMounts": [{"name": "job", "mountPath": JOB_MOUNT}],
+                    }],
+                    "volumes": [{"name": "job", "configMap": {"name": job_config_name(&name)}}],
+                },
+            },
+        },
+    });
+    let svc = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": rest_service_name(&name), "labels": labels, "ownerReferences": [owner]},
+        "spec": {
+            "selector": labels,
+            "ports": [{"name": "rest", "port": port, "targetPort": port}],
+        },
+    });
+    let cm: ConfigMap = serde_json::from_value(cm).map_err(|e| format!("ConfigMap: {e}"))?;
+    let deploy: Deployment =
+        serde_json::from_value(deploy).map_err(|e| format!("Deployment: {e}"))?;
+    let svc: Service = serde_json::from_value(svc).map_err(|e| format!("Service: {e}"))?;
+    Ok((cm, deploy, svc))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> StatefulJob {
+        let mut sj: StatefulJob = serde_yaml::from_str(
+            "apiVersion: sjob.dev/v1alpha1\nkind: StatefulJob\nmetadata: {name: clicks, namespace: default, uid: u-1}\nspec:\n  parallelism: 2\n  job:\n    name: clicks\n    operators:\n      - {kind: generator, uid: src}\n      - {kind: keyBy, field: key}\n      - {kind: count, uid: counter}\n      - {kind: discardSink}\n  savepoints: {dir: /data/sp}\n",
+        )
+        .unwrap();
+        sj.metadata.uid = Some("u-1".into());
+        sj
+    }
+
+    #[test]
+    fn engine_runs_the_spec_from_the_snapshot_with_its_flags() {
+        let sj = sample();
+        let (cm, deploy, svc) = engine_objects(
+            &sj,
+            &sj.spec,
+            "h1",
+            Some("/data/sp/savepoint-1"),
+            None,
+            &EngineSettings::default(),
+        )
+        .unwrap();
+        let job: JobSpec = serde_yaml::from_str(&cm.data.as_ref().unwrap()["job.yaml"]).unwrap();
+        assert_eq!(
+            job.checkpoints.as_ref().map(|c| c.dir.as_str()),
+            Some("/data/sp/checkpoints")
+        );
+        let pod = deploy
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap();
+        let args = pod.containers[0].args.clone().unwrap();
+        let joined = args.join(" ");
+        assert!(
+            joined.contains("--from-savepoint /data/sp/savepoint-1"),
+            "{joined}"
+        );
+        assert!(joined.contains("--parallelism 2"), "{joined}");
+        assert!(joined.contains("--savepoint-dir /data/sp"), "{joined}");
+        assert!(!joined.contains("--allow-non-restored-state"), "{joined}");
+        assert_eq!(
+            deploy.metadata.owner_references.as_ref().unwrap()[0].uid,
+            "u-1"
+        );
+        assert_eq!(
+            deploy
+                .spec
+                .as_ref()
+                .unwrap()
+                .strategy
+                .as_ref()
+                .unwrap()
+                .type_
+                .as_deref(),
+            Some("Recreate")
+        );
+        assert_eq!(svc.spec.unwrap().ports.unwrap()[0].port, 8081);
+        // Same inputs, same objects (apply is a no-op); another snapshot, another job id.
+        let again = engine_objects(
+            &sj,
+            &sj.spec,
+            "h1",
+            Some("/data/sp/savepoint-1"),
+            None,
+            &EngineSettings::default(),
+        )
+        .unwrap();
+        assert_eq!(again.1, deploy);
+        assert_ne!(
+            job_id("u-1", "h1", Some("/a")),
+            job_id("u-1", "h1", Some("/b"))
+        );
+    }
+}
