@@ -2,5 +2,6 @@
 //! Kubernetes operator that upgrades jobs through them.
 
 pub mod engine;
+pub mod local;
 pub mod operator;
 pub mod savepoint;

@@ -10,6 +10,7 @@ use sjob::savepoint::{metadata::SnapshotMetadata, store::Store, tools};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod local_cmd;
 mod operator_cmd;
 
 #[derive(Parser)]
@@ -72,6 +73,9 @@ enum Command {
     Crd,
     /// Run the Kubernetes operator (in a cluster, or against any kubeconfig).
     Operator(operator_cmd::OperatorArgs),
+    /// A local control plane with the operator and engine processes on this machine, no
+    /// cluster needed; `sjob local demo` plays the whole upgrade story.
+    Local(local_cmd::LocalArgs),
 }
 
 #[derive(Args)]
@@ -463,6 +467,7 @@ fn main() -> ExitCode {
             })
             .map_err(Into::into),
         Command::Operator(args) => operator_cmd::run(args),
+        Command::Local(args) => local_cmd::run(args),
         cmd => remote(cmd),
     };
     match result {

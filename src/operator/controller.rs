@@ -323,9 +323,9 @@ async fn publish(ctx: &Context, sj: &StatefulJob, warning: bool, reason: &str, m
 
 fn container_problem(pod: &Pod) -> Option<String> {
     let cs = pod.status.as_ref()?.container_statuses.as_ref()?.first()?;
-    let waiting = cs.state.as_ref().and_then(|s| s.waiting.as_ref());
-    let crash_looping = waiting.and_then(|w| w.reason.as_deref()) == Some("CrashLoopBackOff");
-    if !(crash_looping || (cs.restart_count >= 3 && !cs.ready)) {
+    // One crash is recovered from (the engine resumes from its newest checkpoint); three in a
+    // row without becoming ready is a crash loop.
+    if cs.restart_count < 3 || cs.ready {
         return None;
     }
     let last = cs
@@ -764,7 +764,8 @@ async fn record_savepoint(
             job_ref: sj.name_any(),
             trigger,
             spec_hash: view.deployed_hash.clone(),
-            path: None,
+            // Set at creation, so the Savepoint controller never mistakes it for a request.
+            path: Some(path.to_owned()),
         },
     );
     sp.metadata.labels = Some([(LABEL_JOB.to_owned(), sj.name_any())].into());

@@ -237,8 +237,6 @@ mod tests {
         );
         let pod = deploy
             .spec
-            .as_ref()
-            .unwrap()
             .template
             .spec
             .as_ref()
@@ -259,8 +257,6 @@ mod tests {
         assert_eq!(
             deploy
                 .spec
-                .as_ref()
-                .unwrap()
                 .strategy
                 .as_ref()
                 .unwrap()

@@ -1,0 +1,654 @@
+//! End to end: the real `sjob operator` binary against the local control plane (in-process
+//! API server enforcing the chart's RBAC, process kubelet running real `sjob run` engines),
+//! checking the per-key results in the file sinks.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use serde_json::{Value, json};
+use sjob::local::cluster::{LocalCluster, LocalOptions};
+use sjob::local::sink_check::CountLog;
+use sjob::operator::crd::{Phase, Savepoint, StatefulJob};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+const SJOB: &str = env!("CARGO_BIN_EXE_sjob");
+
+struct Env {
+    cluster: Option<LocalCluster>,
+    root: tempfile::TempDir,
+    operators: Vec<Child>,
+}
+
+impl Env {
+    async fn start() -> Env {
+        let root = tempfile::tempdir().unwrap();
+        let cluster = LocalCluster::start(LocalOptions {
+            dir: root.path().join("cluster"),
+            api_addr: "127.0.0.1:0".parse().unwrap(),
+            sjob_exe: PathBuf::from(SJOB),
+        })
+        .await
+        .expect("local control plane");
+        let mut env = Env {
+            cluster: Some(cluster),
+            root,
+            operators: Vec::new(),
+        };
+        env.spawn_operator(&[]);
+        env
+    }
+
+    fn cluster(&self) -> &LocalCluster {
+        self.cluster.as_ref().unwrap()
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.root.path().join(rel)
+    }
+
+    fn spawn_operator(&mut self, extra: &[&str]) -> usize {
+        let n = self.operators.len();
+        let log = std::fs::File::create(self.path(&format!("operator-{n}.log"))).unwrap();
+        let child = self
+            .cluster()
+            .operator_command(Path::new(SJOB), "127.0.0.1:0")
+            .args(extra)
+            .env("SJOB_LOG", "info,sjob=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.operators.push(child);
+        n
+    }
+
+    fn operator_log(&self) -> String {
+        let mut out = String::new();
+        for n in 0..self.operators.len() {
+            let text =
+                std::fs::read_to_string(self.path(&format!("operator-{n}.log"))).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("--- operator-{n}.log (tail)\n"));
+            out.push_str(&lines[lines.len().saturating_sub(40)..].join("\n"));
+            out.push('\n');
+        }
+        out
+    }
+
+    fn jobs(&self) -> Api<StatefulJob> {
+        Api::namespaced(self.cluster().client(), "default")
+    }
+
+    async fn apply(&self, name: &str, spec: Value) {
+        let manifest = json!({
+            "apiVersion": "sjob.dev/v1alpha1", "kind": "StatefulJob",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": spec,
+        });
+        self.jobs()
+            .patch(name, &PatchParams::apply("e2e").force(), &Patch::Apply(&manifest))
+            .await
+            .unwrap();
+    }
+
+    async fn wait(
+        &self,
+        name: &str,
+        what: &str,
+        timeout_s: u64,
+        pred: impl Fn(&StatefulJob) -> bool,
+    ) -> StatefulJob {
+        let deadline = Instant::now() + Duration::from_secs(timeout_s);
+        loop {
+            let sj = self.jobs().get(name).await.unwrap();
+            if pred(&sj) {
+                return sj;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{name}: not {what} within {timeout_s}s; status: {}\n{}",
+                    serde_json::to_string_pretty(&sj.status).unwrap(),
+                    self.operator_log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        for c in &mut self.operators {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(c) = self.cluster.take() {
+            c.shutdown().await;
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for c in &mut self.operators {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn phase(sj: &StatefulJob) -> Option<Phase> {
+    sj.status.as_ref().and_then(|s| s.phase)
+}
+
+fn job_id(sj: &StatefulJob) -> String {
+    sj.status
+        .as_ref()
+        .and_then(|s| s.job_id.clone())
+        .unwrap_or_default()
+}
+
+fn condition(sj: &StatefulJob, kind: &str) -> Option<(String, String, String)> {
+    sj.status.as_ref().and_then(|s| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == kind)
+            .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+    })
+}
+
+/// A bounded keyed count: `records` over `keys` keys at `rate`/s, into a file sink at `sink`.
+fn counting_job(sink: &Path, records: i64, keys: i64, rate: i64, extra: Vec<Value>) -> Value {
+    let mut ops = vec![
+        json!({"kind": "generator", "uid": "source", "keys": keys, "count": records, "rate": rate}),
+        json!({"kind": "keyBy", "field": "key"}),
+        json!({"kind": "count", "uid": "counter"}),
+    ];
+    ops.extend(extra);
+    ops.push(json!({"kind": "fileSink", "uid": "out", "path": sink}));
+    json!({"name": "counting", "parallelism": 2, "operators": ops})
+}
+
+fn assert_exactly_once(sink: &Path, keys: i64, records: i64) {
+    let log = CountLog::read(sink).unwrap();
+    let problems = log.exactly_once(keys as usize, records / keys);
+    assert!(problems.is_empty(), "output of {}: {problems:?}", sink.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploys_and_upgrades_through_a_savepoint_without_losing_a_count() {
+    let env = Env::start().await;
+    let sink = env.path("out");
+    let (records, keys) = (300_000, 50);
+    env.apply(
+        "counting",
+        json!({"job": counting_job(&sink, records, keys, 20_000, vec![])}),
+    )
+    .await;
+    // 1. Deployed: Ready, a job id in the status.
+    let sj = env
+        .wait("counting", "Running", 60, |sj| phase(sj) == Some(Phase::Running))
+        .await;
+    let first = job_id(&sj);
+    assert_eq!(first.len(), 32, "{:?}", sj.status);
+    assert_eq!(condition(&sj, "Ready").unwrap().0, "True");
+    let deploy: Api<Deployment> = Api::namespaced(env.cluster().client(), "default");
+    let d = deploy.get("counting-engine").await.unwrap();
+    assert_eq!(d.owner_references()[0].name, "counting");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // 2. Change the pipeline: upgraded through a savepoint.
+    let map = json!({"kind": "map", "set": [{"field": "doubled", "expr": "count * 2"}]});
+    env.apply(
+        "counting",
+        json!({"job": counting_job(&sink, records, keys, 20_000, vec![map])}),
+    )
+    .await;
+    let sj = env
+        .wait("counting", "upgraded", 90, |sj| {
+            phase(sj) == Some(Phase::Running)
+                && job_id(sj) != first
+                && sj.status.as_ref().is_some_and(|s| s.upgrade.is_none())
+        })
+        .await;
+    let st = sj.status.clone().unwrap();
+    let restored = st.restored_from.clone().expect("restored from the savepoint");
+    assert_eq!(
+        st.last_savepoint.as_ref().map(|s| s.path.as_str()),
+        Some(restored.as_str())
+    );
+    let sps: Api<Savepoint> = Api::namespaced(env.cluster().client(), "default");
+    let recorded = sps.list(&ListParams::default()).await.unwrap().items;
+    let sp = recorded
+        .iter()
+        .find(|s| s.status.as_ref().and_then(|s| s.path.as_deref()) == Some(restored.as_str()))
+        .unwrap_or_else(|| panic!("no Savepoint object for {restored}: {recorded:?}"));
+    assert_eq!(format!("{:?}", sp.spec.trigger), "Upgrade");
+    assert!(Path::new(&restored).join("_metadata").exists());
+
+    // The job runs to its end: every key counted exactly once across both versions.
+    env.wait("counting", "finished", 90, |sj| {
+        phase(sj) == Some(Phase::Suspended)
+    })
+    .await;
+    assert_exactly_once(&sink, keys, records);
+    let log = CountLog::read(&sink).unwrap();
+    assert!(
+        std::fs::read_dir(&sink)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .any(|e| std::fs::read_to_string(e.path()).unwrap_or_default().contains("doubled")),
+        "the new version's output is there: {:?}",
+        log.latest().len()
+    );
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_stateful_operator_is_blocked_until_allowed() {
+    let env = Env::start().await;
+    let sink = env.path("out");
+    env.apply(
+        "counting",
+        json!({"job": counting_job(&sink, 10_000_000, 50, 5_000, vec![])}),
+    )
+    .await;
+    let sj = env
+        .wait("counting", "Running", 60, |sj| phase(sj) == Some(Phase::Running))
+        .await;
+    let first = job_id(&sj);
+    // Without the count, the state of uid "counter" has nowhere to go.
+    let without_count = json!({"name": "counting", "parallelism": 2, "operators": [
+        {"kind": "generator", "uid": "source", "keys": 50, "count": 10_000_000, "rate": 5_000},
+        {"kind": "fileSink", "uid": "out", "path": sink},
+    ]});
+    env.apply("counting", json!({"job": without_count.clone()})).await;
+    let sj = env
+        .wait("counting", "Blocked", 60, |sj| phase(sj) == Some(Phase::Blocked))
+        .await;
+    let (status, reason, message) = condition(&sj, "Degraded").unwrap();
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "PreflightFailed"));
+    assert!(message.contains("counter"), "{message}");
+    assert_eq!(job_id(&sj), first, "the old job keeps running");
+    let pods: Api<Pod> = Api::namespaced(env.cluster().client(), "default");
+    let running = pods.list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(running.len(), 1, "one engine pod, untouched");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(job_id(&env.jobs().get("counting").await.unwrap()), first);
+
+    // Allowed: it proceeds, dropping the counter's state.
+    env.apply(
+        "counting",
+        json!({"job": without_count, "upgrade": {"allowNonRestoredState": true}}),
+    )
+    .await;
+    let sj = env
+        .wait("counting", "upgraded", 90, |sj| {
+            phase(sj) == Some(Phase::Running)
+                && job_id(sj) != first
+                && sj.status.as_ref().is_some_and(|s| s.upgrade.is_none())
+        })
+        .await;
+    assert!(sj.status.unwrap().restored_from.is_some());
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashing_version_is_rolled_back_from_the_same_savepoint() {
+    let env = Env::start().await;
+    let sink = env.path("out");
+    let (records, keys) = (250_000, 20);
+    let spec = |extra: Vec<Value>| {
+        json!({"job": counting_job(&sink, records, keys, 15_000, extra),
+               "upgrade": {"readyTimeout": "60s"}})
+    };
+    env.apply("counting", spec(vec![])).await;
+    let sj = env
+        .wait("counting", "Running", 60, |sj| phase(sj) == Some(Phase::Running))
+        .await;
+    let first = job_id(&sj);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Divides by zero on its first record: fails on every start.
+    let crash = json!({"kind": "map", "set": [{"field": "x", "expr": "count / (count - count)"}]});
+    env.apply("counting", spec(vec![crash])).await;
+    let sj = env
+        .wait("counting", "rolled back", 120, |sj| {
+            let st = sj.status.as_ref();
+            phase(sj) == Some(Phase::Running)
+                && job_id(sj) != first
+                && st.is_some_and(|s| s.upgrade.is_none() && s.rejected_spec_hash.is_some())
+        })
+        .await;
+    let st = sj.status.clone().unwrap();
+    let (status, reason, message) = condition(&sj, "Degraded").unwrap();
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "UpgradeFailed"), "{message}");
+    assert_eq!(
+        st.restored_from,
+        st.last_savepoint.as_ref().map(|s| s.path.clone()),
+        "the rollback starts from the upgrade's savepoint"
+    );
+    assert_eq!(st.running_spec_hash, st.last_stable_spec_hash);
+    env.wait("counting", "finished", 90, |sj| {
+        phase(sj) == Some(Phase::Suspended)
+    })
+    .await;
+    assert_exactly_once(&sink, keys, records);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_engine_resumes_from_its_newest_checkpoint() {
+    let env = Env::start().await;
+    let sink = env.path("out");
+    let (records, keys) = (250_000, 20);
+    let mut job = counting_job(&sink, records, keys, 15_000, vec![]);
+    job["checkpoints"] = json!({"interval": "1s", "dir": env.path("checkpoints")});
+    env.apply("counting", json!({"job": job})).await;
+    let sj = env
+        .wait("counting", "Running", 60, |sj| phase(sj) == Some(Phase::Running))
+        .await;
+    let id = job_id(&sj);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let killed = std::process::Command::new("pkill")
+        .args(["-9", "-f", &format!("job-id {id}")])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "the engine process was found and killed");
+    let pods: Api<Pod> = Api::namespaced(env.cluster().client(), "default");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let pod = pods.list(&ListParams::default()).await.unwrap().items;
+        let restarted = pod.iter().any(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .and_then(|c| c.first())
+                .is_some_and(|c| c.restart_count >= 1 && c.ready)
+        });
+        if restarted {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the engine was not restarted: {pod:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let sj = env
+        .wait("counting", "running again", 60, |sj| {
+            phase(sj) == Some(Phase::Running)
+                && sj
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.restored_from.as_deref())
+                    .is_some_and(|r| r.contains("chk-"))
+        })
+        .await;
+    assert_eq!(job_id(&sj), id, "the same job resumed");
+    env.wait("counting", "finished", 90, |sj| {
+        phase(sj) == Some(Phase::Suspended)
+    })
+    .await;
+    assert_exactly_once(&sink, keys, records);
+    env.stop().await;
+}
+
+fn upgraded_from(first: String) -> impl Fn(&StatefulJob) -> bool {
+    move |sj| {
+        phase(sj) == Some(Phase::Running)
+            && job_id(sj) != first
+            && sj.status.as_ref().is_some_and(|s| s.upgrade.is_none())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rescales_two_to_four_to_one_with_every_count_kept() {
+    let env = Env::start().await;
+    let sink = env.path("out");
+    let (records, keys) = (300_000, 64);
+    let job = counting_job(&sink, records, keys, 15_000, vec![]);
+    env.apply("counting", json!({"job": job.clone(), "parallelism": 2})).await;
+    let sj = env
+        .wait("counting", "Running", 60, |sj| phase(sj) == Some(Phase::Running))
+        .await;
+    let mut id = job_id(&sj);
+    for p in [4, 1] {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        env.apply("counting", json!({"job": job.clone(), "parallelism": p})).await;
+        let sj = env.wait("counting", "rescaled", 90, upgraded_from(id.clone())).await;
+        id = job_id(&sj);
+        let d: Api<Deployment> = Api::namespaced(env.cluster().client(), "default");
+        let args = d.get("counting-engine").await.unwrap().spec.template.spec.unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap()
+            .join(" ");
+        assert!(args.contains(&format!("--parallelism {p}")), "{args}");
+    }
+    env.wait("counting", "finished", 120, |sj| phase(sj) == Some(Phase::Suspended))
+        .await;
+    assert_exactly_once(&sink, keys, records);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_savepoint_target_keeps_the_old_job_until_fixed() {
+    let env = Env::start().await;
+    let sink = env.path("out");
+    let good = env.path("savepoints");
+    let (records, keys) = (300_000, 20);
+    env.apply(
+        "counting",
+        json!({"job": counting_job(&sink, records, keys, 10_000, vec![]),
+               "savepoints": {"dir": good}}),
+    )
+    .await;
+    let sj = env
+        .wait("counting", "Running", 60, |sj| phase(sj) == Some(Phase::Running))
+        .await;
+    let first = job_id(&sj);
+    // A directory under a regular file cannot be created, not even by root.
+    let blocker = env.path("not-a-dir");
+    std::fs::write(&blocker, "x").unwrap();
+    let map = json!({"kind": "map", "set": [{"field": "doubled", "expr": "count * 2"}]});
+    let new_job = counting_job(&sink, records, keys, 10_000, vec![map]);
+    env.apply(
+        "counting",
+        json!({"job": new_job.clone(), "savepoints": {"dir": blocker.join("sp")}}),
+    )
+    .await;
+    let sj = env
+        .wait("counting", "Degraded by the savepoint", 60, |sj| {
+            condition(sj, "Degraded").is_some_and(|c| c.0 == "True" && c.1 == "SavepointFailed")
+        })
+        .await;
+    assert_eq!(job_id(&sj), first, "the old job keeps running");
+    assert_eq!(phase(&sj), Some(Phase::Upgrading));
+    let attempts = sj.status.as_ref().and_then(|s| s.upgrade.as_ref()).map(|u| u.attempts);
+    assert!(attempts >= Some(1), "{attempts:?}");
+    // Fixed: the retry goes through.
+    env.apply(
+        "counting",
+        json!({"job": new_job, "savepoints": {"dir": good}}),
+    )
+    .await;
+    env.wait("counting", "upgraded", 120, upgraded_from(first)).await;
+    env.wait("counting", "finished", 120, |sj| phase(sj) == Some(Phase::Suspended))
+        .await;
+    assert_exactly_once(&sink, keys, records);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_killed_mid_upgrade_finishes_it_after_restart() {
+    let mut env = Env::start().await;
+    let sink = env.path("out");
+    let (records, keys) = (300_000, 20);
+    env.apply("counting", json!({"job": counting_job(&sink, records, keys, 15_000, vec![])}))
+        .await;
+    let sj = env
+        .wait("counting", "Running", 60, |sj| phase(sj) == Some(Phase::Running))
+        .await;
+    let first = job_id(&sj);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let map = json!({"kind": "map", "set": [{"field": "doubled", "expr": "count * 2"}]});
+    env.apply(
+        "counting",
+        json!({"job": counting_job(&sink, records, keys, 15_000, vec![map])}),
+    )
+    .await;
+    let sj = env
+        .wait("counting", "in an upgrade stage", 60, |sj| {
+            sj.status.as_ref().is_some_and(|s| s.upgrade.is_some())
+        })
+        .await;
+    let stage = sj.status.as_ref().and_then(|s| s.upgrade.as_ref()).map(|u| u.stage);
+    let _ = env.operators[0].kill();
+    let _ = env.operators[0].wait();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    env.spawn_operator(&[]);
+    let sj = env.wait("counting", "upgraded", 90, upgraded_from(first)).await;
+    assert!(sj.status.unwrap().restored_from.is_some(), "killed in {stage:?}");
+    env.wait("counting", "finished", 90, |sj| phase(sj) == Some(Phase::Suspended))
+        .await;
+    assert_exactly_once(&sink, keys, records);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_the_newest_and_the_restored_from() {
+    let env = Env::start().await;
+    let sink = env.path("out");
+    let dir = env.path("savepoints");
+    let job = counting_job(&sink, 10_000_000, 20, 5_000, vec![]);
+    env.apply("counting", json!({"job": job.clone(), "savepoints": {"dir": dir}})).await;
+    let sj = env
+        .wait("counting", "Running", 60, |sj| phase(sj) == Some(Phase::Running))
+        .await;
+    // An upgrade: the new job restores from its savepoint, which retention must keep.
+    let map = json!({"kind": "map", "set": [{"field": "doubled", "expr": "count * 2"}]});
+    let job2 = counting_job(&sink, 10_000_000, 20, 5_000, vec![map]);
+    env.apply("counting", json!({"job": job2.clone(), "savepoints": {"dir": dir}})).await;
+    let sj = env.wait("counting", "upgraded", 90, upgraded_from(job_id(&sj))).await;
+    let restored = sj.status.unwrap().restored_from.unwrap();
+    env.apply(
+        "counting",
+        json!({"job": job2, "savepoints": {"dir": dir, "periodic": "1s", "retention": {"maxCount": 3}}}),
+    )
+    .await;
+    let sps: Api<Savepoint> = Api::namespaced(env.cluster().client(), "default");
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while seen.len() < 6 {
+        for sp in sps.list(&ListParams::default()).await.unwrap().items {
+            seen.insert(sp.name_any());
+        }
+        assert!(Instant::now() < deadline, "savepoints seen: {seen:?}\n{}", env.operator_log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Stop taking savepoints, let retention settle.
+    env.apply("counting", json!({"job": counting_job(&sink, 10_000_000, 20, 5_000, vec![json!({"kind": "map", "set": [{"field": "doubled", "expr": "count * 2"}]})]), "savepoints": {"dir": dir, "retention": {"maxCount": 3}}}))
+        .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let left: Vec<Savepoint> = sps.list(&ListParams::default()).await.unwrap().items;
+    let paths: Vec<String> = left
+        .iter()
+        .filter_map(|s| s.status.as_ref().and_then(|s| s.path.clone()))
+        .collect();
+    assert_eq!(left.len(), 3, "{paths:?}");
+    assert!(paths.contains(&restored), "{restored} kept: {paths:?}");
+    let on_disk: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().display().to_string())
+        .filter(|p| p.contains("savepoint-"))
+        .collect();
+    assert_eq!(on_disk.len(), 3, "files of deleted savepoints disposed: {on_disk:?}");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspends_resumes_and_deletes_with_its_savepoints() {
+    let env = Env::start().await;
+    let sink = env.path("out");
+    let dir = env.path("savepoints");
+    let job = counting_job(&sink, 10_000_000, 20, 5_000, vec![]);
+    let spec = |state: &str| {
+        json!({"job": job.clone(), "state": state,
+               "savepoints": {"dir": dir, "disposeOnDelete": true}})
+    };
+    env.apply("counting", spec("running")).await;
+    let sj = env
+        .wait("counting", "Running", 60, |sj| phase(sj) == Some(Phase::Running))
+        .await;
+    let first = job_id(&sj);
+    env.apply("counting", spec("suspended")).await;
+    let sj = env
+        .wait("counting", "Suspended", 60, |sj| phase(sj) == Some(Phase::Suspended))
+        .await;
+    let saved = sj.status.unwrap().last_savepoint.unwrap().path;
+    let deploys: Api<Deployment> = Api::namespaced(env.cluster().client(), "default");
+    assert!(deploys.get_opt("counting-engine").await.unwrap().is_none());
+    env.apply("counting", spec("running")).await;
+    let sj = env.wait("counting", "resumed", 60, upgraded_from(first)).await;
+    assert_eq!(sj.status.unwrap().restored_from, Some(saved.clone()));
+
+    env.jobs().delete("counting", &Default::default()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let gone = env.jobs().get_opt("counting").await.unwrap().is_none()
+            && deploys.get_opt("counting-engine").await.unwrap().is_none();
+        let sps: Api<Savepoint> = Api::namespaced(env.cluster().client(), "default");
+        let left = sps.list(&ListParams::default()).await.unwrap().items.len();
+        if gone && left == 0 && !Path::new(&saved).exists() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left: {left} savepoints, {saved} exists: {}\n{}", Path::new(&saved).exists(), env.operator_log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_operator_replicas_only_the_leader_acts() {
+    let mut env = Env::start().await;
+    // The default operator runs without election; replace it with two electing replicas.
+    let _ = env.operators[0].kill();
+    let _ = env.operators[0].wait();
+    let elect = ["--leader-elect", "--lease-duration", "3s"];
+    let a = env.spawn_operator(&[&elect[..], &["--identity", "op-a"]].concat());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let b = env.spawn_operator(&[&elect[..], &["--identity", "op-b"]].concat());
+    let sink = env.path("out");
+    env.apply("counting", json!({"job": counting_job(&sink, 10_000_000, 20, 5_000, vec![])}))
+        .await;
+    let sj = env
+        .wait("counting", "Running", 60, |sj| phase(sj) == Some(Phase::Running))
+        .await;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(env.cluster().client(), "default");
+    let holder = leases
+        .get("sjob-operator")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .holder_identity
+        .unwrap();
+    assert_eq!(holder, "op-a");
+    let log_b = std::fs::read_to_string(env.path(&format!("operator-{b}.log"))).unwrap();
+    assert!(log_b.contains("standby"), "{log_b}");
+    assert!(!log_b.contains("leader: acting"), "{log_b}");
+    // The leader dies: the other takes over and carries out the next change.
+    let _ = env.operators[a].kill();
+    let _ = env.operators[a].wait();
+    let map = json!({"kind": "map", "set": [{"field": "doubled", "expr": "count * 2"}]});
+    env.apply(
+        "counting",
+        json!({"job": counting_job(&sink, 10_000_000, 20, 5_000, vec![map])}),
+    )
+    .await;
+    env.wait("counting", "upgraded by op-b", 90, upgraded_from(job_id(&sj))).await;
+    let log_b = std::fs::read_to_string(env.path(&format!("operator-{b}.log"))).unwrap();
+    assert!(log_b.contains("leader: acting"), "{log_b}");
+    env.stop().await;
+}

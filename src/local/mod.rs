@@ -1,0 +1,4 @@
+//! The local control plane: what `sjob local` and the end-to-end tests run the operator against.
+
+pub mod kubelet;
+pub mod sink_check;
