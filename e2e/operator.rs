@@ -69,8 +69,8 @@ impl Env {
     fn operator_log(&self) -> String {
         let mut out = String::new();
         for n in 0..self.operators.len() {
-            let text =
-                std::fs::read_to_string(self.path(&format!("operator-{n}.log"))).unwrap_or_default();
+            let text = std::fs::read_to_string(self.path(&format!("operator-{n}.log")))
+                .unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
             out.push_str(&format!("--- operator-{n}.log (tail)\n"));
             out.push_str(&lines[lines.len().saturating_sub(40)..].join("\n"));
@@ -90,7 +90,11 @@ impl Env {
             "spec": spec,
         });
         self.jobs()
-            .patch(name, &PatchParams::apply("e2e").force(), &Patch::Apply(&manifest))
+            .patch(
+                name,
+                &PatchParams::apply("e2e").force(),
+                &Patch::Apply(&manifest),
+            )
             .await
             .unwrap();
     }
@@ -174,7 +178,11 @@ fn counting_job(sink: &Path, records: i64, keys: i64, rate: i64, extra: Vec<Valu
 fn assert_exactly_once(sink: &Path, keys: i64, records: i64) {
     let log = CountLog::read(sink).unwrap();
     let problems = log.exactly_once(keys as usize, records / keys);
-    assert!(problems.is_empty(), "output of {}: {problems:?}", sink.display());
+    assert!(
+        problems.is_empty(),
+        "output of {}: {problems:?}",
+        sink.display()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,7 +197,9 @@ async fn deploys_and_upgrades_through_a_savepoint_without_losing_a_count() {
     .await;
     // 1. Deployed: Ready, a job id in the status.
     let sj = env
-        .wait("counting", "Running", 60, |sj| phase(sj) == Some(Phase::Running))
+        .wait("counting", "Running", 60, |sj| {
+            phase(sj) == Some(Phase::Running)
+        })
         .await;
     let first = job_id(&sj);
     assert_eq!(first.len(), 32, "{:?}", sj.status);
@@ -214,7 +224,10 @@ async fn deploys_and_upgrades_through_a_savepoint_without_losing_a_count() {
         })
         .await;
     let st = sj.status.clone().unwrap();
-    let restored = st.restored_from.clone().expect("restored from the savepoint");
+    let restored = st
+        .restored_from
+        .clone()
+        .expect("restored from the savepoint");
     assert_eq!(
         st.last_savepoint.as_ref().map(|s| s.path.as_str()),
         Some(restored.as_str())
@@ -239,7 +252,9 @@ async fn deploys_and_upgrades_through_a_savepoint_without_losing_a_count() {
         std::fs::read_dir(&sink)
             .unwrap()
             .filter_map(|e| e.ok())
-            .any(|e| std::fs::read_to_string(e.path()).unwrap_or_default().contains("doubled")),
+            .any(|e| std::fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .contains("doubled")),
         "the new version's output is there: {:?}",
         log.latest().len()
     );
@@ -256,7 +271,9 @@ async fn removing_a_stateful_operator_is_blocked_until_allowed() {
     )
     .await;
     let sj = env
-        .wait("counting", "Running", 60, |sj| phase(sj) == Some(Phase::Running))
+        .wait("counting", "Running", 60, |sj| {
+            phase(sj) == Some(Phase::Running)
+        })
         .await;
     let first = job_id(&sj);
     // Without the count, the state of uid "counter" has nowhere to go.
@@ -264,12 +281,18 @@ async fn removing_a_stateful_operator_is_blocked_until_allowed() {
         {"kind": "generator", "uid": "source", "keys": 50, "count": 10_000_000, "rate": 5_000},
         {"kind": "fileSink", "uid": "out", "path": sink},
     ]});
-    env.apply("counting", json!({"job": without_count.clone()})).await;
+    env.apply("counting", json!({"job": without_count.clone()}))
+        .await;
     let sj = env
-        .wait("counting", "Blocked", 60, |sj| phase(sj) == Some(Phase::Blocked))
+        .wait("counting", "Blocked", 60, |sj| {
+            phase(sj) == Some(Phase::Blocked)
+        })
         .await;
     let (status, reason, message) = condition(&sj, "Degraded").unwrap();
-    assert_eq!((status.as_str(), reason.as_str()), ("True", "PreflightFailed"));
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "PreflightFailed")
+    );
     assert!(message.contains("counter"), "{message}");
     assert_eq!(job_id(&sj), first, "the old job keeps running");
     let pods: Api<Pod> = Api::namespaced(env.cluster().client(), "default");
@@ -306,7 +329,9 @@ async fn a_crashing_version_is_rolled_back_from_the_same_savepoint() {
     };
     env.apply("counting", spec(vec![])).await;
     let sj = env
-        .wait("counting", "Running", 60, |sj| phase(sj) == Some(Phase::Running))
+        .wait("counting", "Running", 60, |sj| {
+            phase(sj) == Some(Phase::Running)
+        })
         .await;
     let first = job_id(&sj);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -323,7 +348,11 @@ async fn a_crashing_version_is_rolled_back_from_the_same_savepoint() {
         .await;
     let st = sj.status.clone().unwrap();
     let (status, reason, message) = condition(&sj, "Degraded").unwrap();
-    assert_eq!((status.as_str(), reason.as_str()), ("True", "UpgradeFailed"), "{message}");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "UpgradeFailed"),
+        "{message}"
+    );
     assert_eq!(
         st.restored_from,
         st.last_savepoint.as_ref().map(|s| s.path.clone()),
@@ -347,7 +376,9 @@ async fn a_killed_engine_resumes_from_its_newest_checkpoint() {
     job["checkpoints"] = json!({"interval": "1s", "dir": env.path("checkpoints")});
     env.apply("counting", json!({"job": job})).await;
     let sj = env
-        .wait("counting", "Running", 60, |sj| phase(sj) == Some(Phase::Running))
+        .wait("counting", "Running", 60, |sj| {
+            phase(sj) == Some(Phase::Running)
+        })
         .await;
     let id = job_id(&sj);
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -370,7 +401,10 @@ async fn a_killed_engine_resumes_from_its_newest_checkpoint() {
         if restarted {
             break;
         }
-        assert!(Instant::now() < deadline, "the engine was not restarted: {pod:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the engine was not restarted: {pod:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let sj = env
@@ -406,26 +440,42 @@ async fn rescales_two_to_four_to_one_with_every_count_kept() {
     let sink = env.path("out");
     let (records, keys) = (300_000, 64);
     let job = counting_job(&sink, records, keys, 15_000, vec![]);
-    env.apply("counting", json!({"job": job.clone(), "parallelism": 2})).await;
+    env.apply("counting", json!({"job": job.clone(), "parallelism": 2}))
+        .await;
     let sj = env
-        .wait("counting", "Running", 60, |sj| phase(sj) == Some(Phase::Running))
+        .wait("counting", "Running", 60, |sj| {
+            phase(sj) == Some(Phase::Running)
+        })
         .await;
     let mut id = job_id(&sj);
     for p in [4, 1] {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        env.apply("counting", json!({"job": job.clone(), "parallelism": p})).await;
-        let sj = env.wait("counting", "rescaled", 90, upgraded_from(id.clone())).await;
+        env.apply("counting", json!({"job": job.clone(), "parallelism": p}))
+            .await;
+        let sj = env
+            .wait("counting", "rescaled", 90, upgraded_from(id.clone()))
+            .await;
         id = job_id(&sj);
         let d: Api<Deployment> = Api::namespaced(env.cluster().client(), "default");
-        let args = d.get("counting-engine").await.unwrap().spec.template.spec.unwrap().containers[0]
+        let args = d
+            .get("counting-engine")
+            .await
+            .unwrap()
+            .spec
+            .template
+            .spec
+            .unwrap()
+            .containers[0]
             .args
             .clone()
             .unwrap()
             .join(" ");
         assert!(args.contains(&format!("--parallelism {p}")), "{args}");
     }
-    env.wait("counting", "finished", 120, |sj| phase(sj) == Some(Phase::Suspended))
-        .await;
+    env.wait("counting", "finished", 120, |sj| {
+        phase(sj) == Some(Phase::Suspended)
+    })
+    .await;
     assert_exactly_once(&sink, keys, records);
     env.stop().await;
 }
@@ -443,7 +493,9 @@ async fn an_unwritable_savepoint_target_keeps_the_old_job_until_fixed() {
     )
     .await;
     let sj = env
-        .wait("counting", "Running", 60, |sj| phase(sj) == Some(Phase::Running))
+        .wait("counting", "Running", 60, |sj| {
+            phase(sj) == Some(Phase::Running)
+        })
         .await;
     let first = job_id(&sj);
     // A directory under a regular file cannot be created, not even by root.
@@ -463,7 +515,11 @@ async fn an_unwritable_savepoint_target_keeps_the_old_job_until_fixed() {
         .await;
     assert_eq!(job_id(&sj), first, "the old job keeps running");
     assert_eq!(phase(&sj), Some(Phase::Upgrading));
-    let attempts = sj.status.as_ref().and_then(|s| s.upgrade.as_ref()).map(|u| u.attempts);
+    let attempts = sj
+        .status
+        .as_ref()
+        .and_then(|s| s.upgrade.as_ref())
+        .map(|u| u.attempts);
     assert!(attempts >= Some(1), "{attempts:?}");
     // Fixed: the retry goes through.
     env.apply(
@@ -471,9 +527,12 @@ async fn an_unwritable_savepoint_target_keeps_the_old_job_until_fixed() {
         json!({"job": new_job, "savepoints": {"dir": good}}),
     )
     .await;
-    env.wait("counting", "upgraded", 120, upgraded_from(first)).await;
-    env.wait("counting", "finished", 120, |sj| phase(sj) == Some(Phase::Suspended))
+    env.wait("counting", "upgraded", 120, upgraded_from(first))
         .await;
+    env.wait("counting", "finished", 120, |sj| {
+        phase(sj) == Some(Phase::Suspended)
+    })
+    .await;
     assert_exactly_once(&sink, keys, records);
     env.stop().await;
 }
@@ -483,10 +542,15 @@ async fn an_operator_killed_mid_upgrade_finishes_it_after_restart() {
     let mut env = Env::start().await;
     let sink = env.path("out");
     let (records, keys) = (300_000, 20);
-    env.apply("counting", json!({"job": counting_job(&sink, records, keys, 15_000, vec![])}))
-        .await;
+    env.apply(
+        "counting",
+        json!({"job": counting_job(&sink, records, keys, 15_000, vec![])}),
+    )
+    .await;
     let sj = env
-        .wait("counting", "Running", 60, |sj| phase(sj) == Some(Phase::Running))
+        .wait("counting", "Running", 60, |sj| {
+            phase(sj) == Some(Phase::Running)
+        })
         .await;
     let first = job_id(&sj);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -501,15 +565,26 @@ async fn an_operator_killed_mid_upgrade_finishes_it_after_restart() {
             sj.status.as_ref().is_some_and(|s| s.upgrade.is_some())
         })
         .await;
-    let stage = sj.status.as_ref().and_then(|s| s.upgrade.as_ref()).map(|u| u.stage);
+    let stage = sj
+        .status
+        .as_ref()
+        .and_then(|s| s.upgrade.as_ref())
+        .map(|u| u.stage);
     let _ = env.operators[0].kill();
     let _ = env.operators[0].wait();
     tokio::time::sleep(Duration::from_secs(2)).await;
     env.spawn_operator(&[]);
-    let sj = env.wait("counting", "upgraded", 90, upgraded_from(first)).await;
-    assert!(sj.status.unwrap().restored_from.is_some(), "killed in {stage:?}");
-    env.wait("counting", "finished", 90, |sj| phase(sj) == Some(Phase::Suspended))
+    let sj = env
+        .wait("counting", "upgraded", 90, upgraded_from(first))
         .await;
+    assert!(
+        sj.status.unwrap().restored_from.is_some(),
+        "killed in {stage:?}"
+    );
+    env.wait("counting", "finished", 90, |sj| {
+        phase(sj) == Some(Phase::Suspended)
+    })
+    .await;
     assert_exactly_once(&sink, keys, records);
     env.stop().await;
 }
@@ -520,15 +595,27 @@ async fn retention_keeps_the_newest_and_the_restored_from() {
     let sink = env.path("out");
     let dir = env.path("savepoints");
     let job = counting_job(&sink, 10_000_000, 20, 5_000, vec![]);
-    env.apply("counting", json!({"job": job.clone(), "savepoints": {"dir": dir}})).await;
+    env.apply(
+        "counting",
+        json!({"job": job.clone(), "savepoints": {"dir": dir}}),
+    )
+    .await;
     let sj = env
-        .wait("counting", "Running", 60, |sj| phase(sj) == Some(Phase::Running))
+        .wait("counting", "Running", 60, |sj| {
+            phase(sj) == Some(Phase::Running)
+        })
         .await;
     // An upgrade: the new job restores from its savepoint, which retention must keep.
     let map = json!({"kind": "map", "set": [{"field": "doubled", "expr": "count * 2"}]});
     let job2 = counting_job(&sink, 10_000_000, 20, 5_000, vec![map]);
-    env.apply("counting", json!({"job": job2.clone(), "savepoints": {"dir": dir}})).await;
-    let sj = env.wait("counting", "upgraded", 90, upgraded_from(job_id(&sj))).await;
+    env.apply(
+        "counting",
+        json!({"job": job2.clone(), "savepoints": {"dir": dir}}),
+    )
+    .await;
+    let sj = env
+        .wait("counting", "upgraded", 90, upgraded_from(job_id(&sj)))
+        .await;
     let restored = sj.status.unwrap().restored_from.unwrap();
     env.apply(
         "counting",
@@ -542,7 +629,11 @@ async fn retention_keeps_the_newest_and_the_restored_from() {
         for sp in sps.list(&ListParams::default()).await.unwrap().items {
             seen.insert(sp.name_any());
         }
-        assert!(Instant::now() < deadline, "savepoints seen: {seen:?}\n{}", env.operator_log());
+        assert!(
+            Instant::now() < deadline,
+            "savepoints seen: {seen:?}\n{}",
+            env.operator_log()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Stop taking savepoints, let retention settle.
@@ -562,7 +653,11 @@ async fn retention_keeps_the_newest_and_the_restored_from() {
         .map(|e| e.path().display().to_string())
         .filter(|p| p.contains("savepoint-"))
         .collect();
-    assert_eq!(on_disk.len(), 3, "files of deleted savepoints disposed: {on_disk:?}");
+    assert_eq!(
+        on_disk.len(),
+        3,
+        "files of deleted savepoints disposed: {on_disk:?}"
+    );
     env.stop().await;
 }
 
@@ -578,21 +673,30 @@ async fn suspends_resumes_and_deletes_with_its_savepoints() {
     };
     env.apply("counting", spec("running")).await;
     let sj = env
-        .wait("counting", "Running", 60, |sj| phase(sj) == Some(Phase::Running))
+        .wait("counting", "Running", 60, |sj| {
+            phase(sj) == Some(Phase::Running)
+        })
         .await;
     let first = job_id(&sj);
     env.apply("counting", spec("suspended")).await;
     let sj = env
-        .wait("counting", "Suspended", 60, |sj| phase(sj) == Some(Phase::Suspended))
+        .wait("counting", "Suspended", 60, |sj| {
+            phase(sj) == Some(Phase::Suspended)
+        })
         .await;
     let saved = sj.status.unwrap().last_savepoint.unwrap().path;
     let deploys: Api<Deployment> = Api::namespaced(env.cluster().client(), "default");
     assert!(deploys.get_opt("counting-engine").await.unwrap().is_none());
     env.apply("counting", spec("running")).await;
-    let sj = env.wait("counting", "resumed", 60, upgraded_from(first)).await;
+    let sj = env
+        .wait("counting", "resumed", 60, upgraded_from(first))
+        .await;
     assert_eq!(sj.status.unwrap().restored_from, Some(saved.clone()));
 
-    env.jobs().delete("counting", &Default::default()).await.unwrap();
+    env.jobs()
+        .delete("counting", &Default::default())
+        .await
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let gone = env.jobs().get_opt("counting").await.unwrap().is_none()
@@ -602,7 +706,12 @@ async fn suspends_resumes_and_deletes_with_its_savepoints() {
         if gone && left == 0 && !Path::new(&saved).exists() {
             break;
         }
-        assert!(Instant::now() < deadline, "left: {left} savepoints, {saved} exists: {}\n{}", Path::new(&saved).exists(), env.operator_log());
+        assert!(
+            Instant::now() < deadline,
+            "left: {left} savepoints, {saved} exists: {}\n{}",
+            Path::new(&saved).exists(),
+            env.operator_log()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     env.stop().await;
@@ -619,10 +728,15 @@ async fn of_two_operator_replicas_only_the_leader_acts() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let b = env.spawn_operator(&[&elect[..], &["--identity", "op-b"]].concat());
     let sink = env.path("out");
-    env.apply("counting", json!({"job": counting_job(&sink, 10_000_000, 20, 5_000, vec![])}))
-        .await;
+    env.apply(
+        "counting",
+        json!({"job": counting_job(&sink, 10_000_000, 20, 5_000, vec![])}),
+    )
+    .await;
     let sj = env
-        .wait("counting", "Running", 60, |sj| phase(sj) == Some(Phase::Running))
+        .wait("counting", "Running", 60, |sj| {
+            phase(sj) == Some(Phase::Running)
+        })
         .await;
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(env.cluster().client(), "default");
@@ -647,7 +761,13 @@ async fn of_two_operator_replicas_only_the_leader_acts() {
         json!({"job": counting_job(&sink, 10_000_000, 20, 5_000, vec![map])}),
     )
     .await;
-    env.wait("counting", "upgraded by op-b", 90, upgraded_from(job_id(&sj))).await;
+    env.wait(
+        "counting",
+        "upgraded by op-b",
+        90,
+        upgraded_from(job_id(&sj)),
+    )
+    .await;
     let log_b = std::fs::read_to_string(env.path(&format!("operator-{b}.log"))).unwrap();
     assert!(log_b.contains("leader: acting"), "{log_b}");
     env.stop().await;

@@ -73,8 +73,8 @@ pub fn run(args: LocalArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    let dir = std::path::absolute(&args.dir)
-        .with_context(|| format!("--dir {}", args.dir.display()))?;
+    let dir =
+        std::path::absolute(&args.dir).with_context(|| format!("--dir {}", args.dir.display()))?;
     rt.block_on(async move {
         let cluster = LocalCluster::start(LocalOptions {
             dir: dir.clone(),
@@ -96,9 +96,19 @@ pub fn run(args: LocalArgs) -> Result<ExitCode> {
 
 async fn serve(cluster: &LocalCluster) -> Result<ExitCode> {
     let kc = cluster.kubeconfig();
-    println!("sjob local: API server on {}, state in {}", cluster.url(), cluster.dir().display());
-    println!("  operator log:  {}", cluster.dir().join("operator.log").display());
-    println!("  engine pods:   {}/pods/<namespace>/<pod>/container.log", cluster.dir().display());
+    println!(
+        "sjob local: API server on {}, state in {}",
+        cluster.url(),
+        cluster.dir().display()
+    );
+    println!(
+        "  operator log:  {}",
+        cluster.dir().join("operator.log").display()
+    );
+    println!(
+        "  engine pods:   {}/pods/<namespace>/<pod>/container.log",
+        cluster.dir().display()
+    );
     println!();
     println!("Try:");
     println!("  export KUBECONFIG={}", kc.display());
@@ -107,7 +117,10 @@ async fn serve(cluster: &LocalCluster) -> Result<ExitCode> {
     println!("  kubectl get savepoints");
     println!("  kubectl get pods,deployments");
     println!();
-    println!("Ctrl-C stops everything; objects and savepoints stay in {}.", cluster.dir().display());
+    println!(
+        "Ctrl-C stops everything; objects and savepoints stay in {}.",
+        cluster.dir().display()
+    );
     sjob::operator::runner::termination().await;
     println!("stopping");
     Ok(ExitCode::SUCCESS)
@@ -123,7 +136,9 @@ fn demo_job(sink: &Path, with_map: bool) -> serde_json::Value {
         serde_json::json!({"kind": "count", "uid": "counter"}),
     ];
     if with_map {
-        ops.push(serde_json::json!({"kind": "map", "set": [{"field": "doubled", "expr": "count * 2"}]}));
+        ops.push(
+            serde_json::json!({"kind": "map", "set": [{"field": "doubled", "expr": "count * 2"}]}),
+        );
     }
     ops.push(serde_json::json!({"kind": "fileSink", "uid": "out", "path": sink}));
     serde_json::json!({"name": "demo", "parallelism": 2, "operators": ops})
@@ -138,7 +153,10 @@ async fn wait_phase(
     let deadline = Instant::now() + timeout;
     let mut last = String::new();
     loop {
-        let sj = api.get(name).await.with_context(|| format!("StatefulJob {name}"))?;
+        let sj = api
+            .get(name)
+            .await
+            .with_context(|| format!("StatefulJob {name}"))?;
         let st = sj.status.clone().unwrap_or_default();
         let now = format!(
             "{:?}{}",
@@ -160,7 +178,9 @@ async fn wait_phase(
             return Ok(sj);
         }
         if Instant::now() > deadline {
-            bail!("StatefulJob {name} did not get there within {timeout:?} (last phase {last}); see the operator log");
+            bail!(
+                "StatefulJob {name} did not get there within {timeout:?} (last phase {last}); see the operator log"
+            );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -178,14 +198,21 @@ async fn demo(cluster: &LocalCluster) -> Result<ExitCode> {
         }
     }
     let _ = std::fs::remove_dir_all(&sink);
-    println!("1. deploying StatefulJob 'demo': {DEMO_RECORDS} clicks over {DEMO_KEYS} users, counted per user, written exactly once to {}", sink.display());
+    println!(
+        "1. deploying StatefulJob 'demo': {DEMO_RECORDS} clicks over {DEMO_KEYS} users, counted per user, written exactly once to {}",
+        sink.display()
+    );
     let manifest = serde_json::json!({
         "apiVersion": "sjob.dev/v1alpha1", "kind": "StatefulJob",
         "metadata": {"name": "demo", "namespace": "default"},
         "spec": {"job": demo_job(&sink, false), "savepoints": {"retention": {"maxCount": 3}}},
     });
-    api.patch("demo", &PatchParams::apply("sjob-demo").force(), &Patch::Apply(&manifest))
-        .await?;
+    api.patch(
+        "demo",
+        &PatchParams::apply("sjob-demo").force(),
+        &Patch::Apply(&manifest),
+    )
+    .await?;
     let sj = wait_phase(&api, "demo", Duration::from_secs(60), |sj| {
         sj.status.as_ref().and_then(|s| s.phase) == Some(Phase::Running)
     })
@@ -201,8 +228,12 @@ async fn demo(cluster: &LocalCluster) -> Result<ExitCode> {
         "spec": {"job": demo_job(&sink, true), "savepoints": {"retention": {"maxCount": 3}}},
     });
     let asked = Instant::now();
-    api.patch("demo", &PatchParams::apply("sjob-demo").force(), &Patch::Apply(&manifest))
-        .await?;
+    api.patch(
+        "demo",
+        &PatchParams::apply("sjob-demo").force(),
+        &Patch::Apply(&manifest),
+    )
+    .await?;
     let sj = wait_phase(&api, "demo", Duration::from_secs(60), |sj| {
         let st = sj.status.as_ref();
         st.and_then(|s| s.phase) == Some(Phase::Running)
@@ -229,7 +260,10 @@ async fn demo(cluster: &LocalCluster) -> Result<ExitCode> {
     let after = log.latest();
     println!("\n   user        at the savepoint   at the end");
     for (key, n) in after.iter().take(6) {
-        println!("   {key:<10}  {:>16}   {n:>10}", before.get(key).copied().unwrap_or(0));
+        println!(
+            "   {key:<10}  {:>16}   {n:>10}",
+            before.get(key).copied().unwrap_or(0)
+        );
     }
     println!("   … ({} users)\n", after.len());
     let problems = log.exactly_once(DEMO_KEYS as usize, DEMO_RECORDS / DEMO_KEYS);

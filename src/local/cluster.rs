@@ -61,10 +61,12 @@ fn token() -> String {
 
 /// A client from kubeconfig text.
 pub async fn client_from_kubeconfig(yaml: &str) -> Result<Client, LocalError> {
-    let kc = kube::config::Kubeconfig::from_yaml(yaml).map_err(|e| LocalError::Config(e.to_string()))?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-        .await
-        .map_err(|e| LocalError::Config(e.to_string()))?;
+    let kc =
+        kube::config::Kubeconfig::from_yaml(yaml).map_err(|e| LocalError::Config(e.to_string()))?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await
+            .map_err(|e| LocalError::Config(e.to_string()))?;
     Client::try_from(config).map_err(|e| LocalError::Config(e.to_string()))
 }
 
@@ -99,6 +101,8 @@ impl LocalCluster {
                     rules: Some(rules),
                 },
             ],
+            // The API server listens on loopback only; kubectl there sends no token over HTTP.
+            anonymous: Some("admin".into()),
         })
         .await?;
         let admin_kc = api.kubeconfig_yaml(&admin, "default");

@@ -100,7 +100,10 @@ struct State {
 fn template_hash(d: &Deployment) -> String {
     let template = Some(&d.spec.template);
     let bytes = serde_json::to_vec(&template).unwrap_or_default();
-    format!("{:010x}", xxhash_rust::xxh3::xxh3_64(&bytes) & 0xff_ffff_ffff)
+    format!(
+        "{:010x}",
+        xxhash_rust::xxh3::xxh3_64(&bytes) & 0xff_ffff_ffff
+    )
 }
 
 fn owner_uid(pod: &Pod) -> Option<String> {
@@ -161,10 +164,14 @@ impl State {
             .into_iter()
             .partition(|p| p.labels().get("pod-template-hash") == Some(&hash));
         for p in &old {
-            api.delete(&p.name_any(), &DeleteParams::default()).await.ok();
+            api.delete(&p.name_any(), &DeleteParams::default())
+                .await
+                .ok();
         }
         for p in current.iter().skip(replicas) {
-            api.delete(&p.name_any(), &DeleteParams::default()).await.ok();
+            api.delete(&p.name_any(), &DeleteParams::default())
+                .await
+                .ok();
         }
         // Recreate: nothing new while a process of this Deployment is still stopping.
         let stopping = self
@@ -206,7 +213,9 @@ impl State {
                 Ok(pod) => {
                     api.create(&PostParams::default(), &pod).await?;
                 }
-                Err(e) => tracing::warn!(deployment = %d.name_any(), error = %e, "cannot build a pod"),
+                Err(e) => {
+                    tracing::warn!(deployment = %d.name_any(), error = %e, "cannot build a pod")
+                }
             }
         }
         Ok(())
@@ -229,7 +238,10 @@ impl State {
             .iter()
             .filter(|p| {
                 p.labels().get("pod-template-hash") == Some(&hash)
-                    && self.procs.get(&p.uid().unwrap_or_default()).is_some_and(|pr| pr.ready)
+                    && self
+                        .procs
+                        .get(&p.uid().unwrap_or_default())
+                        .is_some_and(|pr| pr.ready)
             })
             .count() as i32;
         let status = json!({
@@ -348,7 +360,11 @@ impl State {
     async fn tend(&mut self, uid: &str, pod: &Pod) {
         let max_backoff = self.opts.max_backoff;
         let exe = self.opts.sjob_exe.clone();
-        let container = pod.spec.as_ref().and_then(|s| s.containers.first()).cloned();
+        let container = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.first())
+            .cloned();
         let configmaps = match &container {
             Some(_) => self.volumes(pod).await,
             None => Ok(Vec::new()),
@@ -371,8 +387,8 @@ impl State {
             p.child = None;
             p.ready = false;
             p.restart_count += 1;
-            let backoff = Duration::from_millis(500 << p.restart_count.clamp(1, 8) as u32)
-                .min(max_backoff);
+            let backoff =
+                Duration::from_millis(500 << p.restart_count.clamp(1, 8) as u32).min(max_backoff);
             p.restart_at = Some(Instant::now() + backoff);
             tracing::info!(pod = %p.pod, code, restarts = p.restart_count, "container exited; restarting after {backoff:?}");
         }
@@ -388,7 +404,9 @@ impl State {
                 }
                 Err(e) => {
                     tracing::warn!(pod = %p.pod, error = %e, "cannot start the container");
-                    p.last_exit = Some(json!({"terminated": {"exitCode": 128, "reason": "StartError", "message": e}}));
+                    p.last_exit = Some(
+                        json!({"terminated": {"exitCode": 128, "reason": "StartError", "message": e}}),
+                    );
                     p.restart_count += 1;
                     p.restart_at = Some(Instant::now() + max_backoff);
                 }
@@ -572,7 +590,13 @@ fn start_container(
     };
     let mut cmd = Command::new(exe);
     cmd.args(command[1..].iter().map(|a| rewrite(a)));
-    cmd.args(c.args.clone().unwrap_or_default().iter().map(|a| rewrite(a)));
+    cmd.args(
+        c.args
+            .clone()
+            .unwrap_or_default()
+            .iter()
+            .map(|a| rewrite(a)),
+    );
     for e in c.env.clone().unwrap_or_default() {
         let value = match (&e.value, &e.value_from) {
             (Some(v), _) => rewrite(v),

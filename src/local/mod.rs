@@ -1,4 +1,6 @@
 //! The local control plane: what `sjob local` and the end-to-end tests run the operator against.
 
+pub mod apiserver;
+pub mod cluster;
 pub mod kubelet;
 pub mod sink_check;

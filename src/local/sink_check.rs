@@ -111,8 +111,20 @@ mod tests {
         assert_eq!(log.latest()["a"], 2);
         let problems = log.exactly_once(2, 2);
         assert_eq!(problems.len(), 3, "{problems:?}");
-        assert!(problems.iter().any(|p| p.contains("key b: 1 counts written twice")));
-        assert!(problems.iter().any(|p| p.contains("key b: 1 of the counts 1..3 missing")));
-        assert!(problems.iter().any(|p| p.contains("key b: final count 3, expected 2")));
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("key b: 1 counts written twice"))
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("key b: 1 of the counts 1..3 missing"))
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("key b: final count 3, expected 2"))
+        );
     }
 }

@@ -235,12 +235,7 @@ mod tests {
             job.checkpoints.as_ref().map(|c| c.dir.as_str()),
             Some("/data/sp/checkpoints")
         );
-        let pod = deploy
-            .spec
-            .template
-            .spec
-            .as_ref()
-            .unwrap();
+        let pod = deploy.spec.template.spec.as_ref().unwrap();
         let args = pod.containers[0].args.clone().unwrap();
         let joined = args.join(" ");
         assert!(
@@ -255,13 +250,7 @@ mod tests {
             "u-1"
         );
         assert_eq!(
-            deploy
-                .spec
-                .strategy
-                .as_ref()
-                .unwrap()
-                .type_
-                .as_deref(),
+            deploy.spec.strategy.as_ref().unwrap().type_.as_deref(),
             Some("Recreate")
         );
         assert_eq!(svc.spec.unwrap().ports.unwrap()[0].port, 8081);
