@@ -291,7 +291,9 @@ async fn removing_a_stateful_operator_is_blocked_until_allowed() {
     let (status, reason, message) = condition(&sj, "Degraded").unwrap();
     assert_eq!(
         (status.as_str(), reason.as_str()),
-        ("True", "PreflightFailed")
+        ("True", "PreflightFailed"),
+        "{message}\n{}",
+        env.operator_log()
     );
     assert!(message.contains("counter"), "{message}");
     assert_eq!(job_id(&sj), first, "the old job keeps running");

@@ -510,20 +510,15 @@ impl Planner<'_> {
             format!("rolling out spec {}", self.desired),
         );
         match self.spec.upgrade.mode {
-            UpgradeMode::Savepoint => match self.newest_snapshot() {
-                Some(snapshot) => {
-                    self.start_stage(UpgradeStage::Preflight);
-                    self.actions.push(Action::Preflight { snapshot });
-                    self.requeue_s = 1;
+            UpgradeMode::Savepoint => {
+                self.start_stage(UpgradeStage::Preflight);
+                self.requeue_s = 1;
+                match self.newest_snapshot() {
+                    Some(snapshot) => self.actions.push(Action::Preflight { snapshot }),
+                    // Nothing to check against yet: wait for the running job's first checkpoint.
+                    None => self.requeue_s = 2,
                 }
-                None => {
-                    // Nothing to check against yet: the savepoint of the stop is checked before
-                    // the old version is removed (see Savepointing).
-                    self.start_stage(UpgradeStage::Savepointing);
-                    self.actions.push(Action::StopWithSavepoint);
-                    self.requeue_s = 2;
-                }
-            },
+            }
             UpgradeMode::LastState => {
                 let from = self.obs.latest_checkpoint.clone();
                 self.start_stage(UpgradeStage::Verifying);
@@ -578,12 +573,35 @@ impl Planner<'_> {
         }
         match stage {
             UpgradeStage::Preflight => match &self.obs.preflight {
-                None => {
-                    if let Some(snapshot) = self.newest_snapshot() {
+                None => match self.newest_snapshot() {
+                    Some(snapshot) => {
                         self.actions.push(Action::Preflight { snapshot });
+                        self.requeue_s = 1;
                     }
-                    self.requeue_s = 1;
-                }
+                    None if self.stage_elapsed()
+                        >= seconds(&self.spec.upgrade.savepoint_timeout, 600) as i64 =>
+                    {
+                        // No checkpoint ever came (checkpointing off?): go on unchecked; a new
+                        // version that cannot take the savepoint is rolled back from it.
+                        self.event(
+                            true,
+                            "PreflightSkipped",
+                            "the running job has no checkpoint or savepoint to check the new job graph against; stopping it with a savepoint unchecked",
+                        );
+                        self.start_stage(UpgradeStage::Savepointing);
+                        self.actions.push(Action::StopWithSavepoint);
+                        self.requeue_s = 2;
+                    }
+                    None => {
+                        self.condition(
+                            "Progressing",
+                            true,
+                            "WaitingForCheckpoint",
+                            "waiting for the running job's first checkpoint to check the new job graph against",
+                        );
+                        self.requeue_s = 2;
+                    }
+                },
                 Some(problems) if problems.is_empty() => {
                     self.start_stage(UpgradeStage::Savepointing);
                     self.actions.push(Action::StopWithSavepoint);
@@ -988,6 +1006,31 @@ mod tests {
         assert!(p.actions.is_empty(), "{:?}", p.actions);
         assert_eq!(condition(&p.status, "Ready").0, "True");
         assert_eq!(p.status, status, "a second look changes nothing");
+    }
+
+    #[test]
+    fn without_a_snapshot_the_preflight_waits_for_the_first_checkpoint() {
+        let status = stable(&v1());
+        let mut o = obs(running(&v1(), None));
+        o.latest_checkpoint = None;
+        let p = plan(&v2(), 2, &status, &o);
+        assert!(p.actions.is_empty(), "nothing stopped yet: {:?}", p.actions);
+        assert_eq!(p.status.upgrade.as_ref().unwrap().stage, UpgradeStage::Preflight);
+        let waiting = plan(&v2(), 2, &p.status, &o);
+        assert!(waiting.actions.is_empty(), "{:?}", waiting.actions);
+        assert_eq!(condition(&waiting.status, "Progressing").1, "WaitingForCheckpoint");
+        // The checkpoint arrives: it is checked.
+        o.latest_checkpoint = Some("/chk/job/chk-1".into());
+        let p2 = plan(&v2(), 2, &p.status, &o);
+        assert_eq!(p2.actions, vec![Action::Preflight { snapshot: "/chk/job/chk-1".into() }]);
+        // None ever comes: after the savepoint timeout it goes on, saying so.
+        o.latest_checkpoint = None;
+        o.now_s += 601;
+        let p3 = plan(&v2(), 2, &p.status, &o);
+        assert!(p3.actions.contains(&Action::StopWithSavepoint), "{:?}", p3.actions);
+        assert!(p3.actions.iter().any(
+            |a| matches!(a, Action::Event { reason, .. } if reason == "PreflightSkipped")
+        ));
     }
 
     #[test]
