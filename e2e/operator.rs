@@ -343,7 +343,8 @@ async fn a_crashing_version_is_rolled_back_from_the_same_savepoint() {
     let sj = env
         .wait("counting", "rolled back", 120, |sj| {
             let st = sj.status.as_ref();
-            phase(sj) == Some(Phase::Running)
+            // Blocked: the last stable spec runs, the desired one is rejected.
+            phase(sj) == Some(Phase::Blocked)
                 && job_id(sj) != first
                 && st.is_some_and(|s| s.upgrade.is_none() && s.rejected_spec_hash.is_some())
         })

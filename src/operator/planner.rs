@@ -373,10 +373,14 @@ impl Planner<'_> {
         let running_hash = engine.spec_hash().map(str::to_owned);
         let changed = running_hash.as_deref() != Some(self.desired.as_str());
         if changed && self.status.rejected_spec_hash.as_deref() == Some(self.desired.as_str()) {
-            // This version already failed; keep the last stable one running.
-            self.status.phase = Some(Phase::Blocked);
-            self.requeue_s = 60;
-            return;
+            // This version already failed; keep the last stable one running. (One that ends or
+            // breaks is looked after as below.)
+            if let EngineObs::Running { job_id, .. } = engine {
+                self.status.phase = Some(Phase::Blocked);
+                self.status.job_id = Some(job_id.clone());
+                self.requeue_s = 60;
+                return;
+            }
         }
         if changed && matches!(engine, EngineObs::Running { .. }) {
             return self.begin_upgrade();
