@@ -441,7 +441,7 @@ fn upgraded_from(first: String) -> impl Fn(&StatefulJob) -> bool {
 async fn rescales_two_to_four_to_one_with_every_count_kept() {
     let env = Env::start().await;
     let sink = env.path("out");
-    let (records, keys) = (300_000, 64);
+    let (records, keys) = (320_000, 64);
     let job = counting_job(&sink, records, keys, 15_000, vec![]);
     env.apply("counting", json!({"job": job.clone(), "parallelism": 2}))
         .await;
@@ -659,7 +659,8 @@ async fn retention_keeps_the_newest_and_the_restored_from() {
     assert_eq!(
         on_disk.len(),
         3,
-        "files of deleted savepoints disposed: {on_disk:?}"
+        "files of deleted savepoints disposed: {on_disk:?}\n{}",
+        env.operator_log()
     );
     env.stop().await;
 }

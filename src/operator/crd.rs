@@ -158,8 +158,8 @@ pub struct SavepointsSpec {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RetentionSpec {
-    /// Keep at most this many completed savepoints (never the one the job restored from, nor
-    /// the newest).
+    /// Keep at most this many completed savepoints. The one the job restored from and the
+    /// newest are never deleted and count towards this number.
     #[serde(default = "default_max_count")]
     #[schemars(range(min = 1))]
     pub max_count: u32,

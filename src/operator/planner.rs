@@ -451,6 +451,8 @@ impl Planner<'_> {
                     };
                 self.status.observed_savepoint_trigger_nonce = s.savepoint_trigger_nonce;
                 self.record_savepoint(path, trigger);
+                // Look again soon: retention then counts the new Savepoint object.
+                self.requeue_s = self.requeue_s.min(1);
             }
             Some(TriggerObs::Failed { cause }) => {
                 self.status.observed_savepoint_trigger_nonce = s.savepoint_trigger_nonce;
@@ -875,17 +877,27 @@ pub fn retention(
 ) -> Vec<String> {
     let mut sorted: Vec<&SavepointObs> = savepoints.iter().collect();
     sorted.sort_by(|a, b| b.completed_s.cmp(&a.completed_s).then(b.name.cmp(&a.name)));
-    sorted
+    let protected = |i: usize, sp: &SavepointObs| i == 0 || Some(sp.path.as_str()) == restored_from;
+    // The protected ones count towards maxCount; the rest of it goes to the newest others.
+    let protected_count = sorted
         .iter()
         .enumerate()
-        .filter(|(i, sp)| {
-            let protected = *i == 0 || Some(sp.path.as_str()) == restored_from;
-            let too_many = *i >= max_count.max(1) as usize;
-            let too_old = max_age_s.is_some_and(|age| now_s - sp.completed_s > age);
-            !protected && (too_many || too_old)
-        })
-        .map(|(_, sp)| sp.name.clone())
-        .collect()
+        .filter(|(i, sp)| protected(*i, sp))
+        .count();
+    let mut room = (max_count.max(1) as usize).saturating_sub(protected_count);
+    let mut doomed = Vec::new();
+    for (i, sp) in sorted.into_iter().enumerate() {
+        if protected(i, sp) {
+            continue;
+        }
+        let too_old = max_age_s.is_some_and(|age| now_s - sp.completed_s > age);
+        if !too_old && room > 0 {
+            room -= 1;
+        } else {
+            doomed.push(sp.name.clone());
+        }
+    }
+    doomed
 }
 
 #[cfg(test)]
@@ -1019,22 +1031,39 @@ mod tests {
         o.latest_checkpoint = None;
         let p = plan(&v2(), 2, &status, &o);
         assert!(p.actions.is_empty(), "nothing stopped yet: {:?}", p.actions);
-        assert_eq!(p.status.upgrade.as_ref().unwrap().stage, UpgradeStage::Preflight);
+        assert_eq!(
+            p.status.upgrade.as_ref().unwrap().stage,
+            UpgradeStage::Preflight
+        );
         let waiting = plan(&v2(), 2, &p.status, &o);
         assert!(waiting.actions.is_empty(), "{:?}", waiting.actions);
-        assert_eq!(condition(&waiting.status, "Progressing").1, "WaitingForCheckpoint");
+        assert_eq!(
+            condition(&waiting.status, "Progressing").1,
+            "WaitingForCheckpoint"
+        );
         // The checkpoint arrives: it is checked.
         o.latest_checkpoint = Some("/chk/job/chk-1".into());
         let p2 = plan(&v2(), 2, &p.status, &o);
-        assert_eq!(p2.actions, vec![Action::Preflight { snapshot: "/chk/job/chk-1".into() }]);
+        assert_eq!(
+            p2.actions,
+            vec![Action::Preflight {
+                snapshot: "/chk/job/chk-1".into()
+            }]
+        );
         // None ever comes: after the savepoint timeout it goes on, saying so.
         o.latest_checkpoint = None;
         o.now_s += 601;
         let p3 = plan(&v2(), 2, &p.status, &o);
-        assert!(p3.actions.contains(&Action::StopWithSavepoint), "{:?}", p3.actions);
-        assert!(p3.actions.iter().any(
-            |a| matches!(a, Action::Event { reason, .. } if reason == "PreflightSkipped")
-        ));
+        assert!(
+            p3.actions.contains(&Action::StopWithSavepoint),
+            "{:?}",
+            p3.actions
+        );
+        assert!(
+            p3.actions
+                .iter()
+                .any(|a| matches!(a, Action::Event { reason, .. } if reason == "PreflightSkipped"))
+        );
     }
 
     #[test]
@@ -1392,14 +1421,14 @@ mod tests {
             completed_s: T0 - 1000 * (5 - n),
         };
         let all: Vec<_> = (1..=5).map(sp).collect();
-        // maxCount 3: sp1 and sp2 go, unless the job restored from sp1.
+        // maxCount 3: sp1 and sp2 go; when the job restored from sp1, it is one of the three.
         assert_eq!(
             retention(&all, 3, None, None, T0),
             vec!["sp2".to_owned(), "sp1".to_owned()]
         );
         assert_eq!(
             retention(&all, 3, None, Some("/sp/1"), T0),
-            vec!["sp2".to_owned()]
+            vec!["sp3".to_owned(), "sp2".to_owned()]
         );
         // maxAge 1500 s: everything older than sp4, but never the newest even if old.
         assert_eq!(
@@ -1418,7 +1447,10 @@ mod tests {
         let p = plan(&s, 1, &stable(&v1()), &o);
         assert_eq!(
             p.actions,
-            vec![Action::DeleteSavepoint { name: "sp2".into() }]
+            vec![
+                Action::DeleteSavepoint { name: "sp3".into() },
+                Action::DeleteSavepoint { name: "sp2".into() }
+            ]
         );
     }
 
