@@ -10,7 +10,8 @@
 #   RUST_VERSION    the Rust toolchain of the builder (the crate is edition 2024 and uses
 #                   let-chains: 1.88 or newer). Pinned so that builds are reproducible.
 #   DEBIAN_RELEASE  the builder's Debian release; it must match the runtime image's C library
-#                   (bookworm = Debian 12 = distroless cc-debian12).
+#                   (bookworm = Debian 12 = distroless cc-debian12; for Debian 13 pass
+#                   DEBIAN_RELEASE=trixie and RUNTIME_IMAGE=gcr.io/distroless/cc-debian13:nonroot).
 #   RUNTIME_IMAGE   the final base image. The default is distroless with glibc and libgcc,
 #                   running as the `nonroot` user (uid 65532) with no shell. For an image with
 #                   a shell use `--build-arg RUNTIME_IMAGE=debian:bookworm-slim` (the user
