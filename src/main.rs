@@ -70,7 +70,11 @@ enum Command {
     #[command(subcommand)]
     Savepoints(SavepointsCommand),
     /// Print the CustomResourceDefinitions (StatefulJob, Savepoint) as YAML.
-    Crd,
+    Crd {
+        /// Print the field reference (README's Reference section) as Markdown instead.
+        #[arg(long)]
+        reference: bool,
+    },
     /// Run the Kubernetes operator (in a cluster, or against any kubeconfig).
     Operator(operator_cmd::OperatorArgs),
     /// A local control plane with the operator and engine processes on this machine, no
@@ -460,7 +464,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Savepoints(cmd) => savepoints(cmd),
-        Command::Crd => sjob::operator::crd::crds_yaml()
+        Command::Crd { reference: true } => {
+            print!("{}", sjob::operator::reference::reference_markdown());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Crd { reference: false } => sjob::operator::crd::crds_yaml()
             .map(|y| {
                 print!("{y}");
                 ExitCode::SUCCESS

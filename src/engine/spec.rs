@@ -59,8 +59,10 @@ macro_rules! operator_specs {
                 /// Stable identity of the operator's state across job versions.
                 #[serde(default, skip_serializing_if = "Option::is_none")]
                 pub uid: Option<String>,
+                /// Shown by `sjob list`, the REST API and metrics; the kind when absent.
                 #[serde(default, skip_serializing_if = "Option::is_none")]
                 pub name: Option<String>,
+                /// This operator's parallelism; the job's default when absent.
                 #[serde(default, skip_serializing_if = "Option::is_none")]
                 pub parallelism: Option<u32>,
                 $( $(#[$fmeta])* pub $field: $ty, )*
@@ -136,6 +138,7 @@ operator_specs! {
     /// (or `"<keyPrefix><i mod keys>"`), `value = i mod 1000`, `ts = i * timestampStepMs`.
     /// Records are dealt to `splits` splits (`i mod splits`); each split's position is state.
     Generator(GeneratorSpec, "generator") {
+        /// Number of distinct keys.
         #[serde(default = "default_keys")]
         keys: u64,
         /// Total records; unbounded when absent.
@@ -144,10 +147,13 @@ operator_specs! {
         /// Records per second over all subtasks; unlimited when absent.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         rate: Option<f64>,
+        /// Number of splits the records are dealt to (each split's position is state).
         #[serde(default = "default_splits")]
         splits: u32,
+        /// Event-time step between consecutive records, in milliseconds.
         #[serde(default = "default_ts_step")]
         timestamp_step_ms: i64,
+        /// Makes keys strings: `<keyPrefix><i mod keys>`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         key_prefix: Option<String>,
         /// Adds a `payload` string field of this many bytes (the index in hex, padded).
@@ -157,59 +163,77 @@ operator_specs! {
     /// Newline-delimited JSON objects (or text lines as `{"line": …}`) from a file or from
     /// every file of a directory; each file's byte offset is state.
     FileSource(FileSourceSpec, "fileSource") {
+        /// A file, or a directory whose files are all read.
         path: String,
+        /// `json` (one object per line) or `text` (each line as `{"line": …}`).
         #[serde(default)]
         format: FileFormat,
     }
     /// Sets fields from CEL expressions over the record's fields; drops fields.
     Map(MapSpec, "map") {
+        /// Fields to set, each from a CEL expression.
         #[serde(default)]
         set: Vec<FieldExpr>,
+        /// Fields to remove.
         #[serde(default)]
         drop: Vec<String>,
     }
     /// Keeps records for which the CEL expression is true.
     Filter(FilterSpec, "filter") {
+        /// CEL expression over the record's fields; records for which it is false are dropped.
         expr: String,
     }
     /// Partitions the stream by a field; the operators after it keep state per key.
     KeyBy(KeyBySpec, "keyBy") {
+        /// The field whose value is the key.
         field: String,
     }
     /// Counts records per key; emits `{key, count}` on every record.
     Count(CountSpec, "count") {}
     /// Sums a field per key; emits `{key, sum}`.
     Sum(AggSpec, "sum") {
+        /// The field to sum.
         field: String,
+        /// `int` or `float`.
         #[serde(rename = "type", default = "default_num_type")]
         ty: NumType,
     }
     /// Minimum of a field per key; emits `{key, min}`.
     Min(MinSpec, "min") {
+        /// The field whose minimum is kept.
         field: String,
+        /// `int`, `float` or `string` (lexicographic).
         #[serde(rename = "type", default = "default_num_type")]
         ty: NumType,
     }
     /// Maximum of a field per key; emits `{key, max}`.
     Max(MaxSpec, "max") {
+        /// The field whose maximum is kept.
         field: String,
+        /// `int`, `float` or `string` (lexicographic).
         #[serde(rename = "type", default = "default_num_type")]
         ty: NumType,
     }
     /// A per-key accumulator with declared fields, updated by CEL expressions that see the
     /// record's fields and `acc` (the accumulator before this record); emits `{key, …fields}`.
     Reduce(ReduceSpec, "reduce") {
+        /// The accumulator's fields (its state schema), each updated by a CEL expression.
         fields: Vec<ReduceField>,
     }
     /// Event-time tumbling (or, with `slide`, sliding) windows per key over `timeField`;
     /// emits `{key, windowStart, windowEnd, <aggregate>}` when the watermark passes the end.
     Window(WindowSpec, "window") {
+        /// Window length, e.g. `1s`, `5m`.
         size: String,
+        /// Slide of sliding windows; tumbling windows when absent.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         slide: Option<String>,
+        /// The record field with the event time, in milliseconds.
         #[serde(default = "default_time_field")]
         time_field: String,
+        /// What each window computes.
         aggregate: WindowAggregate,
+        /// The field aggregated (not used by `count`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         field: Option<String>,
     }
@@ -218,6 +242,7 @@ operator_specs! {
     /// Writes JSON lines under `path`, exactly once: a part file becomes visible only when
     /// the checkpoint or savepoint that covers it completes (or the input ends).
     FileSink(FileSinkSpec, "fileSink") {
+        /// Directory of the committed part files (`.pending/` under it holds the others).
         path: String,
     }
     /// Prints JSON lines to standard output as records arrive (at least once).
@@ -296,20 +321,25 @@ pub enum WindowAggregate {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FieldExpr {
+    /// The field to set.
     pub field: String,
+    /// CEL expression giving its value.
     pub expr: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReduceField {
+    /// The accumulator field's name.
     pub name: String,
+    /// Its type; `any` accepts every value.
     #[serde(rename = "type")]
     pub ty: crate::savepoint::schema::FieldType,
     /// The value before the first record; also how existing state gains a new field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "any_scalar")]
     pub default: Option<serde_json::Value>,
+    /// CEL expression for the new value; sees the record's fields and `acc`.
     pub expr: String,
 }
 

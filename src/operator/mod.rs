@@ -7,5 +7,6 @@ pub mod engine_client;
 pub mod lease;
 pub mod metrics;
 pub mod planner;
+pub mod reference;
 pub mod resources;
 pub mod runner;
