@@ -300,9 +300,25 @@ async fn handle(
         Some(v) => v.strip_prefix("Bearer ").unwrap_or_default(),
         None => ctx.anonymous.as_deref().unwrap_or_default(),
     };
-    let Some(user) = ctx.users.get(token) else {
+    let Some(mut user) = ctx.users.get(token) else {
         return error_response(&ApiError::new(401, "Unauthorized", "Unauthorized"));
     };
+    // Impersonation (`kubectl --as NAME`), for users without RBAC limits.
+    if let Some(name) = headers
+        .get("impersonate-user")
+        .and_then(|v| v.to_str().ok())
+    {
+        match ctx.users.values().find(|u| u.name == name) {
+            Some(other) if user.rules.is_none() => user = other,
+            _ => {
+                return error_response(&ApiError::new(
+                    403,
+                    "Forbidden",
+                    format!("User {:?} cannot impersonate user {name:?}", user.name),
+                ));
+            }
+        }
+    }
     let kinds = ctx.store.kinds();
     let (group, version, rest): (&str, &str, &[&str]) = match segs.as_slice() {
         ["debug", "requests"] => return json_response(200, &request_counts(&ctx)),
