@@ -90,7 +90,7 @@ pub fn run(args: OperatorArgs) -> Result<ExitCode> {
                 port: args.engine_port,
             },
             identity,
-            leader_election: args.leader_elect.then(|| LeaderElection {
+            leader_election: args.leader_elect.then_some(LeaderElection {
                 namespace: args.lease_namespace,
                 lease_name: args.lease_name,
                 duration: args.lease_duration,

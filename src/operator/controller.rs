@@ -864,7 +864,7 @@ async fn take_requested_savepoint(sp: &Savepoint, ctx: &Context) -> Result<Actio
     let ns = sp.namespace().unwrap_or_else(|| "default".into());
     match status.state {
         Some(SavepointState::Completed) | Some(SavepointState::Failed) => {
-            return Ok(Action::await_change());
+            Ok(Action::await_change())
         }
         None | Some(SavepointState::Pending) => {
             if let Some(path) = &sp.spec.path {

@@ -45,7 +45,18 @@ impl Kind {
     }
 }
 
-const BUILTIN: &[(&str, &str, &str, &str, bool, bool, &[&str])] = &[
+/// group, version, plural, kind, namespaced, has a status subresource, short names.
+type Builtin = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    bool,
+    bool,
+    &'static [&'static str],
+);
+
+const BUILTIN: &[Builtin] = &[
     ("", "v1", "pods", "Pod", true, true, &["po"]),
     ("", "v1", "services", "Service", true, true, &["svc"]),
     ("", "v1", "configmaps", "ConfigMap", true, false, &["cm"]),

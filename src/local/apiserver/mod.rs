@@ -256,7 +256,7 @@ fn parse_target<'a>(
         .iter()
         .find(|k| k.group == group && k.version == version && k.plural == plural)?
         .clone();
-    if kind.namespaced == false && namespace.is_some()
+    if !kind.namespaced && namespace.is_some()
         || kind.namespaced && namespace.is_none() && name.is_some()
     {
         return None;

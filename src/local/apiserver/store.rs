@@ -97,6 +97,9 @@ pub struct Change {
     pub object: Value,
 }
 
+/// A watch's start: the changes to replay, and the receiver of those to come.
+pub type Watch = (Vec<Arc<Change>>, broadcast::Receiver<Arc<Change>>);
+
 /// How a PATCH body is to be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PatchType {
@@ -263,11 +266,7 @@ impl Store {
 
     /// The changes after `from` (or, without `from`, every object as ADDED) and a receiver
     /// of those to come. `Err` when `from` is older than the kept history.
-    pub fn watch(
-        &self,
-        kind: &Kind,
-        from: Option<u64>,
-    ) -> Result<(Vec<Arc<Change>>, broadcast::Receiver<Arc<Change>>), u64> {
+    pub fn watch(&self, kind: &Kind, from: Option<u64>) -> Result<Watch, u64> {
         let st = self.lock();
         let rx = self.changes.subscribe();
         let replay = match from {
@@ -498,7 +497,7 @@ fn validate_crd(kind: &Kind, name: &str, obj: &Value) -> Result<(), ApiError> {
             ));
         }
     }
-    if !spec["versions"].as_array().is_some_and(|v| !v.is_empty()) {
+    if spec["versions"].as_array().is_none_or(|v| v.is_empty()) {
         return Err(ApiError::invalid(
             kind,
             name,
