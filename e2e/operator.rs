@@ -99,6 +99,13 @@ impl Env {
             .unwrap();
     }
 
+    /// Applies the spec and waits for the job to run.
+    async fn apply_running(&self, name: &str, spec: Value) -> StatefulJob {
+        self.apply(name, spec).await;
+        self.wait(name, "Running", 60, |sj| phase(sj) == Some(Phase::Running))
+            .await
+    }
+
     async fn wait(
         &self,
         name: &str,
@@ -190,16 +197,12 @@ async fn deploys_and_upgrades_through_a_savepoint_without_losing_a_count() {
     let env = Env::start().await;
     let sink = env.path("out");
     let (records, keys) = (300_000, 50);
-    env.apply(
-        "counting",
-        json!({"job": counting_job(&sink, records, keys, 20_000, vec![])}),
-    )
-    .await;
     // 1. Deployed: Ready, a job id in the status.
     let sj = env
-        .wait("counting", "Running", 60, |sj| {
-            phase(sj) == Some(Phase::Running)
-        })
+        .apply_running(
+            "counting",
+            json!({"job": counting_job(&sink, records, keys, 20_000, vec![])}),
+        )
         .await;
     let first = job_id(&sj);
     assert_eq!(first.len(), 32, "{:?}", sj.status);
@@ -265,15 +268,11 @@ async fn deploys_and_upgrades_through_a_savepoint_without_losing_a_count() {
 async fn removing_a_stateful_operator_is_blocked_until_allowed() {
     let env = Env::start().await;
     let sink = env.path("out");
-    env.apply(
-        "counting",
-        json!({"job": counting_job(&sink, 10_000_000, 50, 5_000, vec![])}),
-    )
-    .await;
     let sj = env
-        .wait("counting", "Running", 60, |sj| {
-            phase(sj) == Some(Phase::Running)
-        })
+        .apply_running(
+            "counting",
+            json!({"job": counting_job(&sink, 10_000_000, 50, 5_000, vec![])}),
+        )
         .await;
     let first = job_id(&sj);
     // Without the count, the state of uid "counter" has nowhere to go.
@@ -377,12 +376,7 @@ async fn a_killed_engine_resumes_from_its_newest_checkpoint() {
     let (records, keys) = (250_000, 20);
     let mut job = counting_job(&sink, records, keys, 15_000, vec![]);
     job["checkpoints"] = json!({"interval": "1s", "dir": env.path("checkpoints")});
-    env.apply("counting", json!({"job": job})).await;
-    let sj = env
-        .wait("counting", "Running", 60, |sj| {
-            phase(sj) == Some(Phase::Running)
-        })
-        .await;
+    let sj = env.apply_running("counting", json!({"job": job})).await;
     let id = job_id(&sj);
     tokio::time::sleep(Duration::from_secs(4)).await;
     let killed = std::process::Command::new("pkill")
@@ -443,12 +437,8 @@ async fn rescales_two_to_four_to_one_with_every_count_kept() {
     let sink = env.path("out");
     let (records, keys) = (320_000, 64);
     let job = counting_job(&sink, records, keys, 15_000, vec![]);
-    env.apply("counting", json!({"job": job.clone(), "parallelism": 2}))
-        .await;
     let sj = env
-        .wait("counting", "Running", 60, |sj| {
-            phase(sj) == Some(Phase::Running)
-        })
+        .apply_running("counting", json!({"job": job.clone(), "parallelism": 2}))
         .await;
     let mut id = job_id(&sj);
     for p in [4, 1] {
@@ -489,16 +479,12 @@ async fn an_unwritable_savepoint_target_keeps_the_old_job_until_fixed() {
     let sink = env.path("out");
     let good = env.path("savepoints");
     let (records, keys) = (300_000, 20);
-    env.apply(
-        "counting",
-        json!({"job": counting_job(&sink, records, keys, 10_000, vec![]),
-               "savepoints": {"dir": good}}),
-    )
-    .await;
     let sj = env
-        .wait("counting", "Running", 60, |sj| {
-            phase(sj) == Some(Phase::Running)
-        })
+        .apply_running(
+            "counting",
+            json!({"job": counting_job(&sink, records, keys, 10_000, vec![]),
+               "savepoints": {"dir": good}}),
+        )
         .await;
     let first = job_id(&sj);
     // A directory under a regular file cannot be created, not even by root.
@@ -545,15 +531,11 @@ async fn an_operator_killed_mid_upgrade_finishes_it_after_restart() {
     let mut env = Env::start().await;
     let sink = env.path("out");
     let (records, keys) = (300_000, 20);
-    env.apply(
-        "counting",
-        json!({"job": counting_job(&sink, records, keys, 15_000, vec![])}),
-    )
-    .await;
     let sj = env
-        .wait("counting", "Running", 60, |sj| {
-            phase(sj) == Some(Phase::Running)
-        })
+        .apply_running(
+            "counting",
+            json!({"job": counting_job(&sink, records, keys, 15_000, vec![])}),
+        )
         .await;
     let first = job_id(&sj);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -598,15 +580,11 @@ async fn retention_keeps_the_newest_and_the_restored_from() {
     let sink = env.path("out");
     let dir = env.path("savepoints");
     let job = counting_job(&sink, 10_000_000, 20, 5_000, vec![]);
-    env.apply(
-        "counting",
-        json!({"job": job.clone(), "savepoints": {"dir": dir}}),
-    )
-    .await;
     let sj = env
-        .wait("counting", "Running", 60, |sj| {
-            phase(sj) == Some(Phase::Running)
-        })
+        .apply_running(
+            "counting",
+            json!({"job": job.clone(), "savepoints": {"dir": dir}}),
+        )
         .await;
     // An upgrade: the new job restores from its savepoint, which retention must keep.
     let map = json!({"kind": "map", "set": [{"field": "doubled", "expr": "count * 2"}]});
@@ -732,15 +710,11 @@ async fn of_two_operator_replicas_only_the_leader_acts() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let b = env.spawn_operator(&[&elect[..], &["--identity", "op-b"]].concat());
     let sink = env.path("out");
-    env.apply(
-        "counting",
-        json!({"job": counting_job(&sink, 10_000_000, 20, 5_000, vec![])}),
-    )
-    .await;
     let sj = env
-        .wait("counting", "Running", 60, |sj| {
-            phase(sj) == Some(Phase::Running)
-        })
+        .apply_running(
+            "counting",
+            json!({"job": counting_job(&sink, 10_000_000, 20, 5_000, vec![])}),
+        )
         .await;
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(env.cluster().client(), "default");

@@ -129,6 +129,23 @@ async fn serve(cluster: &LocalCluster) -> Result<ExitCode> {
 const DEMO_KEYS: i64 = 20;
 const DEMO_RECORDS: i64 = 600_000;
 
+/// Applies the demo StatefulJob, as `kubectl apply --server-side` would.
+async fn apply_demo(api: &Api<StatefulJob>, sink: &Path, with_map: bool) -> Result<()> {
+    let manifest = serde_json::json!({
+        "apiVersion": "sjob.dev/v1alpha1", "kind": "StatefulJob",
+        "metadata": {"name": "demo", "namespace": "default"},
+        "spec": {"job": demo_job(sink, with_map), "savepoints": {"retention": {"maxCount": 3}}},
+    });
+    api.patch(
+        "demo",
+        &PatchParams::apply("sjob-demo").force(),
+        &Patch::Apply(&manifest),
+    )
+    .await
+    .context("applying the StatefulJob demo")?;
+    Ok(())
+}
+
 fn demo_job(sink: &Path, with_map: bool) -> serde_json::Value {
     let mut ops = vec![
         serde_json::json!({"kind": "generator", "uid": "source", "keys": DEMO_KEYS, "keyPrefix": "user-", "count": DEMO_RECORDS, "rate": 20000}),
@@ -202,17 +219,7 @@ async fn demo(cluster: &LocalCluster) -> Result<ExitCode> {
         "1. deploying StatefulJob 'demo': {DEMO_RECORDS} clicks over {DEMO_KEYS} users, counted per user, written exactly once to {}",
         sink.display()
     );
-    let manifest = serde_json::json!({
-        "apiVersion": "sjob.dev/v1alpha1", "kind": "StatefulJob",
-        "metadata": {"name": "demo", "namespace": "default"},
-        "spec": {"job": demo_job(&sink, false), "savepoints": {"retention": {"maxCount": 3}}},
-    });
-    api.patch(
-        "demo",
-        &PatchParams::apply("sjob-demo").force(),
-        &Patch::Apply(&manifest),
-    )
-    .await?;
+    apply_demo(&api, &sink, false).await?;
     let sj = wait_phase(&api, "demo", Duration::from_secs(60), |sj| {
         sj.status.as_ref().and_then(|s| s.phase) == Some(Phase::Running)
     })
@@ -222,18 +229,8 @@ async fn demo(cluster: &LocalCluster) -> Result<ExitCode> {
     println!("2. letting it count for 8 seconds");
     tokio::time::sleep(Duration::from_secs(8)).await;
     println!("3. changing the pipeline: a map after the count (kubectl apply of the new spec)");
-    let manifest = serde_json::json!({
-        "apiVersion": "sjob.dev/v1alpha1", "kind": "StatefulJob",
-        "metadata": {"name": "demo", "namespace": "default"},
-        "spec": {"job": demo_job(&sink, true), "savepoints": {"retention": {"maxCount": 3}}},
-    });
     let asked = Instant::now();
-    api.patch(
-        "demo",
-        &PatchParams::apply("sjob-demo").force(),
-        &Patch::Apply(&manifest),
-    )
-    .await?;
+    apply_demo(&api, &sink, true).await?;
     let sj = wait_phase(&api, "demo", Duration::from_secs(60), |sj| {
         let st = sj.status.as_ref();
         st.and_then(|s| s.phase) == Some(Phase::Running)
