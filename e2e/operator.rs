@@ -839,3 +839,60 @@ async fn kubectl_works_against_the_local_control_plane() {
     );
     cluster.shutdown().await;
 }
+
+/// Manual savepoints: by `savepointTriggerNonce`, and by creating a Savepoint object; both end
+/// as completed Savepoint objects whose files are a complete savepoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_savepoints_by_nonce_and_by_a_savepoint_object() {
+    use sjob::operator::crd::{SavepointState, SavepointTrigger};
+    let env = Env::start().await;
+    let sink = env.path("out");
+    let job = counting_job(&sink, 10_000_000, 20, 5_000, vec![]);
+    env.apply_running("counting", json!({"job": job.clone()}))
+        .await;
+    env.apply(
+        "counting",
+        json!({"job": job.clone(), "savepointTriggerNonce": 1}),
+    )
+    .await;
+    let sj = env
+        .wait("counting", "savepoint recorded", 60, |sj| {
+            sj.status.as_ref().is_some_and(|s| {
+                s.last_savepoint.is_some() && s.observed_savepoint_trigger_nonce == Some(1)
+            })
+        })
+        .await;
+    let by_nonce = sj.status.unwrap().last_savepoint.unwrap();
+    assert!(Path::new(&by_nonce.path).join("_metadata").is_file());
+    let sps: Api<Savepoint> = Api::namespaced(env.cluster().client(), "default");
+    let recorded = sps.get(&by_nonce.name).await.unwrap();
+    assert_eq!(recorded.spec.trigger, SavepointTrigger::Manual);
+    assert_eq!(recorded.spec.job_ref, "counting");
+
+    let by_hand: Savepoint = serde_json::from_value(json!({
+        "apiVersion": "sjob.dev/v1alpha1", "kind": "Savepoint",
+        "metadata": {"name": "by-hand", "namespace": "default"},
+        "spec": {"jobRef": "counting", "trigger": "manual"},
+    }))
+    .unwrap();
+    sps.create(&Default::default(), &by_hand).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let sp = sps.get("by-hand").await.unwrap();
+        let st = sp.status.clone().unwrap_or_default();
+        if st.state == Some(SavepointState::Completed) {
+            break st;
+        }
+        assert!(
+            st.state != Some(SavepointState::Failed) && Instant::now() < deadline,
+            "{st:?}\n{}",
+            env.operator_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let path = done.path.unwrap();
+    assert_ne!(path, by_nonce.path);
+    assert!(Path::new(&path).join("_metadata").is_file(), "{path}");
+    assert!(done.size_bytes.unwrap_or(0) > 0);
+    env.stop().await;
+}
