@@ -131,6 +131,17 @@ struct State {
     /// Watches may resume from any resource version at or after this one.
     floor: u64,
     dirty: bool,
+    /// Every uid some object names as its owner (a superset: entries are never removed), so a
+    /// deletion looks for dependents only when there can be any.
+    owners: std::collections::HashSet<String>,
+}
+
+fn owner_uids(obj: &Value) -> impl Iterator<Item = &str> {
+    obj.pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["uid"].as_str())
 }
 
 pub struct Store {
@@ -180,6 +191,11 @@ impl Store {
             None => Snapshot::default(),
         };
         let (changes, _) = broadcast::channel(16_384);
+        let owners = snap
+            .objects
+            .iter()
+            .flat_map(|(_, o)| owner_uids(o).map(str::to_string))
+            .collect();
         Ok(Store {
             state: Mutex::new(State {
                 rv: snap.rv,
@@ -192,6 +208,7 @@ impl Store {
                 history: VecDeque::new(),
                 floor: snap.rv,
                 dirty: false,
+                owners,
             }),
             changes,
             builtin: kinds::builtin(),
@@ -229,10 +246,17 @@ impl Store {
     pub fn kinds(&self) -> Vec<Kind> {
         let st = self.lock();
         let mut out = self.builtin.clone();
-        for (k, v) in &st.objects {
-            if k.group == "apiextensions.k8s.io" && k.resource == "customresourcedefinitions" {
-                out.extend(kinds::from_crd(v));
+        let first = ObjKey {
+            group: "apiextensions.k8s.io".into(),
+            resource: "customresourcedefinitions".into(),
+            namespace: String::new(),
+            name: String::new(),
+        };
+        for (k, v) in st.objects.range(first..) {
+            if k.group != "apiextensions.k8s.io" || k.resource != "customresourcedefinitions" {
+                break;
             }
+            out.extend(kinds::from_crd(v));
         }
         out
     }
@@ -531,6 +555,11 @@ impl State {
     ) -> Value {
         self.rv += 1;
         obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        for uid in owner_uids(&obj) {
+            if !self.owners.contains(uid) {
+                self.owners.insert(uid.to_string());
+            }
+        }
         self.objects.insert(key.clone(), obj.clone());
         self.record(key, obj.clone(), kind, tx);
         obj
@@ -671,26 +700,41 @@ impl State {
         let Some(uid) = meta_str(&gone, "uid").map(str::to_string) else {
             return;
         };
+        if !self.owners.contains(&uid) {
+            return;
+        }
+        let refers_to = |o: &Value, uid: &str| {
+            o.pointer("/metadata/ownerReferences")
+                .and_then(Value::as_array)
+                .is_some_and(|refs| refs.iter().any(|r| r["uid"].as_str() == Some(uid)))
+        };
+        let dependents: Vec<ObjKey> = self
+            .objects
+            .iter()
+            .filter(|(_, o)| refers_to(o, &uid))
+            .map(|(k, _)| k.clone())
+            .collect();
+        if dependents.is_empty() {
+            return;
+        }
         let live_uids: std::collections::HashSet<String> = self
             .objects
             .values()
             .filter_map(|o| meta_str(o, "uid").map(str::to_string))
             .collect();
-        let orphans: Vec<ObjKey> = self
-            .objects
-            .iter()
-            .filter(|(_, o)| {
-                let refs = o
-                    .pointer("/metadata/ownerReferences")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default();
-                refs.iter().any(|r| r["uid"].as_str() == Some(uid.as_str()))
-                    && !refs
-                        .iter()
-                        .any(|r| r["uid"].as_str().is_some_and(|u| live_uids.contains(u)))
+        // A dependent goes when none of its owners is left.
+        let orphans: Vec<ObjKey> = dependents
+            .into_iter()
+            .filter(|k| {
+                self.objects.get(k).is_some_and(|o| {
+                    !o.pointer("/metadata/ownerReferences")
+                        .and_then(Value::as_array)
+                        .is_some_and(|refs| {
+                            refs.iter()
+                                .any(|r| r["uid"].as_str().is_some_and(|u| live_uids.contains(u)))
+                        })
+                })
             })
-            .map(|(k, _)| k.clone())
             .collect();
         for k in orphans {
             self.delete_key(&k, tx);

@@ -1,0 +1,416 @@
+//! Operator benchmarks on the local control plane (run through `e2e/bench/run.sh`, or alone):
+//!
+//!   cargo bench --bench operator -- footprint [JOBS] [WINDOW_SECONDS]
+//!   cargo bench --bench operator -- retention [SAVEPOINTS]
+//!
+//! `footprint`: the operator's resident memory idle and with JOBS StatefulJobs (suspended, so
+//! no engine runs), and what it does per job over a window in which nothing changes:
+//! reconciles, and writes to the API (there should be none).
+//! `retention`: SAVEPOINTS completed Savepoint objects (each with real files) for one job,
+//! then `maxCount: 3`: how long the operator takes to delete all but three, objects and files,
+//! and how many API calls it makes.
+//!
+//! Each prints one JSON object.
+
+use futures::{StreamExt, TryStreamExt};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::{Value, json};
+use sjob::local::cluster::{LocalCluster, LocalOptions, OPERATOR_USER};
+use sjob::operator::crd::{Phase, Savepoint, StatefulJob};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+const SJOB: &str = env!("CARGO_BIN_EXE_sjob");
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+fn free_port() -> Res<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// VmRSS and VmHWM of a process, in MB.
+fn rss_mb(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(f64::NAN, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+struct Bench {
+    cluster: LocalCluster,
+    operator: Child,
+    metrics_url: String,
+    http: reqwest::Client,
+    _root: tempfile::TempDir,
+}
+
+impl Bench {
+    async fn start() -> Res<Bench> {
+        let root = tempfile::tempdir()?;
+        let cluster = LocalCluster::start(LocalOptions {
+            dir: root.path().join("cluster"),
+            api_addr: "127.0.0.1:0".parse()?,
+            sjob_exe: PathBuf::from(SJOB),
+        })
+        .await?;
+        let port = free_port()?;
+        let log = std::fs::File::create(root.path().join("operator.log"))?;
+        let operator = cluster
+            .operator_command(Path::new(SJOB), &format!("127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let bench = Bench {
+            cluster,
+            operator,
+            metrics_url: format!("http://127.0.0.1:{port}/metrics"),
+            http: reqwest::Client::new(),
+            _root: root,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while bench.metrics().await.is_err() {
+            if Instant::now() > deadline {
+                return Err("the operator did not serve /metrics within 30 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(bench)
+    }
+
+    fn client(&self) -> Client {
+        self.cluster.client()
+    }
+
+    /// The sum of each `sjob_operator_*` counter over its labels.
+    async fn metrics(&self) -> Res<BTreeMap<String, f64>> {
+        let text = self
+            .http
+            .get(&self.metrics_url)
+            .send()
+            .await?
+            .text()
+            .await?;
+        let mut out = BTreeMap::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let name = name.split('{').next().unwrap_or(name).to_string();
+            if let Ok(v) = value.parse::<f64>() {
+                *out.entry(name).or_default() += v;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The operator's API requests so far, by verb.
+    async fn operator_requests(&self) -> Res<BTreeMap<String, u64>> {
+        let url = format!("{}/debug/requests", self.cluster.url());
+        let doc: Value = self.http.get(url).send().await?.json().await?;
+        let mut out = BTreeMap::new();
+        for row in doc["requests"].as_array().cloned().unwrap_or_default() {
+            if row["user"] == OPERATOR_USER {
+                let verb = row["verb"].as_str().unwrap_or_default().to_string();
+                *out.entry(verb).or_default() += row["count"].as_u64().unwrap_or(0);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn stop(mut self) {
+        let _ = self.operator.kill();
+        let _ = self.operator.wait();
+        self.cluster.shutdown().await;
+    }
+}
+
+fn delta(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
+        .filter(|(_, v)| *v > 0)
+        .collect()
+}
+
+fn writes(requests: &BTreeMap<String, u64>) -> u64 {
+    ["create", "update", "patch", "delete"]
+        .iter()
+        .map(|v| requests.get(*v).copied().unwrap_or(0))
+        .sum()
+}
+
+fn small_job(sink: &Path) -> Value {
+    json!({"name": "bench", "parallelism": 1, "operators": [
+        {"kind": "generator", "uid": "source", "keys": 100, "count": 100_000_000, "rate": 1_000},
+        {"kind": "keyBy", "field": "key"},
+        {"kind": "count", "uid": "counter"},
+        {"kind": "fileSink", "uid": "out", "path": sink},
+    ]})
+}
+
+async fn footprint(jobs: usize, window_s: u64) -> Res<Value> {
+    let bench = Bench::start().await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pid = bench.operator.id();
+    let (idle_mb, _) = rss_mb(pid);
+    let api: Api<StatefulJob> = Api::namespaced(bench.client(), "default");
+    let sink = bench.cluster.dir().join("out");
+    let started = Instant::now();
+    futures::stream::iter(0..jobs)
+        .map(|i| {
+            let api = api.clone();
+            let manifest = json!({
+                "apiVersion": "sjob.dev/v1alpha1", "kind": "StatefulJob",
+                "metadata": {"name": format!("job-{i}"), "namespace": "default"},
+                "spec": {"job": small_job(&sink), "state": "suspended"},
+            });
+            async move {
+                api.patch(
+                    &format!("job-{i}"),
+                    &PatchParams::apply("bench").force(),
+                    &Patch::Apply(&manifest),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let list = api.list(&ListParams::default()).await?;
+        let settled = list
+            .items
+            .iter()
+            .filter(|sj| sj.status.as_ref().and_then(|s| s.phase) == Some(Phase::Suspended))
+            .count();
+        if settled == jobs {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{settled} of {jobs} StatefulJobs settled within 600 s").into());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let settle_s = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (m0, r0) = (bench.metrics().await?, bench.operator_requests().await?);
+    tokio::time::sleep(Duration::from_secs(window_s)).await;
+    let (m1, r1) = (bench.metrics().await?, bench.operator_requests().await?);
+    let (loaded_mb, peak_mb) = rss_mb(pid);
+    let reconciles = m1["sjob_operator_reconciles_total"] - m0["sjob_operator_reconciles_total"];
+    let requests = delta(&r1, &r0);
+    let result = json!({
+        "bench": "operator_footprint",
+        "jobs": jobs,
+        "rss_mb_idle": idle_mb,
+        "rss_mb_loaded": loaded_mb,
+        "rss_mb_peak": peak_mb,
+        "settle_s": settle_s,
+        "window_s": window_s,
+        "reconciles_per_job_per_min": reconciles / jobs as f64 * 60.0 / window_s as f64,
+        "api_requests_in_window": requests,
+        "api_writes_in_window": writes(&requests),
+    });
+    bench.stop().await;
+    Ok(result)
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+async fn wait_job(
+    api: &Api<StatefulJob>,
+    what: &str,
+    pred: impl Fn(&StatefulJob) -> bool,
+) -> Res<StatefulJob> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let sj = api.get("bench").await?;
+        if pred(&sj) {
+            return Ok(sj);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the job was not {what} within 120 s: {:?}", sj.status).into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn retention(savepoints: usize) -> Res<Value> {
+    let bench = Bench::start().await?;
+    let client = bench.client();
+    let jobs: Api<StatefulJob> = Api::namespaced(client.clone(), "default");
+    let sps: Api<Savepoint> = Api::namespaced(client.clone(), "default");
+    let dir = bench.cluster.dir().to_path_buf();
+    let spec = |max_count: u64, nonce: Option<i64>| {
+        let mut spec = json!({"job": small_job(&dir.join("out")),
+                              "savepoints": {"retention": {"maxCount": max_count}}});
+        if let Some(n) = nonce {
+            spec["savepointTriggerNonce"] = json!(n);
+        }
+        json!({"apiVersion": "sjob.dev/v1alpha1", "kind": "StatefulJob",
+               "metadata": {"name": "bench", "namespace": "default"}, "spec": spec})
+    };
+    let apply = |manifest: Value| {
+        let jobs = jobs.clone();
+        async move {
+            jobs.patch(
+                "bench",
+                &PatchParams::apply("bench").force(),
+                &Patch::Apply(&manifest),
+            )
+            .await
+        }
+    };
+    apply(spec(1_000_000, None)).await?;
+    wait_job(&jobs, "running", |sj| {
+        sj.status.as_ref().and_then(|s| s.phase) == Some(Phase::Running)
+    })
+    .await?;
+    apply(spec(1_000_000, Some(1))).await?;
+    let sj = wait_job(&jobs, "savepointed", |sj| {
+        sj.status
+            .as_ref()
+            .is_some_and(|s| s.last_savepoint.is_some())
+    })
+    .await?;
+    let source = PathBuf::from(
+        sj.status
+            .and_then(|s| s.last_savepoint)
+            .map(|l| l.path)
+            .unwrap_or_default(),
+    );
+    let copies = dir.join("copies");
+    let setup = Instant::now();
+    let mut paths = Vec::with_capacity(savepoints);
+    for i in 0..savepoints {
+        let p = copies.join(format!("savepoint-{i:06}"));
+        copy_dir(&source, &p)?;
+        paths.push(p);
+    }
+    let now = jiff::Timestamp::now().as_second();
+    futures::stream::iter(paths.iter().enumerate())
+        .map(|(i, p)| {
+            let sps = sps.clone();
+            let obj: Result<Savepoint, _> = serde_json::from_value(json!({
+                "apiVersion": "sjob.dev/v1alpha1", "kind": "Savepoint",
+                "metadata": {"name": format!("sweep-{i:06}"), "namespace": "default",
+                             "labels": {"sjob.dev/job": "bench"},
+                             "finalizers": [sjob::operator::crd::SAVEPOINT_FINALIZER]},
+                "spec": {"jobRef": "bench", "trigger": "manual", "path": p},
+            }));
+            let status = json!({"status": {
+                "state": "Completed", "path": p, "sizeBytes": 1,
+                "completed": jiff::Timestamp::from_second(now - (savepoints - i) as i64 - 60)
+                    .map(|t| t.to_string()).unwrap_or_default(),
+            }});
+            async move {
+                let obj = obj?;
+                sps.create(&PostParams::default(), &obj).await?;
+                sps.patch_status(
+                    &obj.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&status),
+                )
+                .await?;
+                Res::Ok(())
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let setup_s = setup.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let total = sps.list(&ListParams::default()).await?.items.len();
+    let before = bench.operator_requests().await?;
+    let started = Instant::now();
+    apply(spec(3, Some(1))).await?;
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    let mut last_report = Instant::now();
+    let left = loop {
+        let left = sps.list(&ListParams::default()).await?.items.len();
+        if left <= 3 {
+            break left;
+        }
+        if last_report.elapsed() > Duration::from_secs(10) {
+            eprintln!(
+                "retention: {left} of {total} Savepoint objects left after {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+            last_report = Instant::now();
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{left} Savepoint objects left after 1800 s").into());
+        }
+        // Listing 10,000 objects is itself work for this machine: look every 2 s.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    let sweep_s = started.elapsed().as_secs_f64();
+    let requests = delta(&bench.operator_requests().await?, &before);
+    let dirs_left = std::fs::read_dir(&copies)?.count();
+    let result = json!({
+        "bench": "retention_sweep",
+        "savepoints": total,
+        "setup_s": setup_s,
+        "sweep_s": sweep_s,
+        "objects_left": left,
+        "copies_left_on_disk": dirs_left,
+        "operator_api_requests": requests,
+        "operator_api_calls_total": requests.values().sum::<u64>(),
+    });
+    bench.stop().await;
+    Ok(result)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let num = |i: usize, default: u64| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(default);
+    let result = match args.first().map(String::as_str) {
+        Some("footprint") => footprint(num(1, 1000) as usize, num(2, 30)).await,
+        Some("retention") => retention(num(1, 10_000) as usize).await,
+        _ => {
+            eprintln!(
+                "usage: cargo bench --bench operator -- footprint [JOBS] [WINDOW_S] | retention [SAVEPOINTS]"
+            );
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(v) => {
+            println!("{v}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
