@@ -2,6 +2,7 @@
 //!
 //!   cargo bench --bench operator -- footprint [JOBS] [WINDOW_SECONDS]
 //!   cargo bench --bench operator -- retention [SAVEPOINTS]
+//!   cargo bench --bench operator -- upgrade [KEYS] [PAYLOAD_BYTES]
 //!
 //! `footprint`: the operator's resident memory idle and with JOBS StatefulJobs (suspended, so
 //! no engine runs), and what it does per job over a window in which nothing changes:
@@ -9,6 +10,10 @@
 //! `retention`: SAVEPOINTS completed Savepoint objects (each with real files) for one job,
 //! then `maxCount: 3`: how long the operator takes to delete all but three, objects and files,
 //! and how many API calls it makes.
+//!
+//! `upgrade`: a running job with KEYS keys of PAYLOAD_BYTES each in keyed state, then a
+//! pipeline change through the operator: the time from the apply until the new job's tasks
+//! run, and until they process records, with the old state restored.
 //!
 //! Each prints one JSON object.
 
@@ -386,6 +391,158 @@ async fn retention(savepoints: usize) -> Res<Value> {
     Ok(result)
 }
 
+fn state_job(keys: u64, payload: u64, with_map: bool) -> Value {
+    let mut ops = vec![
+        json!({"kind": "generator", "uid": "source", "keys": keys, "payloadBytes": payload}),
+        json!({"kind": "keyBy", "field": "key"}),
+        json!({"kind": "max", "uid": "latest", "field": "payload", "type": "string"}),
+    ];
+    if with_map {
+        ops.push(json!({"kind": "map", "set": [{"field": "upgraded", "expr": "1"}]}));
+    }
+    ops.push(json!({"kind": "discardSink"}));
+    json!({"name": "state", "parallelism": 1, "operators": ops})
+}
+
+/// The engine's view of the running job, through its REST API: (job id, every task running,
+/// records read by the stateful operator).
+async fn engine_progress(bench: &Bench) -> Option<(String, bool, u64)> {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(bench.client(), "default");
+    let list = pods.list(&ListParams::default()).await.ok()?;
+    let ip = list
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .find_map(|p| p.status.as_ref()?.pod_ip.clone())?;
+    let base = format!("http://{ip}:8081");
+    let jobs: Value = bench
+        .http
+        .get(format!("{base}/jobs"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    let id = jobs["jobs"]
+        .as_array()?
+        .iter()
+        .find(|j| j["status"] == "RUNNING")?["id"]
+        .as_str()?
+        .to_string();
+    let job: Value = bench
+        .http
+        .get(format!("{base}/jobs/{id}"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    let vertices = job["vertices"].as_array()?;
+    let running = vertices.iter().all(|v| v["status"] == "RUNNING");
+    let read = vertices
+        .iter()
+        .filter(|v| {
+            v["name"]
+                .as_str()
+                .is_some_and(|n| n.contains("latest") || n.contains("max"))
+        })
+        .filter_map(|v| v["metrics"]["read-records"].as_u64())
+        .sum();
+    Some((id, running, read))
+}
+
+async fn upgrade(keys: u64, payload: u64) -> Res<Value> {
+    let bench = Bench::start().await?;
+    let jobs: Api<StatefulJob> = Api::namespaced(bench.client(), "default");
+    let manifest = |with_map: bool| {
+        json!({"apiVersion": "sjob.dev/v1alpha1", "kind": "StatefulJob",
+               "metadata": {"name": "bench", "namespace": "default"},
+               "spec": {"job": state_job(keys, payload, with_map)}})
+    };
+    let apply = |m: Value| {
+        let jobs = jobs.clone();
+        async move {
+            jobs.patch(
+                "bench",
+                &PatchParams::apply("bench").force(),
+                &Patch::Apply(&m),
+            )
+            .await
+        }
+    };
+    apply(manifest(false)).await?;
+    let sj = wait_job(&jobs, "running", |sj| {
+        sj.status.as_ref().and_then(|s| s.phase) == Some(Phase::Running)
+    })
+    .await?;
+    let first = sj.status.and_then(|s| s.job_id).unwrap_or_default();
+    // Every key in state, and a checkpoint of it to preflight against.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Some((_, _, read)) = engine_progress(&bench).await
+            && read >= keys * 2
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err("the job did not fill its state within 300 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // A checkpoint of it (every 10 s) for the preflight to check against.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let asked = Instant::now();
+    apply(manifest(true)).await?;
+    let (mut tasks_running_s, mut records_s) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while records_s.is_none() {
+        if let Some((id, running, read)) = engine_progress(&bench).await
+            && id != first
+        {
+            if running && tasks_running_s.is_none() {
+                tasks_running_s = Some(asked.elapsed().as_secs_f64());
+            }
+            if running && read > 0 {
+                records_s = Some(asked.elapsed().as_secs_f64());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err("the upgrade did not complete within 300 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sj = wait_job(&jobs, "upgraded", |sj| {
+        sj.status
+            .as_ref()
+            .is_some_and(|s| s.upgrade.is_none() && s.job_id.as_deref() != Some(first.as_str()))
+    })
+    .await?;
+    let status = sj.status.unwrap_or_default();
+    let restored = status.restored_from.clone().unwrap_or_default();
+    let sps: Api<Savepoint> = Api::namespaced(bench.client(), "default");
+    let size = sps
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .find(|sp| sp.status.as_ref().and_then(|s| s.path.as_deref()) == Some(restored.as_str()))
+        .and_then(|sp| sp.status.as_ref().and_then(|s| s.size_bytes))
+        .unwrap_or(0);
+    let result = json!({
+        "bench": "upgrade_downtime",
+        "engine": "sjob",
+        "keys": keys,
+        "state_mb": size as f64 / 1e6,
+        "until_tasks_running_s": tasks_running_s,
+        "until_records_flow_s": records_s,
+        "restored_from": restored,
+    });
+    bench.stop().await;
+    Ok(result)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args()
@@ -396,6 +553,7 @@ async fn main() -> std::process::ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("footprint") => footprint(num(1, 1000) as usize, num(2, 30)).await,
         Some("retention") => retention(num(1, 10_000) as usize).await,
+        Some("upgrade") => upgrade(num(1, 400_000), num(2, 240)).await,
         _ => {
             eprintln!(
                 "usage: cargo bench --bench operator -- footprint [JOBS] [WINDOW_S] | retention [SAVEPOINTS]"

@@ -279,7 +279,9 @@ async fn apply_job(sj: &StatefulJob, ctx: &Context) -> Result<Action, Error> {
     }
     ctx.metrics
         .set_phase(&key(sj), next.phase.map(|p| format!("{p:?}")));
-    Ok(Action::requeue(Duration::from_secs(plan.requeue_s.max(1))))
+    Ok(Action::requeue(Duration::from_millis(
+        plan.requeue_ms.max(100),
+    )))
 }
 
 async fn write_status(

@@ -114,8 +114,8 @@ pub enum Action {
 pub struct Plan {
     pub actions: Vec<Action>,
     pub status: StatefulJobStatus,
-    /// Look again after this many seconds.
-    pub requeue_s: u64,
+    /// Look again after this many milliseconds.
+    pub requeue_ms: u64,
 }
 
 /// The hash of everything in a spec that the running engine depends on.
@@ -188,7 +188,7 @@ struct Planner<'a> {
     desired: String,
     status: StatefulJobStatus,
     actions: Vec<Action>,
-    requeue_s: u64,
+    requeue_ms: u64,
 }
 
 /// Decides the next step for a StatefulJob.
@@ -205,14 +205,14 @@ pub fn plan(
         desired: spec_hash(spec),
         status: status.clone(),
         actions: Vec::new(),
-        requeue_s: 10,
+        requeue_ms: 10_000,
     };
     p.status.observed_generation = Some(generation);
     p.decide();
     Plan {
         actions: p.actions,
         status: p.status,
-        requeue_s: p.requeue_s,
+        requeue_ms: p.requeue_ms,
     }
 }
 
@@ -326,7 +326,7 @@ impl Planner<'_> {
                 "the spec cannot be deployed",
             );
             self.event(true, "InvalidSpec", format!("spec.job: {e}"));
-            self.requeue_s = 300;
+            self.requeue_ms = 300_000;
             return;
         }
         if let Some(stage) = self.status.upgrade.as_ref().map(|u| u.stage) {
@@ -338,7 +338,7 @@ impl Planner<'_> {
                 self.status.phase = Some(Phase::Suspended);
                 self.condition("Ready", false, "Suspended", "suspended by spec.state");
                 self.condition("Progressing", false, "Suspended", "suspended");
-                self.requeue_s = 300;
+                self.requeue_ms = 300_000;
             }
             (_, DesiredState::Suspended) => self.begin_suspend(),
             (engine, DesiredState::Running) => {
@@ -366,7 +366,7 @@ impl Planner<'_> {
             },
         );
         self.condition("Ready", false, "Deploying", "the engine is starting");
-        self.requeue_s = 2;
+        self.requeue_ms = 250;
     }
 
     fn steady(&mut self, engine: &EngineObs) {
@@ -378,7 +378,7 @@ impl Planner<'_> {
             if let EngineObs::Running { job_id, .. } = engine {
                 self.status.phase = Some(Phase::Blocked);
                 self.status.job_id = Some(job_id.clone());
-                self.requeue_s = 60;
+                self.requeue_ms = 60_000;
                 return;
             }
         }
@@ -407,19 +407,19 @@ impl Planner<'_> {
             }
             EngineObs::Starting { .. } => {
                 self.status.phase = Some(Phase::Deploying);
-                self.requeue_s = 2;
+                self.requeue_ms = 250;
             }
             EngineObs::Ended { .. } => {
                 // A job that ended on its own (bounded input): nothing to restart.
                 self.status.phase = Some(Phase::Suspended);
                 self.condition("Ready", false, "Ended", "the job has ended");
-                self.requeue_s = 60;
+                self.requeue_ms = 60_000;
             }
             EngineObs::Broken { reason, .. } => {
                 self.status.phase = Some(Phase::Failed);
                 self.condition("Ready", false, "EngineFailing", reason.clone());
                 self.condition("Degraded", true, "EngineFailing", reason.clone());
-                self.requeue_s = 15;
+                self.requeue_ms = 15_000;
             }
             EngineObs::Absent => {}
         }
@@ -440,7 +440,7 @@ impl Planner<'_> {
         }
         match &self.obs.trigger {
             Some(TriggerObs::InProgress) => {
-                self.requeue_s = 2;
+                self.requeue_ms = 250;
             }
             Some(TriggerObs::Completed { path }) => {
                 let trigger =
@@ -452,7 +452,7 @@ impl Planner<'_> {
                 self.status.observed_savepoint_trigger_nonce = s.savepoint_trigger_nonce;
                 self.record_savepoint(path, trigger);
                 // Look again soon: retention then counts the new Savepoint object.
-                self.requeue_s = self.requeue_s.min(1);
+                self.requeue_ms = self.requeue_ms.min(1000);
             }
             Some(TriggerObs::Failed { cause }) => {
                 self.status.observed_savepoint_trigger_nonce = s.savepoint_trigger_nonce;
@@ -466,7 +466,7 @@ impl Planner<'_> {
                     self.actions.push(Action::TriggerSavepoint {
                         trigger: SavepointTrigger::Manual,
                     });
-                    self.requeue_s = 2;
+                    self.requeue_ms = 250;
                 } else if let Some(every) = s
                     .savepoints
                     .periodic
@@ -483,11 +483,11 @@ impl Planner<'_> {
                         self.actions.push(Action::TriggerSavepoint {
                             trigger: SavepointTrigger::Periodic,
                         });
-                        self.requeue_s = 2;
+                        self.requeue_ms = 250;
                     } else {
-                        self.requeue_s = self
-                            .requeue_s
-                            .min((last + every - self.obs.now_s).max(1) as u64);
+                        self.requeue_ms = self
+                            .requeue_ms
+                            .min((last + every - self.obs.now_s).max(1) as u64 * 1000);
                     }
                 }
             }
@@ -518,11 +518,11 @@ impl Planner<'_> {
         match self.spec.upgrade.mode {
             UpgradeMode::Savepoint => {
                 self.start_stage(UpgradeStage::Preflight);
-                self.requeue_s = 1;
+                self.requeue_ms = 250;
                 match self.newest_snapshot() {
                     Some(snapshot) => self.actions.push(Action::Preflight { snapshot }),
                     // Nothing to check against yet: wait for the running job's first checkpoint.
-                    None => self.requeue_s = 2,
+                    None => self.requeue_ms = 2,
                 }
             }
             UpgradeMode::LastState => {
@@ -532,12 +532,12 @@ impl Planner<'_> {
                     u.savepoint = from.clone();
                 }
                 self.deploy(from);
-                self.requeue_s = 2;
+                self.requeue_ms = 250;
             }
             UpgradeMode::Stateless => {
                 self.start_stage(UpgradeStage::Verifying);
                 self.deploy(None);
-                self.requeue_s = 2;
+                self.requeue_ms = 250;
             }
         }
     }
@@ -554,7 +554,7 @@ impl Planner<'_> {
                     "Suspending",
                     "stopping with a savepoint",
                 );
-                self.requeue_s = 2;
+                self.requeue_ms = 250;
             }
             _ => {
                 // Not running: nothing to save.
@@ -582,7 +582,7 @@ impl Planner<'_> {
                 None => match self.newest_snapshot() {
                     Some(snapshot) => {
                         self.actions.push(Action::Preflight { snapshot });
-                        self.requeue_s = 1;
+                        self.requeue_ms = 250;
                     }
                     None if self.stage_elapsed()
                         >= seconds(&self.spec.upgrade.savepoint_timeout, 600) as i64 =>
@@ -596,7 +596,7 @@ impl Planner<'_> {
                         );
                         self.start_stage(UpgradeStage::Savepointing);
                         self.actions.push(Action::StopWithSavepoint);
-                        self.requeue_s = 2;
+                        self.requeue_ms = 250;
                     }
                     None => {
                         self.condition(
@@ -605,13 +605,13 @@ impl Planner<'_> {
                             "WaitingForCheckpoint",
                             "waiting for the running job's first checkpoint to check the new job graph against",
                         );
-                        self.requeue_s = 2;
+                        self.requeue_ms = 250;
                     }
                 },
                 Some(problems) if problems.is_empty() => {
                     self.start_stage(UpgradeStage::Savepointing);
                     self.actions.push(Action::StopWithSavepoint);
-                    self.requeue_s = 2;
+                    self.requeue_ms = 250;
                 }
                 Some(problems) => {
                     let msg = format!(
@@ -629,7 +629,7 @@ impl Planner<'_> {
                         "upgrade blocked; the running job is untouched",
                     );
                     self.event(true, "UpgradeBlocked", msg);
-                    self.requeue_s = 60;
+                    self.requeue_ms = 60_000;
                 }
             },
             UpgradeStage::Savepointing => self.savepointing(suspending),
@@ -667,12 +667,12 @@ impl Planner<'_> {
                 if attempts == 0 || self.stage_elapsed() >= backoff {
                     self.actions.push(Action::StopWithSavepoint);
                 }
-                self.requeue_s = 2;
+                self.requeue_ms = 250;
                 return;
             }
         };
         match outcome {
-            None => self.requeue_s = 2,
+            None => self.requeue_ms = 2,
             Some(Err(cause)) => {
                 // The old job keeps running (a failed stop-with-savepoint leaves it running).
                 let attempts = self
@@ -691,7 +691,7 @@ impl Planner<'_> {
                 );
                 self.condition("Degraded", true, "SavepointFailed", msg.clone());
                 self.event(true, "SavepointFailed", msg);
-                self.requeue_s = (5u64 << attempts.min(6)).min(300);
+                self.requeue_ms = (5u64 << attempts.min(6)).min(300) * 1000;
             }
             Some(Ok(path)) => {
                 let trigger = if suspending {
@@ -719,7 +719,7 @@ impl Planner<'_> {
                 }
                 self.deploy(Some(path.clone()));
                 self.event(false, "Upgrading", format!("old version stopped with savepoint {path}; starting the new version from it"));
-                self.requeue_s = 2;
+                self.requeue_ms = 250;
             }
         }
     }
@@ -774,7 +774,7 @@ impl Planner<'_> {
                 "the new version did not run and restore within {}",
                 self.spec.upgrade.ready_timeout
             )),
-            _ => self.requeue_s = 2,
+            _ => self.requeue_ms = 2,
         }
     }
 
@@ -812,7 +812,7 @@ impl Planner<'_> {
                         savepoint.unwrap_or_else(|| "no savepoint".into())
                     ),
                 );
-                self.requeue_s = 2;
+                self.requeue_ms = 250;
             }
             _ => {
                 self.status.upgrade = None;
@@ -859,9 +859,9 @@ impl Planner<'_> {
             EngineObs::Broken { reason, .. } => {
                 self.status.phase = Some(Phase::Failed);
                 self.condition("Degraded", true, "RollbackFailing", reason.clone());
-                self.requeue_s = 15;
+                self.requeue_ms = 15_000;
             }
-            _ => self.requeue_s = 2,
+            _ => self.requeue_ms = 2,
         }
     }
 }
@@ -1227,7 +1227,7 @@ mod tests {
             (UpgradeStage::Savepointing, 1, None)
         );
         assert!(condition(&p.status, "Degraded").2.contains("not writable"));
-        assert!(p.requeue_s >= 5);
+        assert!(p.requeue_ms >= 5000);
         // Within the backoff nothing is retried; after it, a new stop is asked for.
         let o2 = obs(running(&v1(), None));
         assert!(
@@ -1390,7 +1390,7 @@ mod tests {
         });
         let p = plan(&s, 2, &st, &obs(running(&v1(), None)));
         assert!(p.actions.is_empty());
-        assert!(p.requeue_s <= 600);
+        assert!(p.requeue_ms <= 600_000);
         let mut o = obs(running(&v1(), None));
         o.now_s = T0 + 601;
         assert_eq!(
