@@ -1,4 +1,4 @@
-//! Engine benchmarks that print figures (run through `e2e/bench/engine-vs-flink.sh`, which
+//! Engine benchmarks that print figures (run through `e2e/bench/run.sh`, which
 //! puts them beside Flink's, or alone):
 //!
 //!   cargo bench --bench engine -- throughput [SECONDS] [KEYS] [PARALLELISM]

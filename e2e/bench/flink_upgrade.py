@@ -1,0 +1,85 @@
+"""Measures Flink's upgrade downtime the way a Flink user upgrades without an operator: run
+CountJob on a session cluster, stop it with a savepoint over REST, submit the job again from
+that savepoint, and time from the stop request until every task of the new job runs (Flink's
+REST API reports records only every few seconds, so "tasks running" is the fair signal)."""
+import json, sys, time, urllib.request
+
+REST = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8081"
+JAR = sys.argv[2]
+KEYS = int(sys.argv[3]) if len(sys.argv) > 3 else 100000
+P = int(sys.argv[4]) if len(sys.argv) > 4 else 2
+TARGET = sys.argv[5] if len(sys.argv) > 5 else None
+
+
+def call(method, path, body=None, headers=None):
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    hdrs = headers or ({"Content-Type": "application/json"} if isinstance(body, dict) else {})
+    req = urllib.request.Request(REST + path, data=data, method=method, headers=hdrs)
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read() or b"{}")
+
+
+def upload(jar):
+    boundary = "sjobbench"
+    data = open(jar, "rb").read()
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"jarfile\"; filename=\"count.jar\"\r\n"
+            f"Content-Type: application/x-java-archive\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    r = call("POST", "/jars/upload", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    return r["filename"].split("/")[-1]
+
+
+def run(jar_id, savepoint=None):
+    body = {"entryClass": "demo.CountJob", "programArgs": f"--keys {KEYS}", "parallelism": P}
+    if savepoint:
+        body["savepointPath"] = savepoint
+    return call("POST", f"/jars/{jar_id}/run", body)["jobid"]
+
+
+def all_running(job):
+    j = call("GET", f"/jobs/{job}")
+    return j["state"] == "RUNNING" and all(v["status"] == "RUNNING" for v in j["vertices"])
+
+
+def wait(pred, what, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise SystemExit(f"flink: not {what} within {timeout}s")
+
+
+jar_id = upload(JAR)
+job = run(jar_id)
+new = None
+try:
+    wait(lambda: all_running(job), "running")
+    time.sleep(10)  # every key in state
+    t0 = time.time()
+    body = {"drain": False}
+    if TARGET:
+        body["targetDirectory"] = TARGET
+    trigger = call("POST", f"/jobs/{job}/stop", body)["request-id"]
+    while True:
+        st = call("GET", f"/jobs/{job}/savepoints/{trigger}")
+        if st["status"]["id"] == "COMPLETED":
+            op = st.get("operation", {})
+            if "failure-cause" in op:
+                raise SystemExit(f"flink: stop-with-savepoint failed: {op['failure-cause']}")
+            location = op["location"]
+            break
+        time.sleep(0.02)
+    t_saved = time.time()
+    new = run(jar_id, location)
+    wait(lambda: all_running(new), "running again")
+    t1 = time.time()
+    print(json.dumps({"bench": "upgrade_downtime", "engine": "flink", "keys": KEYS, "parallelism": P,
+                      "stop_with_savepoint_s": round(t_saved - t0, 3),
+                      "until_tasks_running_s": round(t1 - t0, 3), "savepoint": location}))
+finally:
+    for j in (job, new):
+        if j:
+            try:
+                call("PATCH", f"/jobs/{j}?mode=cancel")
+            except Exception:
+                pass

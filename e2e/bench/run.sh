@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# sjob beside Apache Flink 2.3 on this machine, in one run. Builds release, starts a Flink
+# session cluster from PyPI (e2e/flink/flink-local.sh), runs every scenario RUNS times, and
+# prints one table (median, and min–max spread) with sjob's figure, Flink's and the ratio; it
+# also writes the figures as JSON and a PNG chart to $OUT (default target/bench).
+#
+#   1. keyed-count throughput, 100,000 keys, parallelism 2
+#   2. savepoint of ~1 GB of keyed state: duration and MB/s
+#   3. restore of that savepoint until records flow
+#   4. p99 processing stall while the savepoint is written
+#   5. upgrade downtime: request to change the job -> new job running with the old state
+#      (sjob through the operator on the local control plane; Flink: stop-with-savepoint and
+#      resubmit over REST)
+#   6. operator footprint: resident memory idle and with 1,000 StatefulJobs, reconciles and
+#      API writes per job while nothing changes
+#   7. retention sweep over 10,000 savepoints: time and API calls
+#
+# Env: RUNS (3), SECONDS_MEASURED (20), OUT (target/bench), FLINK_HOME (/tmp/sjob-flink),
+# FLINK_REST_PORT (8081). Needs Java 17, python3 and network access to PyPI (Flink; matplotlib
+# for the chart, in a venv under $OUT).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+RUNS=${RUNS:-3}
+SECONDS_MEASURED=${SECONDS_MEASURED:-20}
+OUT=${OUT:-target/bench}
+export FLINK_HOME=${FLINK_HOME:-/tmp/sjob-flink}
+REST=http://127.0.0.1:${FLINK_REST_PORT:-8081}
+mkdir -p "$OUT"
+raw="$OUT/raw.jsonl"
+: >"$raw"
+
+say() { echo "== $*" >&2; }
+record() { tee -a "$raw" >&2; }
+
+say "building (release)"
+cargo bench --bench engine --no-run >/dev/null 2>&1 || cargo bench --bench engine --no-run
+cargo bench --bench operator --no-run >/dev/null 2>&1 || cargo bench --bench operator --no-run
+
+say "starting Flink"
+bash e2e/flink/flink-local.sh start >&2
+trap 'bash e2e/flink/flink-local.sh stop >/dev/null 2>&1 || true' EXIT
+jar=$(bash e2e/flink/flink-local.sh job | tail -n 1)
+
+for run in $(seq "$RUNS"); do
+  say "run $run of $RUNS: keyed count, sjob"
+  cargo bench -q --bench engine -- throughput "$SECONDS_MEASURED" 100000 2 | record
+  say "run $run of $RUNS: keyed count, Flink"
+  python3 e2e/bench/flink_count.py "$REST" "$jar" "$SECONDS_MEASURED" 100000 2 | record
+  say "run $run of $RUNS: savepoint and restore of ~1 GB, sjob"
+  cargo bench -q --bench engine -- savepoint 4000000 240 "$OUT/savepoints" | record
+  rm -rf "$OUT/savepoints"
+  say "run $run of $RUNS: upgrade, sjob through the operator (tiny state, then ~100 MB)"
+  cargo bench -q --bench operator -- upgrade 100000 16 | record
+  cargo bench -q --bench operator -- upgrade 400000 240 | record
+  say "run $run of $RUNS: upgrade, Flink stop-with-savepoint and resubmit (CountJob, 100,000 keys)"
+  python3 e2e/bench/flink_upgrade.py "$REST" "$jar" 100000 2 | record
+  say "run $run of $RUNS: operator footprint with 1,000 StatefulJobs"
+  cargo bench -q --bench operator -- footprint 1000 30 | record
+  say "run $run of $RUNS: retention sweep over 10,000 savepoints"
+  cargo bench -q --bench operator -- retention 10000 | record
+done
+
+py=python3
+if ! python3 -c "import matplotlib" 2>/dev/null; then
+  if [ ! -x "$OUT/venv/bin/python" ]; then
+    python3 -m venv "$OUT/venv" && "$OUT/venv/bin/pip" install -q matplotlib >&2 || true
+  fi
+  [ -x "$OUT/venv/bin/python" ] && py="$OUT/venv/bin/python"
+fi
+"$py" e2e/bench/report.py "$raw" "$OUT"
