@@ -54,19 +54,22 @@ for name, unit, s, f, better, note in scenarios:
                     "sjob_advantage": ratio, "note": note})
 
 
+def num(x):
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
 def fmt(st):
     if not st:
         return "—"
-    m = st["median"]
-    spread = f" ({st['min']:.3g}–{st['max']:.3g})" if st["runs"] > 1 else ""
-    return (f"{m:,.0f}" if abs(m) >= 100 else f"{m:.3g}") + spread
+    spread = f" ({num(st['min'])}–{num(st['max'])})" if st["runs"] > 1 else ""
+    return num(st["median"]) + spread
 
 
 print()
-print(f"{'scenario':44} {'unit':>9} {'sjob median (spread)':>28} {'Flink median (spread)':>28} {'sjob ×':>7}")
+print(f"{'scenario':44} {'unit':>9} {'sjob median (spread)':>34} {'Flink median (spread)':>34} {'sjob ×':>7}")
 for r in results:
     adv = f"{r['sjob_advantage']:.2f}" if r["sjob_advantage"] else "—"
-    print(f"{r['scenario']:44} {r['unit']:>9} {fmt(r['sjob']):>28} {fmt(r['flink']):>28} {adv:>7}")
+    print(f"{r['scenario']:44} {r['unit']:>9} {fmt(r['sjob']):>34} {fmt(r['flink']):>34} {adv:>7}")
 print()
 print("sjob × = how many times better sjob is (above 1: better, below 1: worse). Notes:")
 for r in results:
