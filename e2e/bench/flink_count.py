@@ -1,6 +1,9 @@
 """Measures Flink's keyed-count throughput: runs CountJob on a Flink session cluster over REST
 and reads the counter vertex's read-records before and after a measured interval."""
-import json, sys, time, urllib.request
+import json, os, sys, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import flink_rest  # noqa: E402
 
 REST = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8081"
 JAR = sys.argv[2]
@@ -10,18 +13,7 @@ P = int(sys.argv[5]) if len(sys.argv) > 5 else 2
 
 
 def call(method, path, body=None, headers=None):
-    req = urllib.request.Request(REST + path, data=body, method=method, headers=headers or {})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        return json.loads(r.read() or b"{}")
-
-
-def upload(jar):
-    boundary = "sjobbench"
-    data = open(jar, "rb").read()
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"jarfile\"; filename=\"count.jar\"\r\n"
-            f"Content-Type: application/x-java-archive\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    r = call("POST", "/jars/upload", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    return r["filename"].split("/")[-1]
+    return flink_rest.call(REST, method, path, body, headers)
 
 
 def counter_vertex(job):
@@ -34,7 +26,7 @@ def counter_records(job):
     return counter_vertex(job)["metrics"]["read-records"]
 
 
-jar_id = upload(JAR)
+jar_id = flink_rest.upload(REST, JAR)
 run = call("POST", f"/jars/{jar_id}/run", json.dumps({"entryClass": "demo.CountJob", "programArgs": f"--keys {KEYS}", "parallelism": P}).encode(),
            {"Content-Type": "application/json"})
 job = run["jobid"]

@@ -2,7 +2,10 @@
 CountJob on a session cluster, stop it with a savepoint over REST, submit the job again from
 that savepoint, and time from the stop request until every task of the new job runs (Flink's
 REST API reports records only every few seconds, so "tasks running" is the fair signal)."""
-import json, sys, time, urllib.request
+import json, os, sys, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import flink_rest  # noqa: E402
 
 REST = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8081"
 JAR = sys.argv[2]
@@ -12,20 +15,7 @@ TARGET = sys.argv[5] if len(sys.argv) > 5 else None
 
 
 def call(method, path, body=None, headers=None):
-    data = json.dumps(body).encode() if isinstance(body, dict) else body
-    hdrs = headers or ({"Content-Type": "application/json"} if isinstance(body, dict) else {})
-    req = urllib.request.Request(REST + path, data=data, method=method, headers=hdrs)
-    with urllib.request.urlopen(req, timeout=60) as r:
-        return json.loads(r.read() or b"{}")
-
-
-def upload(jar):
-    boundary = "sjobbench"
-    data = open(jar, "rb").read()
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"jarfile\"; filename=\"count.jar\"\r\n"
-            f"Content-Type: application/x-java-archive\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    r = call("POST", "/jars/upload", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    return r["filename"].split("/")[-1]
+    return flink_rest.call(REST, method, path, body, headers)
 
 
 def run(jar_id, savepoint=None):
@@ -49,7 +39,7 @@ def wait(pred, what, timeout=120):
     raise SystemExit(f"flink: not {what} within {timeout}s")
 
 
-jar_id = upload(JAR)
+jar_id = flink_rest.upload(REST, JAR)
 job = run(jar_id)
 new = None
 try:

@@ -247,6 +247,18 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Applies the StatefulJob `bench` with this spec, as `kubectl apply --server-side` would.
+async fn apply_bench(jobs: &Api<StatefulJob>, spec: Value) -> Result<StatefulJob, kube::Error> {
+    let manifest = json!({"apiVersion": "sjob.dev/v1alpha1", "kind": "StatefulJob",
+                          "metadata": {"name": "bench", "namespace": "default"}, "spec": spec});
+    jobs.patch(
+        "bench",
+        &PatchParams::apply("bench").force(),
+        &Patch::Apply(&manifest),
+    )
+    .await
+}
+
 async fn wait_job(
     api: &Api<StatefulJob>,
     what: &str,
@@ -277,20 +289,9 @@ async fn retention(savepoints: usize) -> Res<Value> {
         if let Some(n) = nonce {
             spec["savepointTriggerNonce"] = json!(n);
         }
-        json!({"apiVersion": "sjob.dev/v1alpha1", "kind": "StatefulJob",
-               "metadata": {"name": "bench", "namespace": "default"}, "spec": spec})
+        spec
     };
-    let apply = |manifest: Value| {
-        let jobs = jobs.clone();
-        async move {
-            jobs.patch(
-                "bench",
-                &PatchParams::apply("bench").force(),
-                &Patch::Apply(&manifest),
-            )
-            .await
-        }
-    };
+    let apply = |spec: Value| apply_bench(&jobs, spec);
     apply(spec(1_000_000, None)).await?;
     wait_job(&jobs, "running", |sj| {
         sj.status.as_ref().and_then(|s| s.phase) == Some(Phase::Running)
@@ -456,22 +457,8 @@ async fn engine_progress(bench: &Bench) -> Option<(String, bool, u64)> {
 async fn upgrade(keys: u64, payload: u64) -> Res<Value> {
     let bench = Bench::start().await?;
     let jobs: Api<StatefulJob> = Api::namespaced(bench.client(), "default");
-    let manifest = |with_map: bool| {
-        json!({"apiVersion": "sjob.dev/v1alpha1", "kind": "StatefulJob",
-               "metadata": {"name": "bench", "namespace": "default"},
-               "spec": {"job": state_job(keys, payload, with_map)}})
-    };
-    let apply = |m: Value| {
-        let jobs = jobs.clone();
-        async move {
-            jobs.patch(
-                "bench",
-                &PatchParams::apply("bench").force(),
-                &Patch::Apply(&m),
-            )
-            .await
-        }
-    };
+    let manifest = |with_map: bool| json!({"job": state_job(keys, payload, with_map)});
+    let apply = |spec: Value| apply_bench(&jobs, spec);
     apply(manifest(false)).await?;
     let sj = wait_job(&jobs, "running", |sj| {
         sj.status.as_ref().and_then(|s| s.phase) == Some(Phase::Running)

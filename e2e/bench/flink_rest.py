@@ -1,0 +1,21 @@
+"""Calls to a Flink session cluster's REST API that the benchmark scripts share."""
+import json, urllib.request
+
+
+def call(rest, method, path, body=None, headers=None):
+    """A REST call; a dict body goes as JSON. Returns the decoded JSON answer."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    hdrs = headers or ({"Content-Type": "application/json"} if isinstance(body, dict) else {})
+    req = urllib.request.Request(rest + path, data=data, method=method, headers=hdrs)
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read() or b"{}")
+
+
+def upload(rest, jar):
+    """Uploads a job jar; returns its id for /jars/<id>/run."""
+    boundary = "sjobbench"
+    data = open(jar, "rb").read()
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"jarfile\"; filename=\"count.jar\"\r\n"
+            f"Content-Type: application/x-java-archive\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    r = call(rest, "POST", "/jars/upload", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    return r["filename"].split("/")[-1]
