@@ -289,8 +289,14 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             }
         });
     }
+    // Linger so a client can read the outcome of a savepoint it asked for, unless the process
+    // was told to stop (a pod being deleted: nobody is waiting for it any more).
+    let terminated = *term_rx.borrow();
     let linger_until = std::time::Instant::now() + std::time::Duration::from_secs(args.linger);
-    while rest_state.has_unread_outcomes() && std::time::Instant::now() < linger_until {
+    while !terminated
+        && rest_state.has_unread_outcomes()
+        && std::time::Instant::now() < linger_until
+    {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let _ = stop_tx.send(());
