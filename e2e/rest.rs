@@ -610,3 +610,34 @@ async fn conformance_against_flink() {
     })
     .await;
 }
+
+/// An engine pod's process (`--keep-running`) that is told to stop exits at once, even with a
+/// savepoint outcome nobody read: it must not hold a Recreate rollout for its grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_running_engine_exits_on_sigterm_with_unread_outcomes() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(
+        dir.path(),
+        "job.yaml",
+        &unbounded_count_job(&dir.path().join("out")),
+    );
+    let mut engine = Engine::start(dir.path(), &job, &["--keep-running", "--linger", "60"]);
+    let client = EngineClient::new(&engine.url());
+    let id = only_job(&client).await;
+    client.stop_with_savepoint(&id, None, false).await.unwrap();
+    wait_state(&client, &id, "FINISHED").await;
+    // A savepoint of the ended job fails; its outcome is left unread.
+    let _ = client.trigger_savepoint(&id, None, false).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        engine.child.try_wait().unwrap().is_none(),
+        "serves REST after the job ended"
+    );
+    let pid = engine.child.id() as i32;
+    // SAFETY: kill(2) on our own child process.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    // Well under the 60 s it would linger for an unread outcome.
+    engine.wait_exit(Duration::from_secs(15));
+}
