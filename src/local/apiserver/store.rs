@@ -115,7 +115,15 @@ pub enum Part {
     Status,
 }
 
-#[derive(Default, Serialize, Deserialize)]
+/// What `snapshot_if_dirty` writes: the `Snapshot` layout, borrowed from the live state.
+#[derive(Serialize)]
+struct SnapshotRef<'a> {
+    rv: u64,
+    objects: Vec<(&'a ObjKey, &'a Value)>,
+    applied: Vec<(&'a ObjKey, &'a String, &'a Value)>,
+}
+
+#[derive(Default, Deserialize)]
 struct Snapshot {
     rv: u64,
     objects: Vec<(ObjKey, Value)>,
@@ -134,6 +142,8 @@ struct State {
     /// Every uid some object names as its owner (a superset: entries are never removed), so a
     /// deletion looks for dependents only when there can be any.
     owners: std::collections::HashSet<String>,
+    /// What `Store::kinds` answers, rebuilt when a CRD changes (every request looks it up).
+    kinds: Arc<Vec<Kind>>,
 }
 
 fn owner_uids(obj: &Value) -> impl Iterator<Item = &str> {
@@ -147,7 +157,25 @@ fn owner_uids(obj: &Value) -> impl Iterator<Item = &str> {
 pub struct Store {
     state: Mutex<State>,
     changes: broadcast::Sender<Arc<Change>>,
-    builtin: Vec<Kind>,
+}
+
+fn is_crd(key: &ObjKey) -> bool {
+    key.group == "apiextensions.k8s.io" && key.resource == "customresourcedefinitions"
+}
+
+/// The built-in kinds and those of the stored CRDs.
+fn served_kinds(objects: &BTreeMap<ObjKey, Value>) -> Arc<Vec<Kind>> {
+    let mut out = kinds::builtin();
+    let first = ObjKey {
+        group: "apiextensions.k8s.io".into(),
+        resource: "customresourcedefinitions".into(),
+        namespace: String::new(),
+        name: String::new(),
+    };
+    for (_, v) in objects.range(first..).take_while(|(k, _)| is_crd(k)) {
+        out.extend(kinds::from_crd(v));
+    }
+    Arc::new(out)
 }
 
 fn now() -> String {
@@ -196,10 +224,12 @@ impl Store {
             .iter()
             .flat_map(|(_, o)| owner_uids(o).map(str::to_string))
             .collect();
+        let objects: BTreeMap<ObjKey, Value> = snap.objects.into_iter().collect();
         Ok(Store {
             state: Mutex::new(State {
                 rv: snap.rv,
-                objects: snap.objects.into_iter().collect(),
+                kinds: served_kinds(&objects),
+                objects,
                 applied: snap
                     .applied
                     .into_iter()
@@ -211,7 +241,6 @@ impl Store {
                 owners,
             }),
             changes,
-            builtin: kinds::builtin(),
         })
     }
 
@@ -226,39 +255,17 @@ impl Store {
             return None;
         }
         st.dirty = false;
-        let snap = Snapshot {
+        let snap = SnapshotRef {
             rv: st.rv,
-            objects: st
-                .objects
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            applied: st
-                .applied
-                .iter()
-                .map(|((k, m), v)| (k.clone(), m.clone(), v.clone()))
-                .collect(),
+            objects: st.objects.iter().collect(),
+            applied: st.applied.iter().map(|((k, m), v)| (k, m, v)).collect(),
         };
         serde_json::to_vec(&snap).ok()
     }
 
     /// Every kind served now: the built-in ones and those of the stored CRDs.
-    pub fn kinds(&self) -> Vec<Kind> {
-        let st = self.lock();
-        let mut out = self.builtin.clone();
-        let first = ObjKey {
-            group: "apiextensions.k8s.io".into(),
-            resource: "customresourcedefinitions".into(),
-            namespace: String::new(),
-            name: String::new(),
-        };
-        for (k, v) in st.objects.range(first..) {
-            if k.group != "apiextensions.k8s.io" || k.resource != "customresourcedefinitions" {
-                break;
-            }
-            out.extend(kinds::from_crd(v));
-        }
-        out
+    pub fn kinds(&self) -> Arc<Vec<Kind>> {
+        self.lock().kinds.clone()
     }
 
     pub fn get(&self, key: &ObjKey) -> Option<Value> {
@@ -573,6 +580,9 @@ impl State {
         tx: &broadcast::Sender<Arc<Change>>,
     ) {
         self.dirty = true;
+        if is_crd(&key) {
+            self.kinds = served_kinds(&self.objects);
+        }
         let change = Arc::new(Change {
             rv: self.rv,
             kind,
