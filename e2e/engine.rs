@@ -367,6 +367,47 @@ fn damaged_savepoints_are_refused_naming_the_file() {
         err.contains(&victim.display().to_string()) && err.contains("corrupt"),
         "{err}"
     );
+    // The full check reads every byte and finds it; the operator's preflight checks metadata
+    // and sizes only (the restore is what verifies checksums).
+    let full = engine::check_restore(
+        &job_spec,
+        copy.to_str().unwrap(),
+        None,
+        false,
+        engine::FileCheck::Checksums,
+    );
+    let problems = full.err().expect("a checksum check refuses a flipped byte");
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains(&victim.display().to_string())),
+        "{problems:?}"
+    );
+    assert!(
+        engine::check_restore(
+            &job_spec,
+            copy.to_str().unwrap(),
+            None,
+            false,
+            engine::FileCheck::Sizes
+        )
+        .is_ok(),
+        "a size check does not read the files"
+    );
+    let truncated = dir.path().join("truncated");
+    let sizes = engine::check_restore(
+        &job_spec,
+        truncated.to_str().unwrap(),
+        None,
+        false,
+        engine::FileCheck::Sizes,
+    );
+    assert!(
+        sizes
+            .err()
+            .is_some_and(|p| p.iter().any(|p| p.contains("truncated"))),
+        "a size check refuses a truncated file"
+    );
 
     // No _metadata.
     let copy = dir.path().join("incomplete");
@@ -678,7 +719,7 @@ fn savepoints_check_agrees_with_a_real_restore() {
     ];
     for (name, yaml, path, p, expect_ok) in cases {
         let job_spec = spec(&yaml);
-        let check = engine::check_restore(&job_spec, path, p, false);
+        let check = engine::check_restore(&job_spec, path, p, false, engine::FileCheck::Checksums);
         let real = engine::start(
             &job_spec,
             JobOptions {

@@ -431,7 +431,13 @@ fn savepoints(cmd: SavepointsCommand) -> Result<ExitCode> {
             allow_non_restored_state,
         } => {
             let spec = read_job(&job)?;
-            match engine::check_restore(&spec, &path, parallelism, allow_non_restored_state) {
+            match engine::check_restore(
+                &spec,
+                &path,
+                parallelism,
+                allow_non_restored_state,
+                engine::FileCheck::Checksums,
+            ) {
                 Ok(check) => {
                     println!(
                         "OK: {} restores into job '{}' ({} stateful operator(s) restored{})",

@@ -24,6 +24,7 @@ use crate::savepoint::keygroups::range_for_subtask;
 use crate::savepoint::metadata::{MetadataError, SnapshotKind, SnapshotMetadata};
 use crate::savepoint::restore::{self, RestorePlan, RestoreRefused};
 use crate::savepoint::store::{Store, StoreError};
+pub use crate::savepoint::tools::FileCheck;
 use crossbeam_channel::{Receiver, Sender};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -672,12 +673,13 @@ pub struct RestoreCheck {
 }
 
 /// Would this snapshot restore into this job? The same planning as `start`, plus a check of
-/// every state file's size and checksum. Errors list every problem.
+/// the state files as deep as `files` says. Errors list every problem.
 pub fn check_restore(
     spec: &JobSpec,
     location: &str,
     parallelism: Option<u32>,
     allow_non_restored_state: bool,
+    files: FileCheck,
 ) -> Result<RestoreCheck, Vec<String>> {
     let mut graph = JobGraph::build(spec, parallelism).map_err(|e| e.0)?;
     let dir = Store::open(location).map_err(|e| vec![e.to_string()])?;
@@ -702,7 +704,7 @@ pub fn check_restore(
             None
         }
     };
-    problems.extend(crate::savepoint::tools::verify_files(&dir, &meta));
+    problems.extend(crate::savepoint::tools::verify_files(&dir, &meta, files));
     match plan {
         Some(plan) if problems.is_empty() => Ok(RestoreCheck {
             metadata: meta,

@@ -488,9 +488,8 @@ impl Operator for WindowOp {
                     self.late += 1;
                 } else {
                     let table = self.state.table_mut(0, kg);
-                    let entry = table
-                        .entry(key.clone())
-                        .or_insert_with(|| StateEntry::Map(BTreeMap::new()));
+                    let entry =
+                        table.get_or_insert_with(key.clone(), || StateEntry::Map(BTreeMap::new()));
                     if let StateEntry::Map(windows) = entry {
                         let slot = windows.entry(Value::Int(start)).or_insert_with(|| {
                             Row::from([match self.agg {

@@ -1,9 +1,10 @@
 //! The keyed state backend: one hash table per (state, key group), each behind an `Arc`.
 //!
 //! A snapshot clones the `Arc`s (microseconds, whatever the state size) and hands them to a
-//! writer thread; the next write to a key group that the writer still holds copies that one
-//! group first (`Arc::make_mut`). Processing goes on while the bytes are written, and the
-//! stall is bounded by the size of one key group, not of the whole state.
+//! writer thread; the next write to a key group that the writer still holds copies that
+//! group's list of shards, and a write to a shard the writer still holds copies that shard
+//! (see `savepoint::grouptable`). Processing goes on while the bytes are written, and the
+//! stall is bounded by the size of one shard, not of the whole state.
 
 use crate::savepoint::keygroups::{KeyGroupRange, key_group};
 use crate::savepoint::statefile::{GroupTable, KeyedSnapshot, StateEntry};

@@ -4,6 +4,7 @@
 //! engine runs. README.md ("Savepoint format") describes the layout it reads and writes.
 
 pub mod codec;
+pub mod grouptable;
 pub mod keygroups;
 pub mod metadata;
 pub mod restore;

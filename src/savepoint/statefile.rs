@@ -27,15 +27,7 @@ pub enum StateEntry {
     Map(BTreeMap<Value, Row>),
 }
 
-/// One keyed state's entries in one key group: a persistent (hash array mapped trie) map, so
-/// a snapshot is an O(1) clone and a later write copies only the trie nodes on its path, never
-/// the whole group (a whole-group copy of a large state would stall processing).
-pub type GroupTable = imbl::GenericHashMap<
-    Value,
-    StateEntry,
-    foldhash::fast::RandomState,
-    imbl::shared_ptr::DefaultSharedPtr,
->;
+pub use super::grouptable::GroupTable;
 
 /// The most bytes of a state file fetched at once when restoring.
 const READ_CHUNK: u64 = 64 << 20;
@@ -333,6 +325,11 @@ pub fn read_operator_lists(
         lists.push(rows);
     }
     Ok(lists)
+}
+
+/// Checks that a state file exists with the size `_metadata` records, without reading it.
+pub fn verify_size(dir: &Store, st: &SubtaskState) -> Result<(), StateFileError> {
+    check_size(dir, st).map(|_| ())
 }
 
 /// Verifies a whole state file against `_metadata`: size, file checksum, every block.
