@@ -459,8 +459,17 @@ async fn upgrade(keys: u64, payload: u64) -> Res<Value> {
     let asked = Instant::now();
     apply(manifest(true)).await?;
     let (mut tasks_running_s, mut records_s) = (None, None);
+    // When each upgrade stage was first seen, to tell where the time goes.
+    let mut stages: BTreeMap<String, f64> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(300);
     while records_s.is_none() {
+        if let Ok(sj) = jobs.get("bench").await
+            && let Some(u) = sj.status.and_then(|s| s.upgrade)
+        {
+            let stage = format!("{:?}", u.stage).to_lowercase();
+            let at = asked.elapsed().as_secs_f64();
+            stages.entry(stage).or_insert(at);
+        }
         if let Some((id, running, read)) = engine_progress(&bench).await
             && id != first
         {
@@ -500,6 +509,7 @@ async fn upgrade(keys: u64, payload: u64) -> Res<Value> {
         "state_mb": size as f64 / 1e6,
         "until_tasks_running_s": tasks_running_s,
         "until_records_flow_s": records_s,
+        "stage_first_seen_s": stages,
         "restored_from": restored,
     });
     bench.stop().await;

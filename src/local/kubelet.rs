@@ -8,9 +8,11 @@
 //! volumes are written under the pod's directory and their mount paths rewritten in the
 //! container's arguments and environment.
 
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod};
 use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use std::collections::HashMap;
@@ -36,7 +38,20 @@ pub struct Kubelet {
 
 impl Kubelet {
     pub fn start(client: Client, opts: KubeletOptions) -> Kubelet {
-        let (stop, rx) = tokio::sync::watch::channel(false);
+        let (stop, mut rx) = tokio::sync::watch::channel(false);
+        // A change to any Deployment (the operator rolling out a new version) wakes the sync
+        // at once instead of at the next tick.
+        let changed = std::sync::Arc::new(tokio::sync::Notify::new());
+        let watch = tokio::spawn({
+            let changed = changed.clone();
+            let deployments: Api<Deployment> = Api::all(client.clone());
+            async move {
+                let mut events = std::pin::pin!(watcher(deployments, watcher::Config::default()));
+                while events.next().await.is_some() {
+                    changed.notify_one();
+                }
+            }
+        });
         let task = tokio::spawn(async move {
             let mut state = State {
                 client,
@@ -55,8 +70,20 @@ impl Kubelet {
                 if let Err(e) = state.sync().await {
                     tracing::debug!(error = %e, "kubelet sync");
                 }
-                tokio::time::sleep(state.opts.sync_every).await;
+                // While a process is stopping or about to start, look again soon: a Recreate
+                // rollout waits on each of those steps.
+                let pause = if state.settling() {
+                    SETTLING_SYNC.min(state.opts.sync_every)
+                } else {
+                    state.opts.sync_every
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = changed.notified() => {}
+                    _ = rx.changed() => {}
+                }
             }
+            watch.abort();
             state.stop_all().await;
         });
         Kubelet { stop, task }
@@ -78,6 +105,8 @@ struct Proc {
     ip: String,
     child: Option<Child>,
     started_at: Option<String>,
+    /// When the current process was spawned.
+    spawned: Option<Instant>,
     restart_count: i32,
     restart_at: Option<Instant>,
     last_exit: Option<serde_json::Value>,
@@ -128,8 +157,27 @@ fn log_tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// The sync period while a rollout step is in flight.
+const SETTLING_SYNC: Duration = Duration::from_millis(25);
+/// How long a new process that is not ready yet keeps the sync at `SETTLING_SYNC`.
+const SETTLING_READY: Duration = Duration::from_secs(10);
+
 impl State {
+    /// Is a process stopping, due to start, or just started and not yet ready?
+    fn settling(&self) -> bool {
+        let soon = Instant::now() + self.opts.sync_every;
+        self.procs.values().any(|p| {
+            p.terminating_since.is_some()
+                || (p.child.is_none() && p.restart_at.is_some_and(|t| t <= soon))
+                || (p.child.is_some()
+                    && !p.ready
+                    && p.spawned.is_some_and(|t| t.elapsed() < SETTLING_READY))
+        })
+    }
+
     async fn sync(&mut self) -> Result<(), kube::Error> {
+        // Processes that have exited since the last sync no longer hold a Recreate rollout.
+        self.reap_terminating();
         let deployments: Api<Deployment> = Api::all(self.client.clone());
         let pods_all: Api<Pod> = Api::all(self.client.clone());
         let deploys = deployments.list(&ListParams::default()).await?.items;
@@ -313,6 +361,7 @@ impl State {
                         ip,
                         child: None,
                         started_at: None,
+                        spawned: None,
                         restart_count: 0,
                         restart_at: Some(Instant::now()),
                         last_exit: None,
@@ -401,6 +450,7 @@ impl State {
                 Ok(child) => {
                     p.child = Some(child);
                     p.started_at = Some(jiff::Timestamp::now().to_string());
+                    p.spawned = Some(Instant::now());
                 }
                 Err(e) => {
                     tracing::warn!(pod = %p.pod, error = %e, "cannot start the container");

@@ -20,7 +20,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalize, finalizer};
 use kube::runtime::watcher;
@@ -90,6 +90,9 @@ fn rfc3339_now() -> String {
     jiff::Timestamp::now().to_string()
 }
 
+/// Reconciles run at once per controller.
+const RECONCILE_CONCURRENCY: u16 = 8;
+
 /// Runs the StatefulJob and Savepoint controllers until `shutdown` resolves.
 pub async fn run(
     ctx: Arc<Context>,
@@ -118,7 +121,11 @@ pub async fn run(
             }
         }
     };
+    // Bounded concurrency: a burst of changes (1,000 jobs applied at once) is worked through a
+    // few at a time rather than holding a request, a connection and its buffers per job.
+    let config = || controller::Config::default().concurrency(RECONCILE_CONCURRENCY);
     let job_controller = Controller::new(jobs, watcher::Config::default())
+        .with_config(config())
         .owns(deployments, watcher::Config::default())
         .graceful_shutdown_on(stopped(stop_rx.clone()))
         .run(reconcile_job, job_error_policy, ctx.clone())
@@ -128,6 +135,7 @@ pub async fn run(
             }
         });
     let savepoint_controller = Controller::new(savepoints, watcher::Config::default())
+        .with_config(config())
         .graceful_shutdown_on(stopped(stop_rx))
         .run(reconcile_savepoint, savepoint_error_policy, ctx.clone())
         .for_each(|r| async move {
@@ -563,7 +571,15 @@ async fn preflight(
     let allow = sj.spec.upgrade.allow_non_restored_state;
     let checked = snapshot.clone();
     let result = tokio::task::spawn_blocking(move || {
-        crate::engine::check_restore(&job, &checked, parallelism, allow)
+        // Metadata and file sizes only: the stop savepoint, not this checkpoint, is what the
+        // new version restores, and the restore verifies its checksums.
+        crate::engine::check_restore(
+            &job,
+            &checked,
+            parallelism,
+            allow,
+            crate::engine::FileCheck::Sizes,
+        )
     })
     .await;
     Some(match result {
