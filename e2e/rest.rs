@@ -559,7 +559,7 @@ async fn flink_run(
         .next()
         .unwrap()
         .to_owned();
-    let mut body = serde_json::json!({"entryClass": "demo.CountJob", "programArgs": "--keys 1000", "parallelism": 2});
+    let mut body = serde_json::json!({"entryClass": "demo.CountJob", "programArgsList": ["--keys", "1000"], "parallelism": 2});
     if let Some(sp) = savepoint {
         body["savepointPath"] = serde_json::json!(sp);
     }

@@ -27,7 +27,7 @@ def counter_records(job):
 
 
 jar_id = flink_rest.upload(REST, JAR)
-run = call("POST", f"/jars/{jar_id}/run", json.dumps({"entryClass": "demo.CountJob", "programArgs": f"--keys {KEYS}", "parallelism": P}).encode(),
+run = call("POST", f"/jars/{jar_id}/run", json.dumps({"entryClass": "demo.CountJob", "programArgsList": ["--keys", str(KEYS)], "parallelism": P}).encode(),
            {"Content-Type": "application/json"})
 job = run["jobid"]
 try:

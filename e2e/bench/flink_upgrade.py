@@ -19,7 +19,7 @@ def call(method, path, body=None, headers=None):
 
 
 def run(jar_id, savepoint=None):
-    body = {"entryClass": "demo.CountJob", "programArgs": f"--keys {KEYS}", "parallelism": P}
+    body = {"entryClass": "demo.CountJob", "programArgsList": ["--keys", str(KEYS)], "parallelism": P}
     if savepoint:
         body["savepointPath"] = savepoint
     return call("POST", f"/jars/{jar_id}/run", body)["jobid"]

@@ -5,7 +5,7 @@
 # also writes the figures as JSON and a PNG chart to $OUT (default target/bench).
 #
 #   1. keyed-count throughput, 100,000 keys, parallelism 2
-#   2. savepoint of ~1 GB of keyed state: duration and MB/s
+#   2. savepoint of ~1 GB of keyed state: duration and MB/s (Flink: BigStateJob, heap state)
 #   3. restore of that savepoint until records flow
 #   4. p99 processing stall while the savepoint is written
 #   5. upgrade downtime: request to change the job -> new job running with the old state
@@ -16,14 +16,16 @@
 #   7. retention sweep over 10,000 savepoints: time and API calls
 #
 # Env: RUNS (3), SECONDS_MEASURED (20), OUT (target/bench), FLINK_HOME (/tmp/sjob-flink),
-# FLINK_REST_PORT (8081). Needs Java 17, python3 and network access to PyPI (Flink; matplotlib
-# for the chart, in a venv under $OUT).
+# FLINK_REST_PORT (8081), FLINK_TASK_HEAP_MB (4096: room for Flink's ~1.5 GB of live heap state in
+# scenarios 2-4, its copy-on-write snapshot and the garbage collector). Needs Java 17, python3 and
+# network access to PyPI (Flink; matplotlib for the chart, in a venv under $OUT).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-3}
 SECONDS_MEASURED=${SECONDS_MEASURED:-20}
 OUT=${OUT:-target/bench}
 export FLINK_HOME=${FLINK_HOME:-/tmp/sjob-flink}
+export FLINK_TASK_HEAP_MB=${FLINK_TASK_HEAP_MB:-4096}
 REST=http://127.0.0.1:${FLINK_REST_PORT:-8081}
 mkdir -p "$OUT"
 raw="$OUT/raw.jsonl"
@@ -49,6 +51,8 @@ for run in $(seq "$RUNS"); do
   say "run $run of $RUNS: savepoint and restore of ~1 GB, sjob"
   cargo bench -q --bench engine -- savepoint 4000000 240 "$OUT/savepoints" | record
   rm -rf "$OUT/savepoints"
+  say "run $run of $RUNS: savepoint and restore of ~1 GB, Flink (BigStateJob, heap state)"
+  python3 e2e/bench/flink_savepoint.py "$REST" "$jar" 4000000 240 | record
   say "run $run of $RUNS: upgrade, sjob through the operator (tiny state, then ~100 MB)"
   cargo bench -q --bench operator -- upgrade 100000 16 | record
   cargo bench -q --bench operator -- upgrade 400000 240 | record
