@@ -103,7 +103,7 @@ mod tests {
     #[test]
     fn evaluates_over_fields_record_and_acc() {
         let rec = Record {
-            fields: vec![
+            fields: smallvec::smallvec![
                 (intern("value"), Value::Int(4)),
                 (intern("name"), Value::from("ab")),
             ],

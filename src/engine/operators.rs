@@ -8,7 +8,7 @@ use super::state::KeyedState;
 use crate::savepoint::keygroups::KeyGroupRange;
 use crate::savepoint::schema::FieldType;
 use crate::savepoint::statefile::{StateEntry, SubtaskSnapshot};
-use crate::savepoint::value::{Name, Record, Row, Value, intern};
+use crate::savepoint::value::{Fields, Name, Record, Row, Value, intern};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -166,12 +166,22 @@ struct MapOp {
     drop: Vec<Name>,
 }
 
+/// Passes a batch changed in place on: the batch itself when `out` is empty (no copy of the
+/// records), else appended.
+fn hand_over(mut input: Vec<Record>, out: &mut Vec<Record>) {
+    if out.is_empty() {
+        *out = input;
+    } else {
+        out.append(&mut input);
+    }
+}
+
 impl Operator for MapOp {
-    fn process(&mut self, input: Vec<Record>, out: &mut Vec<Record>) -> Result<(), String> {
-        for mut rec in input {
+    fn process(&mut self, mut input: Vec<Record>, out: &mut Vec<Record>) -> Result<(), String> {
+        for rec in &mut input {
             let mut values = Vec::with_capacity(self.set.len());
             for (_, e) in &self.set {
-                values.push(e.eval(&rec, None)?);
+                values.push(e.eval(rec, None)?);
             }
             for ((name, _), v) in self.set.iter().zip(values) {
                 rec.set(name, v);
@@ -179,8 +189,8 @@ impl Operator for MapOp {
             if !self.drop.is_empty() {
                 rec.fields.retain(|(n, _)| !self.drop.contains(n));
             }
-            out.push(rec);
         }
+        hand_over(input, out);
         Ok(())
     }
 }
@@ -217,7 +227,7 @@ impl Operator for KeyByOp {
         for rec in &mut input {
             rec.key = Some(rec.get(self.field).cloned().unwrap_or(Value::Null));
         }
-        out.append(&mut input);
+        hand_over(input, out);
         Ok(())
     }
 }
@@ -294,10 +304,13 @@ fn compare_num(a: &Value, b: &Value) -> std::cmp::Ordering {
 }
 
 impl Operator for AggOp {
-    fn process(&mut self, input: Vec<Record>, out: &mut Vec<Record>) -> Result<(), String> {
-        for rec in input {
-            let key = key_of(&rec)?;
-            let kg = self.state.group_of(key)?;
+    fn process(&mut self, mut input: Vec<Record>, out: &mut Vec<Record>) -> Result<(), String> {
+        for rec in &mut input {
+            let key = match rec.key.take() {
+                Some(k) => k,
+                None => return Err("a record without a key reached a keyed operator".into()),
+            };
+            let kg = self.state.group_of(&key)?;
             let input_value = match self.field {
                 None => Value::Int(1),
                 Some(f) => {
@@ -314,7 +327,7 @@ impl Operator for AggOp {
                 }
             };
             let table = self.state.table_mut(0, kg);
-            let result = match table.get_mut(key) {
+            let result = match table.get_mut(&key) {
                 Some(StateEntry::Value(row)) => {
                     let current = &row[0];
                     let next = match self.kind {
@@ -332,11 +345,12 @@ impl Operator for AggOp {
                     input_value
                 }
             };
-            out.push(Record {
-                fields: vec![(*KEY, key.clone()), (self.out_field, result)],
-                key: None,
-            });
+            // The input record becomes the output, in place: key and result.
+            rec.fields.clear();
+            rec.fields.push((*KEY, key));
+            rec.fields.push((self.out_field, result));
         }
+        hand_over(input, out);
         Ok(())
     }
     fn snapshot(&mut self, _id: u64) -> Result<SubtaskSnapshot, String> {
@@ -393,7 +407,7 @@ impl Operator for ReduceOp {
                 }
                 next.push(f.ty.coerce(v));
             }
-            let mut fields = Vec::with_capacity(next.len() + 1);
+            let mut fields = Fields::with_capacity(next.len() + 1);
             fields.push((*KEY, key.clone()));
             fields.extend(self.fields.iter().map(|f| f.name).zip(next.iter().cloned()));
             self.state
@@ -447,7 +461,7 @@ impl WindowOp {
             }
             if let Some(v) = value {
                 out.push(Record {
-                    fields: vec![
+                    fields: smallvec::smallvec![
                         (*KEY, key),
                         (intern("windowStart"), Value::Int(start)),
                         (intern("windowEnd"), Value::Int(end)),

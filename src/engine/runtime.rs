@@ -226,7 +226,8 @@ impl Task {
                 return Ok(());
             }
             self.shared.records_in[c.node].fetch_add(batch.len() as u64, Ordering::Relaxed);
-            let mut out = Vec::with_capacity(batch.len());
+            // Empty: most operators hand their (changed) input batch on as the output.
+            let mut out = Vec::new();
             c.op.process(batch, &mut out)
                 .map_err(|e| format!("operator '{}': {e}", c.uid))?;
             self.shared.records_out[c.node].fetch_add(out.len() as u64, Ordering::Relaxed);

@@ -4,7 +4,7 @@
 use super::graph::Node;
 use super::spec::{FileFormat, OperatorSpec};
 use crate::savepoint::metadata::SplitPosition;
-use crate::savepoint::value::{Name, Record, Row, Value, intern};
+use crate::savepoint::value::{Fields, Name, Record, Row, Value, intern};
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -110,7 +110,7 @@ impl Generator {
             Some(p) => Value::from(format!("{p}{k}").as_str()),
             None => Value::Int(k as i64),
         };
-        let mut fields = Vec::with_capacity(5);
+        let mut fields = Fields::with_capacity(5);
         fields.push((self.names[0], Value::Int(i as i64)));
         fields.push((self.names[1], key));
         fields.push((self.names[2], Value::Int((i % 1000) as i64)));
@@ -306,7 +306,7 @@ impl Source for FileSource {
             }
             let rec = match self.format {
                 FileFormat::Text => Record {
-                    fields: vec![(self.line, Value::from(text))],
+                    fields: smallvec::smallvec![(self.line, Value::from(text))],
                     key: None,
                 },
                 FileFormat::Json => match serde_json::from_str::<serde_json::Value>(text) {

@@ -85,11 +85,13 @@ impl GroupTable {
     }
 
     pub fn get_mut(&mut self, key: &Value) -> Option<&mut StateEntry> {
-        // No copy of a shared shard just to find the key absent.
-        if !self.contains_key(key) {
+        let i = self.index(key);
+        let shard = self.shards.get_mut(i)?;
+        // No copy of a shard a snapshot still reads just to find the key absent.
+        if Arc::get_mut(shard).is_none() && !shard.contains_key(key) {
             return None;
         }
-        self.shard_mut(key).get_mut(key)
+        Arc::make_mut(shard).get_mut(key)
     }
 
     pub fn insert(&mut self, key: Value, entry: StateEntry) -> Option<StateEntry> {
