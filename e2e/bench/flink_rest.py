@@ -1,5 +1,5 @@
 """Calls to a Flink session cluster's REST API that the benchmark scripts share."""
-import json, urllib.request
+import json, time, urllib.request
 
 
 def call(rest, method, path, body=None, headers=None):
@@ -19,3 +19,18 @@ def upload(rest, jar):
             f"Content-Type: application/x-java-archive\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
     r = call(rest, "POST", "/jars/upload", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
     return r["filename"].split("/")[-1]
+
+
+def savepoint(rest, job, path, body):
+    """Triggers a savepoint (path "savepoints") or a stop-with-savepoint ("stop") and waits for
+    it; returns (location, seconds from the request to completion)."""
+    t0 = time.time()
+    trigger = call(rest, "POST", f"/jobs/{job}/{path}", body)["request-id"]
+    while True:
+        st = call(rest, "GET", f"/jobs/{job}/savepoints/{trigger}")
+        if st["status"]["id"] == "COMPLETED":
+            op = st.get("operation", {})
+            if "failure-cause" in op:
+                raise SystemExit(f"flink: {path} failed: {str(op['failure-cause'])[:2000]}")
+            return op["location"], time.time() - t0
+        time.sleep(0.02)

@@ -54,17 +54,7 @@ def keyed_records(job):
 
 
 def savepoint(job, path, body):
-    """Triggers a savepoint (or stop-with-savepoint) and waits; returns (location, seconds)."""
-    t0 = time.time()
-    trigger = call("POST", f"/jobs/{job}/{path}", body)["request-id"]
-    while True:
-        st = call("GET", f"/jobs/{job}/savepoints/{trigger}")
-        if st["status"]["id"] == "COMPLETED":
-            op = st.get("operation", {})
-            if "failure-cause" in op:
-                raise SystemExit(f"flink: {path} failed: {str(op['failure-cause'])[:2000]}")
-            return op["location"], time.time() - t0
-        time.sleep(0.02)
+    return flink_rest.savepoint(REST, job, path, body)
 
 
 def local(location):

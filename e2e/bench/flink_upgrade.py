@@ -49,16 +49,7 @@ try:
     body = {"drain": False}
     if TARGET:
         body["targetDirectory"] = TARGET
-    trigger = call("POST", f"/jobs/{job}/stop", body)["request-id"]
-    while True:
-        st = call("GET", f"/jobs/{job}/savepoints/{trigger}")
-        if st["status"]["id"] == "COMPLETED":
-            op = st.get("operation", {})
-            if "failure-cause" in op:
-                raise SystemExit(f"flink: stop-with-savepoint failed: {op['failure-cause']}")
-            location = op["location"]
-            break
-        time.sleep(0.02)
+    location, _ = flink_rest.savepoint(REST, job, "stop", body)
     t_saved = time.time()
     new = run(jar_id, location)
     wait(lambda: all_running(new), "running again")
