@@ -58,6 +58,8 @@ for run in $(seq "$RUNS"); do
   cargo bench -q --bench operator -- upgrade 400000 240 | record
   say "run $run of $RUNS: upgrade, Flink stop-with-savepoint and resubmit (CountJob, 100,000 keys)"
   python3 e2e/bench/flink_upgrade.py "$REST" "$jar" 100000 2 | record
+  say "run $run of $RUNS: upgrade, Flink with ~100 MB of state (BigStateJob, 400,000 keys, p=1)"
+  python3 e2e/bench/flink_upgrade.py "$REST" "$jar" 400000 1 240 | record
   say "run $run of $RUNS: operator footprint with 1,000 StatefulJobs"
   cargo bench -q --bench operator -- footprint 1000 30 | record
   say "run $run of $RUNS: retention sweep over 10,000 savepoints"
