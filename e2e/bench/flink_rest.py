@@ -1,5 +1,5 @@
 """Calls to a Flink session cluster's REST API that the benchmark scripts share."""
-import json, time, urllib.request
+import json, os, time, urllib.request
 
 
 def call(rest, method, path, body=None, headers=None):
@@ -34,3 +34,14 @@ def savepoint(rest, job, path, body):
                 raise SystemExit(f"flink: {path} failed: {str(op['failure-cause'])[:2000]}")
             return op["location"], time.time() - t0
         time.sleep(0.02)
+
+
+def local_path(location):
+    """The directory of a savepoint location on this machine's file system (file:...)."""
+    return location.removeprefix("file:").removeprefix("//")
+
+
+def dir_bytes(location):
+    """The bytes of every file of a savepoint directory."""
+    d = local_path(location)
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)

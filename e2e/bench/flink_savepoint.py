@@ -57,15 +57,6 @@ def savepoint(job, path, body):
     return flink_rest.savepoint(REST, job, path, body)
 
 
-def local(location):
-    return location.removeprefix("file:").removeprefix("//")
-
-
-def dir_bytes(location):
-    d = local(location)
-    return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
-
-
 def samples(stats):
     """(epoch seconds, gap ms) per 5 ms window, and the first record's epoch seconds or None."""
     windows, first = [], None
@@ -109,7 +100,7 @@ try:
     stats = [c for c in call("GET", f"/jobs/{job}/checkpoints")["history"] if c.get("external_path") == location]
     sp_flink_s = stats[0]["end_to_end_duration"] / 1000 if stats else None
     fmt = stats[0].get("savepointFormat") if stats else None
-    mb = dir_bytes(location) / 1e6
+    mb = flink_rest.dir_bytes(location) / 1e6
 
     # Stop with a savepoint, as an upgrade does; completes when the job has finished.
     stop_location, stop_s = savepoint(job, "stop", {"drain": False})
@@ -149,5 +140,5 @@ finally:
             pass
     time.sleep(1)  # cancelled tasks let go of their stats files
     for loc in locations:
-        shutil.rmtree(local(loc), ignore_errors=True)
+        shutil.rmtree(flink_rest.local_path(loc), ignore_errors=True)
     shutil.rmtree(tmp, ignore_errors=True)

@@ -60,10 +60,7 @@ try:
     new = run(jar_id, location)
     wait(lambda: all_running(new), "running again")
     t1 = time.time()
-    state_mb = None
-    if location.startswith("file:"):
-        path = location[len("file:"):]
-        state_mb = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / 1e6
+    state_mb = flink_rest.dir_bytes(location) / 1e6 if location.startswith("file:") else None
     print(json.dumps({"bench": "upgrade_downtime", "engine": "flink", "keys": KEYS, "parallelism": P,
                       "payload_bytes": PAYLOAD, "state_mb": state_mb,
                       "stop_with_savepoint_s": round(t_saved - t0, 3),
@@ -77,4 +74,4 @@ finally:
                 pass
     if location and location.startswith("file:"):
         time.sleep(1)  # the cancelled job lets go of its files
-        shutil.rmtree(location[len("file:"):], ignore_errors=True)
+        shutil.rmtree(flink_rest.local_path(location), ignore_errors=True)

@@ -54,10 +54,10 @@ fn keyed_snapshot(state: &KeyedState) -> SubtaskSnapshot {
     }
 }
 
+const NO_KEY: &str = "a record without a key reached a keyed operator";
+
 fn key_of(rec: &Record) -> Result<&Value, String> {
-    rec.key
-        .as_ref()
-        .ok_or_else(|| "a record without a key reached a keyed operator".to_owned())
+    rec.key.as_ref().ok_or_else(|| NO_KEY.to_owned())
 }
 
 static KEY: std::sync::LazyLock<Name> = std::sync::LazyLock::new(|| intern("key"));
@@ -201,6 +201,7 @@ struct FilterOp {
 
 impl Operator for FilterOp {
     fn process(&mut self, input: Vec<Record>, out: &mut Vec<Record>) -> Result<(), String> {
+        out.reserve(input.len());
         for rec in input {
             match self.expr.eval(&rec, None)? {
                 Value::Bool(true) => out.push(rec),
@@ -306,10 +307,7 @@ fn compare_num(a: &Value, b: &Value) -> std::cmp::Ordering {
 impl Operator for AggOp {
     fn process(&mut self, mut input: Vec<Record>, out: &mut Vec<Record>) -> Result<(), String> {
         for rec in &mut input {
-            let key = match rec.key.take() {
-                Some(k) => k,
-                None => return Err("a record without a key reached a keyed operator".into()),
-            };
+            let key = rec.key.take().ok_or_else(|| NO_KEY.to_owned())?;
             let kg = self.state.group_of(&key)?;
             let input_value = match self.field {
                 None => Value::Int(1),
@@ -376,6 +374,7 @@ struct ReduceOp {
 
 impl Operator for ReduceOp {
     fn process(&mut self, input: Vec<Record>, out: &mut Vec<Record>) -> Result<(), String> {
+        out.reserve(input.len());
         for rec in input {
             let key = key_of(&rec)?.clone();
             let kg = self.state.group_of(&key)?;
@@ -559,6 +558,7 @@ struct DedupeOp {
 
 impl Operator for DedupeOp {
     fn process(&mut self, input: Vec<Record>, out: &mut Vec<Record>) -> Result<(), String> {
+        out.reserve(input.len());
         for mut rec in input {
             let key = key_of(&rec)?;
             let kg = self.state.group_of(key)?;

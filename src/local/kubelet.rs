@@ -12,7 +12,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod};
 use kube::api::{DeleteParams, ListParams, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use std::collections::HashMap;
@@ -46,7 +46,10 @@ impl Kubelet {
             let changed = changed.clone();
             let deployments: Api<Deployment> = Api::all(client.clone());
             async move {
-                let mut events = std::pin::pin!(watcher(deployments, watcher::Config::default()));
+                // Backoff: while the API server is away, no busy loop of failed watches.
+                let mut events = std::pin::pin!(
+                    watcher(deployments, watcher::Config::default()).default_backoff()
+                );
                 while events.next().await.is_some() {
                     changed.notify_one();
                 }

@@ -29,17 +29,19 @@ pub struct GroupTable {
     len: usize,
 }
 
-/// A fixed hash: the same key always picks the same shard.
-fn hash(key: &Value) -> u64 {
-    foldhash::fast::FixedState::with_seed(0x5eed_0f5a_0b5e).hash_one(key)
+/// The shard of `key` among `shards` (a power of two): the top bits of a fixed hash, so the
+/// same key always picks the same shard. (The shard's own map hashes with another seed.)
+fn shard_index(key: &Value, shards: usize) -> usize {
+    if shards <= 1 {
+        return 0;
+    }
+    let hash = foldhash::fast::FixedState::with_seed(0x5eed_0f5a_0b5e).hash_one(key);
+    (hash >> (64 - shards.trailing_zeros())) as usize
 }
 
 impl GroupTable {
     fn index(&self, key: &Value) -> usize {
-        match self.shards.len() {
-            0 | 1 => 0,
-            n => (hash(key) >> (64 - n.trailing_zeros())) as usize,
-        }
+        shard_index(key, self.shards.len())
     }
 
     fn shard(&self, key: &Value) -> Option<&Shard> {
@@ -63,14 +65,13 @@ impl GroupTable {
             return;
         }
         let mut next: Vec<Shard> = (0..n * 2).map(|_| Shard::default()).collect();
-        let bits = (n * 2).trailing_zeros();
+        let mut place = |k: Value, e: StateEntry| {
+            next[shard_index(&k, n * 2)].insert(k, e);
+        };
         for shard in std::mem::take(&mut self.shards) {
-            let entries: Vec<(Value, StateEntry)> = match Arc::try_unwrap(shard) {
-                Ok(owned) => owned.into_iter().collect(),
-                Err(shared) => shared.iter().map(|(k, e)| (k.clone(), e.clone())).collect(),
-            };
-            for (k, e) in entries {
-                next[(hash(&k) >> (64 - bits)) as usize].insert(k, e);
+            match Arc::try_unwrap(shard) {
+                Ok(owned) => owned.into_iter().for_each(|(k, e)| place(k, e)),
+                Err(shared) => shared.iter().for_each(|(k, e)| place(k.clone(), e.clone())),
             }
         }
         self.shards = next.into_iter().map(Arc::new).collect();
