@@ -139,6 +139,10 @@ struct RunArgs {
     /// process would otherwise resume a job that was stopped on purpose).
     #[arg(long)]
     keep_running: bool,
+    /// Set by `run -d` for the process it starts: where to write the REST address once the
+    /// job has started (state restored, REST API up).
+    #[arg(long, hide = true)]
+    ready_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -188,6 +192,72 @@ fn read_job(path: &PathBuf) -> Result<JobSpec> {
     JobSpec::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
+/// A detached job that has started.
+struct Started {
+    pid: u32,
+    url: String,
+}
+
+impl std::fmt::Display for Started {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
+/// Written to a temporary name and renamed: the parent never reads half an address.
+fn write_ready_file(path: &std::path::Path, url: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, url)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Waits until the detached process has started its job (validated, state restored, REST
+/// API up) or has exited; then the job's own error, from its log, is this command's error.
+fn wait_until_started(
+    mut child: std::process::Child,
+    ready_file: &std::path::Path,
+    log_file: &std::path::Path,
+) -> Result<Started> {
+    let begun = std::time::Instant::now();
+    let mut next_note = begun + std::time::Duration::from_secs(10);
+    loop {
+        if let Ok(url) = std::fs::read_to_string(ready_file) {
+            let _ = std::fs::remove_file(ready_file);
+            return Ok(Started {
+                pid: child.id(),
+                url,
+            });
+        }
+        if let Some(status) = child.try_wait().context("cannot watch the detached job")? {
+            // `main` prints the error last, as "error: …" (possibly over several lines).
+            let log = std::fs::read_to_string(log_file).unwrap_or_default();
+            let error = log
+                .rfind("\nerror: ")
+                .map(|i| &log[i + 1..])
+                .or_else(|| log.strip_prefix("error: ").map(|_| log.as_str()))
+                .map(|e| e.trim_start_matches("error: ").trim())
+                .unwrap_or_default();
+            if error.is_empty() {
+                anyhow::bail!(
+                    "the job exited ({status}) before it started; see {}",
+                    log_file.display()
+                );
+            }
+            anyhow::bail!("{error}");
+        }
+        if std::time::Instant::now() >= next_note {
+            eprintln!(
+                "waiting for the job to start ({}s; restoring state?), log {}",
+                begun.elapsed().as_secs(),
+                log_file.display()
+            );
+            next_note += std::time::Duration::from_secs(10);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 fn run(args: RunArgs) -> Result<ExitCode> {
     let spec = read_job(&args.job)?;
     if args.detached {
@@ -215,15 +285,21 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         if let Some(d) = &args.savepoint_dir {
             cmd.arg("--savepoint-dir").arg(d);
         }
+        let ready_file = std::env::temp_dir().join(format!(
+            "sjob-ready-{job_id}-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        cmd.arg("--ready-file").arg(&ready_file);
         let child = cmd
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("cannot start the detached job")?;
+        let rest = wait_until_started(child, &ready_file, &args.log_file)?;
         println!(
-            "Job has been submitted with JobID {job_id} (process {}, log {})",
-            child.id(),
+            "Job has been submitted with JobID {job_id} (process {}, log {}, REST API {rest})",
+            rest.pid,
             args.log_file.display()
         );
         return Ok(ExitCode::SUCCESS);
@@ -253,6 +329,9 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         })?;
     let bound = listener.local_addr()?;
     eprintln!("REST API on http://{bound}");
+    if let Some(path) = &args.ready_file {
+        write_ready_file(path, &format!("http://{bound}"))?;
+    }
     let state = engine::rest::RestState::new(job.clone(), args.savepoint_dir.clone());
     let rest_state = state.clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -11,7 +11,7 @@ use crate::savepoint::metadata::{
 use crate::savepoint::store::Store;
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -133,6 +133,7 @@ pub(crate) struct Coordinator {
 struct Pending {
     id: u64,
     kind: SnapshotKind,
+    barrier: Arc<Barrier>,
     dir: Store,
     stop: Option<bool>,
     reply: Option<Sender<Result<String, String>>>,
@@ -140,6 +141,21 @@ struct Pending {
     acks: BTreeMap<(usize, u32), (SubtaskState, Vec<SplitPosition>)>,
     started: Instant,
 }
+
+/// A failed snapshot on its way off storage. Its directory is deleted, and the failure
+/// reported, once no task or writer holds its barrier any more: a writer still busy with a
+/// state file would otherwise write it again after the delete.
+struct Aborting {
+    barrier: Arc<Barrier>,
+    reason: String,
+    reply: Option<Sender<Result<String, String>>>,
+    /// After this, whatever is there is deleted and the failure reported even if a writer
+    /// still holds the barrier (a writer stuck on storage).
+    deadline: Instant,
+}
+
+/// How long a failed snapshot waits for its writers before it is reported anyway.
+const ABORT_GRACE: Duration = Duration::from_secs(30);
 
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
@@ -160,6 +176,7 @@ impl Coordinator {
 
     pub fn run(mut self, rx: Receiver<CoordMsg>) {
         let mut pending: Option<Pending> = None;
+        let mut aborting: Vec<Aborting> = Vec::new();
         let mut queued: VecDeque<TriggerRequest> = VecDeque::new();
         let mut next_checkpoint = self
             .checkpoints
@@ -173,6 +190,9 @@ impl Coordinator {
             }
             if let Some(t) = next_checkpoint {
                 wake = wake.min(t.saturating_duration_since(Instant::now()));
+            }
+            if !aborting.is_empty() {
+                wake = wake.min(Duration::from_millis(10));
             }
             match rx.recv_timeout(wake) {
                 Ok(CoordMsg::Trigger(req)) => queued.push_back(req),
@@ -194,7 +214,8 @@ impl Coordinator {
                             }
                             Err(e) => {
                                 if let Some(p) = pending.take() {
-                                    self.fail(p, format!("writing state failed: {e}"));
+                                    aborting
+                                        .push(self.fail(p, format!("writing state failed: {e}")));
                                 }
                             }
                         }
@@ -204,7 +225,7 @@ impl Coordinator {
                     if pending.as_ref().is_some_and(|p| p.id == id)
                         && let Some(p) = pending.take()
                     {
-                        self.fail(p, reason);
+                        aborting.push(self.fail(p, reason));
                     }
                 }
                 Ok(CoordMsg::TaskDone { result }) => {
@@ -228,7 +249,7 @@ impl Coordinator {
                 && let Some(p) = pending.take()
             {
                 let secs = self.timeout.as_secs_f64();
-                self.fail(p, format!("timed out after {secs:.1}s"));
+                aborting.push(self.fail(p, format!("timed out after {secs:.1}s")));
             }
             if let (Some(t), Some(cfg)) = (next_checkpoint, self.checkpoints.as_ref())
                 && Instant::now() >= t
@@ -246,12 +267,20 @@ impl Coordinator {
             if pending.is_none()
                 && let Some(req) = queued.pop_front()
             {
-                pending = self.trigger(req);
+                pending = self.trigger(req, &mut aborting);
             }
+            aborting.retain_mut(|a| !self.finish_abort(a, false));
         }
         let reason = "the job ended before the snapshot completed".to_owned();
         if let Some(p) = pending.take() {
-            self.fail(p, reason.clone());
+            aborting.push(self.fail(p, reason.clone()));
+        }
+        // The tasks have ended; writers may still be finishing state files of failed snapshots.
+        while !aborting.is_empty() {
+            aborting.retain_mut(|a| !self.finish_abort(a, false));
+            if !aborting.is_empty() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
         for req in queued {
             if let Some(r) = req.reply {
@@ -285,7 +314,7 @@ impl Coordinator {
         None
     }
 
-    fn trigger(&mut self, req: TriggerRequest) -> Option<Pending> {
+    fn trigger(&mut self, req: TriggerRequest, aborting: &mut Vec<Aborting>) -> Option<Pending> {
         if self.shared.cancel.load(Ordering::SeqCst) {
             return self.refuse(req, "the job is being cancelled".into());
         }
@@ -315,6 +344,7 @@ impl Coordinator {
             id,
             dir: dir.clone(),
             stop: req.stop.is_some(),
+            aborted: AtomicBool::new(false),
         });
         {
             let exhausted = match self.shared.source_gate.lock() {
@@ -330,11 +360,20 @@ impl Coordinator {
                         .into(),
                 );
             }
-            for s in &self.sources {
+            for (i, s) in self.sources.iter().enumerate() {
                 if s.send(Control::Trigger(barrier.clone())).is_err() {
                     drop(exhausted);
-                    let _ = dir.delete_all();
-                    return self.refuse(req, "a source has already ended".into());
+                    let reason = "a source has already ended".to_owned();
+                    tracing::warn!(job = %self.job_id, kind = %req.kind, reason = %reason, "snapshot not taken");
+                    if i > 0 {
+                        // Sources before it took the barrier: stop-with-savepoint paused them.
+                        for s in &self.sources[..i] {
+                            let _ = s.send(Control::Resume);
+                        }
+                    }
+                    self.count_failure(&reason, false);
+                    aborting.push(self.abort(barrier, reason, req.reply));
+                    return None;
                 }
             }
         }
@@ -344,6 +383,7 @@ impl Coordinator {
         Some(Pending {
             id,
             kind: req.kind,
+            barrier,
             dir,
             stop: req.stop,
             reply: req.reply,
@@ -353,23 +393,63 @@ impl Coordinator {
         })
     }
 
-    fn fail(&self, p: Pending, reason: String) {
-        let _ = p.dir.delete_all();
+    /// Fails the snapshot in flight: the job goes on; its files are deleted by `finish_abort`.
+    fn fail(&self, p: Pending, reason: String) -> Aborting {
         if p.stop.is_some() {
             for s in &self.sources {
                 let _ = s.send(Control::Resume);
             }
         }
         tracing::warn!(job = %self.job_id, id = p.id, kind = %p.kind, reason = %reason, "snapshot failed; the job keeps running");
-        {
-            let mut st = self.status.lock();
-            st.snapshots.failed += 1;
+        self.count_failure(&reason, true);
+        self.abort(p.barrier, reason, p.reply)
+    }
+
+    fn count_failure(&self, reason: &str, was_in_progress: bool) {
+        let mut st = self.status.lock();
+        st.snapshots.failed += 1;
+        if was_in_progress {
             st.snapshots.in_progress = 0;
-            st.snapshots.latest_failure = Some(reason.clone());
         }
-        if let Some(r) = p.reply {
-            let _ = r.send(Err(reason));
+        st.snapshots.latest_failure = Some(reason.to_owned());
+    }
+
+    /// Marks a barrier's snapshot as failed (writers skip its files from now on) and deletes
+    /// what is on storage so far.
+    fn abort(
+        &self,
+        barrier: Arc<Barrier>,
+        reason: String,
+        reply: Option<Sender<Result<String, String>>>,
+    ) -> Aborting {
+        barrier.aborted.store(true, Ordering::SeqCst);
+        let _ = barrier.dir.delete_all();
+        Aborting {
+            barrier,
+            reason,
+            reply,
+            deadline: Instant::now() + ABORT_GRACE.min(self.timeout),
         }
+    }
+
+    /// Deletes a failed snapshot's directory once nothing can write into it any more (no task
+    /// or writer holds its barrier), then reports the failure. True when done.
+    fn finish_abort(&self, a: &mut Aborting, force: bool) -> bool {
+        let released = Arc::strong_count(&a.barrier) == 1;
+        if !released && !force && Instant::now() < a.deadline {
+            return false;
+        }
+        if !released {
+            tracing::warn!(job = %self.job_id, id = a.barrier.id, location = %a.barrier.dir.location(),
+                "a writer of a failed snapshot has not finished; deleting what is there now");
+        }
+        if let Err(e) = a.barrier.dir.delete_all() {
+            tracing::warn!(job = %self.job_id, id = a.barrier.id, error = %e, "could not delete a failed snapshot");
+        }
+        if let Some(r) = a.reply.take() {
+            let _ = r.send(Err(std::mem::take(&mut a.reason)));
+        }
+        true
     }
 
     fn complete(&mut self, p: Pending) {
@@ -410,7 +490,10 @@ impl Coordinator {
         };
         if let Err(e) = meta.write(&p.dir) {
             let reason = format!("writing _metadata failed: {e}");
-            return self.fail(p, reason);
+            // Every state file is acknowledged: nothing else writes into the directory.
+            let mut a = self.fail(p, reason);
+            self.finish_abort(&mut a, true);
+            return;
         }
         let location = p.dir.location();
         let done = CompletedSnapshot {

@@ -207,6 +207,7 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
             for dropped in &plan.dropped {
                 tracing::warn!(state = %dropped, "saved state not restored (allowNonRestoredState)");
             }
+            plan.verify_files(&dir).map_err(|e| restore_err(&dir, e))?;
             Some(Arc::new(Restored { dir, plan }))
         }
     };

@@ -29,6 +29,8 @@ pub(crate) struct Barrier {
     pub dir: Store,
     /// Set for stop-with-savepoint: sources emit nothing after the barrier.
     pub stop: bool,
+    /// Set by the coordinator when the snapshot has failed: writers skip its state files.
+    pub aborted: AtomicBool,
 }
 
 pub(crate) enum Element {
@@ -176,6 +178,10 @@ pub(crate) fn start_writers(
                 .name(format!("sjob-writer-{i}"))
                 .spawn(move || {
                     for job in rx {
+                        if job.barrier.aborted.load(Ordering::SeqCst) {
+                            // The snapshot failed already; its directory is being deleted.
+                            continue;
+                        }
                         let rel = format!(
                             "{OPERATORS_DIR}/{}-{}-{}",
                             job.uid,

@@ -296,6 +296,20 @@ fn migrate_entry(entry: StateEntry, m: &Migration) -> StateEntry {
     }
 }
 
+impl RestorePlan {
+    /// Checks every state file the restore reads, before any is loaded: size, header and
+    /// block layout (`statefile::verify_layout`); the blocks' checksums are verified as they
+    /// are read. State that is not restored (allowNonRestoredState) is not read.
+    pub fn verify_files(&self, dir: &Store) -> Result<(), StateFileError> {
+        for op in self.operators.values() {
+            for st in &op.saved.subtasks {
+                statefile::verify_layout(dir, st)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl OperatorRestore {
     /// Loads the keyed state for the key groups `range`, calling
     /// `sink(new_state_index, key_group, key, entry)` with rows already migrated.

@@ -29,6 +29,9 @@ pub enum StateEntry {
 
 pub use super::grouptable::GroupTable;
 
+/// `SJST` and the u16 format version.
+const HEADER_LEN: u64 = 6;
+
 /// The most bytes of a state file fetched at once when restoring.
 const READ_CHUNK: u64 = 64 << 20;
 
@@ -122,7 +125,7 @@ pub fn write(
     snap: &SubtaskSnapshot,
 ) -> Result<SubtaskState, StateFileError> {
     let mut w = dir.writer(rel);
-    let mut header = Vec::with_capacity(6);
+    let mut header = Vec::with_capacity(HEADER_LEN as usize);
     header.extend_from_slice(STATE_FILE_MAGIC);
     header.extend_from_slice(&(FORMAT_VERSION as u16).to_le_bytes());
     w.write(&header)?;
@@ -190,7 +193,14 @@ fn check_size(dir: &Store, st: &SubtaskState) -> Result<String, StateFileError> 
     let path = format!("{}/{}", dir.location(), st.file);
     match dir.size(&st.file)? {
         None => Err(StateFileError::Missing { path }),
-        Some(found) if found != st.size => Err(StateFileError::Truncated {
+        Some(found) if found > st.size => Err(StateFileError::Invalid {
+            path,
+            reason: format!(
+                "it has {found} bytes, {} more than _metadata records",
+                found - st.size
+            ),
+        }),
+        Some(found) if found < st.size => Err(StateFileError::Truncated {
             path,
             expected: st.size,
             found,
@@ -332,16 +342,71 @@ pub fn verify_size(dir: &Store, st: &SubtaskState) -> Result<(), StateFileError>
     check_size(dir, st).map(|_| ())
 }
 
-/// Verifies a whole state file against `_metadata`: size, file checksum, every block.
-pub fn verify(dir: &Store, st: &SubtaskState) -> Result<(), StateFileError> {
-    let path = check_size(dir, st)?;
-    let bytes = dir.get(&st.file)?;
-    if bytes.len() < 6 || &bytes[..4] != STATE_FILE_MAGIC {
+/// Checks the header: the magic bytes and a format version this build reads.
+fn check_header(path: &str, header: &[u8]) -> Result<(), StateFileError> {
+    if header.len() < HEADER_LEN as usize || &header[..4] != STATE_FILE_MAGIC {
         return Err(StateFileError::Invalid {
-            path,
+            path: path.to_owned(),
             reason: "it does not start with the state file header".into(),
         });
     }
+    let version = u16::from_le_bytes([header[4], header[5]]);
+    if u32::from(version) != FORMAT_VERSION {
+        return Err(StateFileError::Invalid {
+            path: path.to_owned(),
+            reason: format!(
+                "it has state file format version {version}; this sjob reads version {FORMAT_VERSION}"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// What a restore checks before it loads anything: the size `_metadata` records, the header,
+/// and that the blocks `_metadata` lists cover the rest of the file exactly. With every
+/// block's checksum verified as it is read, every byte a restore uses is checked: the same
+/// damage that `verify` finds by the whole file's checksum, without reading whole files.
+pub fn verify_layout(dir: &Store, st: &SubtaskState) -> Result<(), StateFileError> {
+    let path = check_size(dir, st)?;
+    let header = dir.get_range(&st.file, 0..HEADER_LEN.min(st.size))?;
+    check_header(&path, &header)?;
+    let mut blocks: Vec<&Block> = st
+        .key_groups
+        .iter()
+        .flat_map(|k| k.blocks.iter())
+        .chain(st.operator_state.iter())
+        .collect();
+    blocks.sort_by_key(|b| b.offset);
+    let mut end = HEADER_LEN;
+    for b in blocks {
+        if b.offset != end {
+            return Err(StateFileError::Invalid {
+                path,
+                reason: format!(
+                    "_metadata's blocks do not cover the file: a block starts at byte {} where {end} was expected",
+                    b.offset
+                ),
+            });
+        }
+        end = b.offset.saturating_add(b.len);
+    }
+    if end != st.size {
+        return Err(StateFileError::Invalid {
+            path,
+            reason: format!(
+                "_metadata's blocks end at byte {end}, the file at {}",
+                st.size
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Verifies a whole state file against `_metadata`: size, header, file checksum.
+pub fn verify(dir: &Store, st: &SubtaskState) -> Result<(), StateFileError> {
+    let path = check_size(dir, st)?;
+    let bytes = dir.get(&st.file)?;
+    check_header(&path, &bytes)?;
     if crc32c::crc32c(&bytes) != st.crc32c {
         return Err(StateFileError::Checksum {
             path,
