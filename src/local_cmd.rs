@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
-use sjob::local::cluster::{LocalCluster, LocalOptions};
+use sjob::local::control_plane::{ControlPlane, Kind};
 use sjob::local::sink_check::CountLog;
 use sjob::operator::crd::{Phase, StatefulJob};
 use std::path::{Path, PathBuf};
@@ -18,9 +18,14 @@ pub struct LocalArgs {
     /// the same directory continues where the first stopped.
     #[arg(long, default_value = ".sjob-local", global = true)]
     dir: PathBuf,
-    /// The API server's port.
+    /// The in-process API server's port (a real one takes any free port).
     #[arg(long, default_value_t = 6443, global = true)]
     port: u16,
+    /// `in-process`: sjob's own API server, nothing to install. `real`: etcd, kube-apiserver
+    /// and kube-controller-manager, built by `bash e2e/k8s/install.sh` (or found in
+    /// SJOB_K8S_BIN); the operator runs under its own ServiceAccount and RBAC.
+    #[arg(long, value_enum, default_value = "in-process", global = true)]
+    control_plane: Kind,
     #[command(subcommand)]
     command: Option<LocalCommand>,
 }
@@ -32,7 +37,7 @@ enum LocalCommand {
     Demo,
 }
 
-fn spawn_operator(cluster: &LocalCluster, exe: &Path) -> Result<Child> {
+fn spawn_operator(cluster: &ControlPlane, exe: &Path) -> Result<Child> {
     let log_path = cluster.dir().join("operator.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -76,13 +81,15 @@ pub fn run(args: LocalArgs) -> Result<ExitCode> {
     let dir =
         std::path::absolute(&args.dir).with_context(|| format!("--dir {}", args.dir.display()))?;
     rt.block_on(async move {
-        let cluster = LocalCluster::start(LocalOptions {
-            dir: dir.clone(),
-            api_addr: ([127, 0, 0, 1], args.port).into(),
-            sjob_exe: exe.clone(),
-        })
-        .await
-        .with_context(|| format!("cannot start the local control plane in {}", dir.display()))?;
+        if args.control_plane == Kind::Real {
+            // The real control plane's etcd starts empty: no objects of an earlier run.
+            let _ = std::fs::remove_dir_all(dir.join("etcd"));
+        }
+        let cluster = ControlPlane::start(args.control_plane, &dir, args.port, &exe)
+            .await
+            .with_context(|| {
+                format!("cannot start the local control plane in {}", dir.display())
+            })?;
         let mut operator = spawn_operator(&cluster, &exe)?;
         let result = match args.command {
             None => serve(&cluster).await,
@@ -94,7 +101,7 @@ pub fn run(args: LocalArgs) -> Result<ExitCode> {
     })
 }
 
-async fn serve(cluster: &LocalCluster) -> Result<ExitCode> {
+async fn serve(cluster: &ControlPlane) -> Result<ExitCode> {
     let kc = cluster.kubeconfig();
     println!(
         "sjob local: API server on {}, state in {}",
@@ -203,7 +210,7 @@ async fn wait_phase(
     }
 }
 
-async fn demo(cluster: &LocalCluster) -> Result<ExitCode> {
+async fn demo(cluster: &ControlPlane) -> Result<ExitCode> {
     let started = Instant::now();
     let api: Api<StatefulJob> = Api::namespaced(cluster.client(), "default");
     let sink = cluster.dir().join("out/demo");

@@ -21,7 +21,8 @@ use futures::{StreamExt, TryStreamExt};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
-use sjob::local::cluster::{LocalCluster, LocalOptions, OPERATOR_USER};
+use sjob::local::cluster::OPERATOR_USER;
+use sjob::local::control_plane::{ControlPlane, Kind};
 use sjob::operator::crd::{Phase, Savepoint, StatefulJob};
 use sjob::operator::engine_client::EngineClient;
 use std::collections::BTreeMap;
@@ -54,7 +55,7 @@ fn rss_mb(pid: u32) -> (f64, f64) {
 }
 
 struct Bench {
-    cluster: LocalCluster,
+    cluster: ControlPlane,
     operator: Child,
     metrics_url: String,
     http: reqwest::Client,
@@ -64,11 +65,12 @@ struct Bench {
 impl Bench {
     async fn start() -> Res<Bench> {
         let root = tempfile::tempdir()?;
-        let cluster = LocalCluster::start(LocalOptions {
-            dir: root.path().join("cluster"),
-            api_addr: "127.0.0.1:0".parse()?,
-            sjob_exe: PathBuf::from(SJOB),
-        })
+        let cluster = ControlPlane::start(
+            Kind::InProcess,
+            &root.path().join("cluster"),
+            0,
+            Path::new(SJOB),
+        )
         .await?;
         let port = free_port()?;
         let log = std::fs::File::create(root.path().join("operator.log"))?;

@@ -269,7 +269,14 @@ fn merge_properties(
     }
     if let Some(props) = value.get("properties").and_then(|p| p.as_object()) {
         for (k, v) in props {
-            into.entry(k.clone()).or_insert_with(|| v.clone());
+            // No `default`: the API server would apply a kind's default to every operator,
+            // whatever its kind (and the kind's parser refuses fields it does not take). The
+            // job parser applies each kind's defaults.
+            let mut v = v.clone();
+            if let Some(o) = v.as_object_mut() {
+                o.remove("default");
+            }
+            into.entry(k.clone()).or_insert(v);
         }
     }
 }

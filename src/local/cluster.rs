@@ -120,6 +120,7 @@ impl LocalCluster {
                 pods_dir: dir.join("pods"),
                 sync_every: Duration::from_millis(250),
                 max_backoff: Duration::from_secs(5),
+                node: None,
             },
         );
         Ok(LocalCluster {
@@ -143,36 +144,6 @@ impl LocalCluster {
         &self.dir
     }
 
-    /// The administrator's kubeconfig (for kubectl).
-    pub fn kubeconfig(&self) -> PathBuf {
-        self.dir.join("kubeconfig")
-    }
-
-    /// The operator's kubeconfig: its calls are held to the chart's RBAC rules.
-    pub fn operator_kubeconfig(&self) -> PathBuf {
-        self.dir.join("operator.kubeconfig")
-    }
-
-    /// Where savepoints go when a StatefulJob names no directory.
-    pub fn savepoint_dir(&self) -> PathBuf {
-        self.dir.join("savepoints")
-    }
-
-    /// `sjob operator` against this cluster, with the default savepoint directory set.
-    pub fn operator_command(&self, sjob_exe: &Path, http_addr: &str) -> std::process::Command {
-        let mut cmd = std::process::Command::new(sjob_exe);
-        cmd.arg("operator")
-            .arg("--kubeconfig")
-            .arg(self.operator_kubeconfig())
-            .arg("--http-addr")
-            .arg(http_addr)
-            .arg("--default-savepoint-dir")
-            .arg(self.savepoint_dir())
-            .arg("--lease-namespace")
-            .arg("default");
-        cmd
-    }
-
     /// Stops the engine processes, then the API server (its objects are kept on disk).
     pub async fn shutdown(self) {
         self.kubelet.shutdown().await;
@@ -180,7 +151,7 @@ impl LocalCluster {
     }
 }
 
-async fn install_crds(client: &Client) -> Result<(), LocalError> {
+pub(crate) async fn install_crds(client: &Client) -> Result<(), LocalError> {
     let yaml = crate::operator::crd::crds_yaml().map_err(|e| LocalError::Crds(e.to_string()))?;
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     for doc in serde_yaml::Deserializer::from_str(&yaml) {

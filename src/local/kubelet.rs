@@ -1,7 +1,13 @@
-//! A process kubelet for the local control plane: it plays the Deployment controller (pods for
-//! each Deployment, Recreate: the old pod's process is gone before the new one starts) and the
-//! kubelet (each pod's container is a local process of the `sjob` binary, restarted with
-//! backoff when it exits, probed for readiness, its state reported in the pod's status).
+//! A process kubelet: each pod's container is a local process of the `sjob` binary, restarted
+//! by the pod's `restartPolicy` with backoff, probed for readiness, its state reported in the
+//! pod's status, stopped with SIGTERM and then SIGKILL after the grace period.
+//!
+//! Two modes. Against the in-process API server it also plays the Deployment controller (pods
+//! for each Deployment, Recreate: the old pod's process is gone before the new one starts).
+//! Against a real control plane it is a node (`KubeletOptions::node`): it registers the Node
+//! and renews its heartbeat Lease, binds pending pods to itself (there is no scheduler), runs
+//! the pods bound to it, and removes a deleted pod's object once its process has stopped;
+//! Deployments and ReplicaSets are the real controllers' work.
 //!
 //! Each pod gets its own loopback address (127.x.y.z) as its pod IP, so every engine listens
 //! on the same port as in a cluster and the operator reaches it the same way. ConfigMap
@@ -10,8 +16,10 @@
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod};
-use kube::api::{DeleteParams, ListParams, PostParams};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Node, Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
@@ -29,6 +37,9 @@ pub struct KubeletOptions {
     pub sync_every: Duration,
     /// Longest pause between restarts of a crashing container.
     pub max_backoff: Duration,
+    /// Join a real control plane as this Node (see the module's doc); `None` against the
+    /// in-process API server.
+    pub node: Option<String>,
 }
 
 pub struct Kubelet {
@@ -44,14 +55,27 @@ impl Kubelet {
         let changed = std::sync::Arc::new(tokio::sync::Notify::new());
         let watch = tokio::spawn({
             let changed = changed.clone();
-            let deployments: Api<Deployment> = Api::all(client.clone());
+            let client = client.clone();
+            let node_mode = opts.node.is_some();
             async move {
-                // Backoff: while the API server is away, no busy loop of failed watches.
-                let mut events = std::pin::pin!(
-                    watcher(deployments, watcher::Config::default()).default_backoff()
-                );
-                while events.next().await.is_some() {
-                    changed.notify_one();
+                // As a node: pods (created, bound, deleted by the real controllers). Otherwise
+                // Deployments, whose pods this kubelet makes. Backoff: while the API server is
+                // away, no busy loop of failed watches.
+                if node_mode {
+                    let pods: Api<Pod> = Api::all(client);
+                    let mut events =
+                        std::pin::pin!(watcher(pods, watcher::Config::default()).default_backoff());
+                    while events.next().await.is_some() {
+                        changed.notify_one();
+                    }
+                } else {
+                    let deployments: Api<Deployment> = Api::all(client);
+                    let mut events = std::pin::pin!(
+                        watcher(deployments, watcher::Config::default()).default_backoff()
+                    );
+                    while events.next().await.is_some() {
+                        changed.notify_one();
+                    }
                 }
             }
         });
@@ -65,6 +89,7 @@ impl Kubelet {
                     .build()
                     .unwrap_or_default(),
                 next_ip: rand::random::<u32>() % 60_000,
+                last_heartbeat: None,
             };
             loop {
                 if *rx.borrow() {
@@ -103,7 +128,6 @@ impl Kubelet {
 struct Proc {
     namespace: String,
     pod: String,
-    pod_uid: String,
     owner_uid: String,
     ip: String,
     child: Option<Child>,
@@ -118,6 +142,11 @@ struct Proc {
     terminating_since: Option<Instant>,
     grace: Duration,
     dir: PathBuf,
+    /// The container's exit code once it has exited for good (restartPolicy Never, or
+    /// OnFailure after a success).
+    done: Option<i32>,
+    /// The status last written, so an unchanged one is not written again.
+    reported: Option<serde_json::Value>,
 }
 
 struct State {
@@ -127,6 +156,18 @@ struct State {
     procs: HashMap<String, Proc>,
     http: reqwest::Client,
     next_ip: u32,
+    /// When the Node's status and Lease were last renewed (node mode).
+    last_heartbeat: Option<Instant>,
+}
+
+/// How often a node renews its Lease and Ready condition.
+const HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// Now, as the API server stores it (whole seconds).
+fn now_time() -> serde_json::Value {
+    let now = jiff::Timestamp::now();
+    let secs = jiff::Timestamp::from_second(now.as_second()).unwrap_or(now);
+    serde_json::to_value(Time(secs)).unwrap_or_default()
 }
 
 fn template_hash(d: &Deployment) -> String {
@@ -181,6 +222,9 @@ impl State {
     async fn sync(&mut self) -> Result<(), kube::Error> {
         // Processes that have exited since the last sync no longer hold a Recreate rollout.
         self.reap_terminating();
+        if let Some(node) = self.opts.node.clone() {
+            return self.sync_node(&node).await;
+        }
         let deployments: Api<Deployment> = Api::all(self.client.clone());
         let pods_all: Api<Pod> = Api::all(self.client.clone());
         let deploys = deployments.list(&ListParams::default()).await?.items;
@@ -193,6 +237,138 @@ impl State {
         for d in &deploys {
             self.report_deployment(d, &pods).await?;
         }
+        Ok(())
+    }
+
+    /// As a node: heartbeat, bind pending pods, run the pods bound here, and remove the objects
+    /// of deleted pods whose processes have stopped.
+    async fn sync_node(&mut self, node: &str) -> Result<(), kube::Error> {
+        if self.last_heartbeat.is_none_or(|t| t.elapsed() >= HEARTBEAT) {
+            self.heartbeat(node).await?;
+            self.last_heartbeat = Some(Instant::now());
+        }
+        let pods_all: Api<Pod> = Api::all(self.client.clone());
+        let mut pods = pods_all.list(&ListParams::default()).await?.items;
+        for pod in pods.iter_mut() {
+            let unbound = pod.spec.as_ref().is_some_and(|s| s.node_name.is_none());
+            if unbound && pod.metadata.deletion_timestamp.is_none() {
+                self.bind(pod, node).await;
+            }
+        }
+        let ours: Vec<Pod> = pods
+            .into_iter()
+            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+            .collect();
+        self.sync_processes(&ours).await;
+        self.reap_terminating();
+        // A deleted pod's object goes once its process is gone (the real kubelet's final
+        // delete with grace period 0; the uid precondition spares a pod of the same name).
+        for pod in &ours {
+            let (Some(uid), Some(ns)) = (pod.uid(), pod.namespace()) else {
+                continue;
+            };
+            if pod.metadata.deletion_timestamp.is_some() && !self.procs.contains_key(&uid) {
+                let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+                let dp = DeleteParams {
+                    grace_period_seconds: Some(0),
+                    preconditions: Some(Preconditions {
+                        uid: Some(uid),
+                        resource_version: None,
+                    }),
+                    ..DeleteParams::default()
+                };
+                if let Err(e) = api.delete(&pod.name_any(), &dp).await {
+                    tracing::debug!(pod = %pod.name_any(), error = %e, "deleted pod not removed");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Binds a pending pod to this node (what a scheduler would do).
+    async fn bind(&self, pod: &mut Pod, node: &str) {
+        let (Some(ns), name) = (pod.namespace(), pod.name_any()) else {
+            return;
+        };
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+        let binding = json!({
+            "apiVersion": "v1", "kind": "Binding",
+            "metadata": {"name": name, "namespace": ns},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+        });
+        match api
+            .create_subresource::<_, serde_json::Value>(
+                "binding",
+                &name,
+                &PostParams::default(),
+                &binding,
+            )
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(pod = %name, node, "pod bound to this node");
+                if let Some(spec) = pod.spec.as_mut() {
+                    spec.node_name = Some(node.to_owned());
+                }
+            }
+            Err(e) => tracing::debug!(pod = %name, error = %e, "pod not bound"),
+        }
+    }
+
+    /// Registers the Node (once) and renews its Ready condition and its heartbeat Lease.
+    async fn heartbeat(&self, node: &str) -> Result<(), kube::Error> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let pp = PatchParams::apply("sjob-kubelet").force();
+        if nodes.get_opt(node).await?.is_none() {
+            nodes
+                .patch(
+                    node,
+                    &pp,
+                    &Patch::Apply(json!({
+                        "apiVersion": "v1", "kind": "Node",
+                        "metadata": {"name": node, "labels": {
+                            "kubernetes.io/hostname": node, "kubernetes.io/os": "linux",
+                            "kubernetes.io/arch": std::env::consts::ARCH,
+                        }},
+                    })),
+                )
+                .await?;
+            tracing::info!(node, "node registered");
+        }
+        let now = now_time();
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let status = json!({"status": {
+            "conditions": [{
+                "type": "Ready", "status": "True", "reason": "KubeletReady",
+                "message": "sjob process kubelet is posting ready status",
+                "lastHeartbeatTime": now, "lastTransitionTime": now,
+            }],
+            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": node}],
+            "capacity": {"cpu": cpus.to_string(), "pods": "110"},
+            "allocatable": {"cpu": cpus.to_string(), "pods": "110"},
+            "nodeInfo": {
+                "kubeletVersion": concat!("sjob-", env!("CARGO_PKG_VERSION")),
+                "kubeProxyVersion": "", "containerRuntimeVersion": "sjob-process://1",
+                "operatingSystem": "linux", "architecture": std::env::consts::ARCH,
+                "osImage": "", "kernelVersion": "", "machineID": "", "systemUUID": "", "bootID": "",
+            },
+        }});
+        nodes
+            .patch_status(node, &PatchParams::default(), &Patch::Merge(&status))
+            .await?;
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), "kube-node-lease");
+        let renew = serde_json::to_value(MicroTime(jiff::Timestamp::now())).unwrap_or_default();
+        leases
+            .patch(
+                node,
+                &pp,
+                &Patch::Apply(json!({
+                    "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": node, "namespace": "kube-node-lease"},
+                    "spec": {"holderIdentity": node, "leaseDurationSeconds": 40, "renewTime": renew},
+                })),
+            )
+            .await?;
         Ok(())
     }
 
@@ -331,10 +507,18 @@ impl State {
             .filter(|p| p.metadata.deletion_timestamp.is_none())
             .filter_map(|p| p.uid().map(|u| (u, p)))
             .collect();
-        // Pods that went away: stop their processes.
+        // Pods that went away (or are being deleted): stop their processes, within the
+        // deletion's grace period where it has one.
         for (uid, proc_) in self.procs.iter_mut() {
             if !live.contains_key(uid) && proc_.terminating_since.is_none() {
                 proc_.terminating_since = Some(Instant::now());
+                if let Some(secs) = pods
+                    .iter()
+                    .find(|p| p.uid().as_deref() == Some(uid.as_str()))
+                    .and_then(|p| p.metadata.deletion_grace_period_seconds)
+                {
+                    proc_.grace = Duration::from_secs(secs.max(0) as u64);
+                }
                 if let Some(child) = &proc_.child {
                     tracing::info!(pod = %proc_.pod, "pod deleted: stopping its process");
                     signal(child, libc::SIGTERM);
@@ -359,7 +543,6 @@ impl State {
                     Proc {
                         namespace: ns,
                         pod: pod.name_any(),
-                        pod_uid: uid.clone(),
                         owner_uid: owner_uid(pod).unwrap_or_default(),
                         ip,
                         child: None,
@@ -372,6 +555,8 @@ impl State {
                         terminating_since: None,
                         grace: Duration::from_secs(grace),
                         dir,
+                        done: None,
+                        reported: None,
                     },
                 );
             }
@@ -434,10 +619,21 @@ impl State {
                 "reason": if code == 0 { "Completed" } else { "Error" },
                 "message": log_tail(&log, 3),
                 "startedAt": p.started_at,
-                "finishedAt": jiff::Timestamp::now().to_string(),
+                "finishedAt": now_time(),
             }}));
             p.child = None;
             p.ready = false;
+            let policy = pod.spec.as_ref().and_then(|s| s.restart_policy.as_deref());
+            let restart = match policy {
+                Some("Never") => false,
+                Some("OnFailure") => code != 0,
+                _ => true,
+            };
+            if !restart {
+                tracing::info!(pod = %p.pod, code, "container exited; not restarted (restartPolicy {policy:?})");
+                p.done = Some(code);
+                return;
+            }
             p.restart_count += 1;
             let backoff =
                 Duration::from_millis(500 << p.restart_count.clamp(1, 8) as u32).min(max_backoff);
@@ -452,7 +648,7 @@ impl State {
             match configmaps.and_then(|vols| start_container(&exe, p, pod, &container, &vols)) {
                 Ok(child) => {
                     p.child = Some(child);
-                    p.started_at = Some(jiff::Timestamp::now().to_string());
+                    p.started_at = Some(now_time().as_str().unwrap_or_default().to_owned());
                     p.spawned = Some(Instant::now());
                 }
                 Err(e) => {
@@ -495,9 +691,11 @@ impl State {
         }
     }
 
-    async fn volumes(&self, pod: &Pod) -> Result<Vec<(String, HashMap<String, String>)>, String> {
+    /// The pod's volumes this kubelet serves: ConfigMaps and Secrets as files, emptyDirs.
+    async fn volumes(&self, pod: &Pod) -> Result<Vec<(String, Volume)>, String> {
         let ns = pod.namespace().unwrap_or_default();
-        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
+        let configmaps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
         let mut out = Vec::new();
         for v in pod
             .spec
@@ -506,75 +704,113 @@ impl State {
             .unwrap_or_default()
         {
             if let Some(cm) = v.config_map {
-                let data = api
+                let data = configmaps
                     .get(&cm.name)
                     .await
                     .map_err(|e| format!("volume {}: ConfigMap {}: {e}", v.name, cm.name))?;
-                out.push((v.name, data.data.unwrap_or_default().into_iter().collect()));
+                let files = data
+                    .data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, t)| (k, t.into_bytes()))
+                    .collect();
+                out.push((v.name, Volume::Files(files)));
+            } else if let Some(secret) = v.secret {
+                let name = secret.secret_name.unwrap_or_default();
+                let data = secrets
+                    .get(&name)
+                    .await
+                    .map_err(|e| format!("volume {}: Secret {name}: {e}", v.name))?;
+                let files = data
+                    .data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, b)| (k, b.0))
+                    .collect();
+                out.push((v.name, Volume::Files(files)));
+            } else if v.empty_dir.is_some() {
+                out.push((v.name, Volume::EmptyDir));
             }
         }
         Ok(out)
     }
 
-    async fn report_pod(&self, uid: &str, pod: &Pod) {
+    async fn report_pod(&mut self, uid: &str, pod: &Pod) {
         let Some(p) = self.procs.get(uid) else {
             return;
         };
+        let exit = p.last_exit.clone().unwrap_or_else(|| json!({}));
         let state = if p.child.is_some() {
             json!({"running": {"startedAt": p.started_at}})
+        } else if p.done.is_some() {
+            exit.clone()
         } else if p.restart_count > 0 {
             json!({"waiting": {"reason": "CrashLoopBackOff", "message": format!("back-off restarting the failed container of pod {}", p.pod)}})
         } else {
             json!({"waiting": {"reason": "ContainerCreating"}})
         };
+        let phase = match p.done {
+            Some(0) => "Succeeded",
+            Some(_) => "Failed",
+            None if p.child.is_some() || p.restart_count > 0 => "Running",
+            None => "Pending",
+        };
         let ready = if p.ready { "True" } else { "False" };
-        let name = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.containers.first())
-            .map(|c| c.name.clone())
-            .unwrap_or_default();
-        let transition = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-            .filter(|c| c.status == ready)
-            .and_then(|c| c.last_transition_time.clone())
-            .map(|t| serde_json::to_value(t).unwrap_or_default())
-            .unwrap_or_else(|| json!(jiff::Timestamp::now().to_string()));
+        let container = pod.spec.as_ref().and_then(|s| s.containers.first());
+        let since = |kind: &str, status: &str| {
+            pod.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|cs| cs.iter().find(|c| c.type_ == kind))
+                .filter(|c| c.status == status)
+                .and_then(|c| c.last_transition_time.clone())
+                .map(|t| serde_json::to_value(t).unwrap_or_default())
+                .unwrap_or_else(now_time)
+        };
+        let condition = |kind: &str, status: &str| json!({"type": kind, "status": status, "lastTransitionTime": since(kind, status)});
         let status = json!({
-            "phase": if p.child.is_some() || p.restart_count > 0 { "Running" } else { "Pending" },
+            "phase": phase,
             "podIP": p.ip,
             "podIPs": [{"ip": p.ip}],
             "hostIP": "127.0.0.1",
-            "conditions": [{"type": "Ready", "status": ready, "lastTransitionTime": transition}],
+            "hostIPs": [{"ip": "127.0.0.1"}],
+            "conditions": [
+                condition("PodScheduled", "True"),
+                condition("Initialized", "True"),
+                condition("ContainersReady", ready),
+                condition("Ready", ready),
+            ],
             "containerStatuses": [{
-                "name": name,
-                "image": pod.spec.as_ref().and_then(|s| s.containers.first()).and_then(|c| c.image.clone()).unwrap_or_default(),
+                "name": container.map(|c| c.name.clone()).unwrap_or_default(),
+                "image": container.and_then(|c| c.image.clone()).unwrap_or_default(),
                 "imageID": "",
                 "ready": p.ready,
                 "started": p.child.is_some(),
                 "restartCount": p.restart_count,
                 "state": state,
-                "lastState": p.last_exit.clone().unwrap_or_else(|| json!({})),
+                "lastState": if p.done.is_some() { json!({}) } else { exit },
             }],
-            "startTime": pod.status.as_ref().and_then(|s| s.start_time.clone()).map(|t| serde_json::to_value(t).unwrap_or_default()).unwrap_or_else(|| json!(jiff::Timestamp::now().to_string())),
+            "startTime": pod.status.as_ref().and_then(|s| s.start_time.clone()).map(|t| serde_json::to_value(t).unwrap_or_default()).unwrap_or_else(now_time),
         });
-        let current = serde_json::to_value(&pod.status).unwrap_or_default();
-        if current == status {
+        if p.reported.as_ref() == Some(&status) {
             return;
         }
-        let mut next = pod.clone();
-        next.status = serde_json::from_value(status).ok();
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &p.namespace);
-        if let Err(e) = api
-            .replace_status(&pod.name_any(), &PostParams::default(), &next)
-            .await
-        {
-            tracing::debug!(pod = %p.pod, error = %e, "pod status not written");
+        // A merge patch: fields the API server keeps in the status (qosClass) stay.
+        let written = api
+            .patch_status(
+                &pod.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": status })),
+            )
+            .await;
+        let Some(p) = self.procs.get_mut(uid) else {
+            return;
+        };
+        match written {
+            Ok(_) => p.reported = Some(status),
+            Err(e) => tracing::debug!(pod = %p.pod, error = %e, "pod status not written"),
         }
-        let _ = &p.pod_uid;
     }
 
     async fn stop_all(&mut self) {
@@ -599,14 +835,22 @@ impl State {
     }
 }
 
-/// Starts a container as a local process: `sjob` is this machine's binary; ConfigMap volumes
-/// are files under the pod's directory; the downward API gives the pod IP, name, namespace.
+/// A volume as this kubelet serves it: a directory under the pod's.
+enum Volume {
+    /// A ConfigMap's or Secret's keys as files.
+    Files(HashMap<String, Vec<u8>>),
+    EmptyDir,
+}
+
+/// Starts a container as a local process: `sjob` is this machine's binary; volumes are
+/// directories under the pod's, mount paths in arguments and environment rewritten to them;
+/// the downward API gives the pod IP, name, namespace.
 fn start_container(
     exe: &Path,
     p: &Proc,
     pod: &Pod,
     c: &Container,
-    volumes: &[(String, HashMap<String, String>)],
+    volumes: &[(String, Volume)],
 ) -> Result<Child, String> {
     let command = c.command.clone().unwrap_or_else(|| vec!["sjob".into()]);
     if command.first().map(String::as_str) != Some("sjob") {
@@ -618,16 +862,18 @@ fn start_container(
     std::fs::create_dir_all(&p.dir).map_err(|e| format!("{}: {e}", p.dir.display()))?;
     let mut mounts: Vec<(String, PathBuf)> = Vec::new();
     for m in c.volume_mounts.clone().unwrap_or_default() {
-        let Some((_, data)) = volumes.iter().find(|(n, _)| *n == m.name) else {
+        let Some((_, volume)) = volumes.iter().find(|(n, _)| *n == m.name) else {
             continue;
         };
         let local = p.dir.join("volumes").join(&m.name);
         std::fs::create_dir_all(&local).map_err(|e| format!("{}: {e}", local.display()))?;
-        for (file, text) in data {
-            let path = local.join(file);
-            let tmp = local.join(format!(".{file}.tmp"));
-            std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
-            std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Volume::Files(data) = volume {
+            for (file, bytes) in data {
+                let path = local.join(file);
+                let tmp = local.join(format!(".{file}.tmp"));
+                std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
+                std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+            }
         }
         mounts.push((m.mount_path.trim_end_matches('/').to_owned(), local));
     }

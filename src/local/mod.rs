@@ -2,5 +2,7 @@
 
 pub mod apiserver;
 pub mod cluster;
+pub mod control_plane;
 pub mod kubelet;
+pub mod real;
 pub mod sink_check;

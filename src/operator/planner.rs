@@ -557,9 +557,10 @@ impl Planner<'_> {
                 self.requeue_ms = 250;
             }
             _ => {
-                // Not running: nothing to save.
+                // Not running: nothing to save. Suspended once the engine is observed gone.
                 self.actions.push(Action::RemoveEngine);
-                self.status.phase = Some(Phase::Suspended);
+                self.status.phase = Some(Phase::Suspending);
+                self.requeue_ms = 250;
             }
         }
     }
@@ -701,16 +702,18 @@ impl Planner<'_> {
                 };
                 self.record_savepoint(&path, trigger);
                 if suspending {
+                    // Suspended once the engine is observed gone (the status is written
+                    // before the engine is removed).
                     self.status.upgrade = None;
                     self.actions.push(Action::RemoveEngine);
-                    self.status.phase = Some(Phase::Suspended);
+                    self.status.phase = Some(Phase::Suspending);
                     self.condition(
                         "Ready",
                         false,
-                        "Suspended",
-                        format!("suspended with savepoint {path}"),
+                        "Suspending",
+                        format!("stopped with savepoint {path}; removing the engine"),
                     );
-                    self.condition("Progressing", false, "Suspended", "suspended");
+                    self.requeue_ms = 250;
                     return;
                 }
                 self.start_stage(UpgradeStage::Verifying);
@@ -1338,9 +1341,14 @@ mod tests {
         });
         let p = plan(&s, 2, &p.status, &o);
         assert!(p.actions.contains(&Action::RemoveEngine));
-        assert_eq!(p.status.phase, Some(Phase::Suspended));
+        assert_eq!(
+            p.status.phase,
+            Some(Phase::Suspending),
+            "suspended only once the engine is gone"
+        );
         let p = plan(&s, 2, &p.status, &obs(EngineObs::Absent));
         assert_eq!(engine_actions(&p), 0);
+        assert_eq!(p.status.phase, Some(Phase::Suspended));
         // Back to running: from the suspend savepoint.
         let p = plan(&v1(), 3, &p.status, &obs(EngineObs::Absent));
         assert_eq!(
