@@ -663,10 +663,9 @@ fn dockerfile_builds_the_one_binary() {
 
 #[test]
 fn kustomize_builds_config_default() {
-    let Some(kubectl) = which("kubectl") else {
-        println!("SKIPPED: kubectl is not on PATH; `kubectl kustomize config/default` not run");
-        return;
-    };
+    let kubectl = sjob::local::real::bin_dir()
+        .map(|d| d.join("kubectl"))
+        .unwrap_or_else(|e| panic!("kubectl kustomize config/default needs kubectl: {e}"));
     let (ok, out, err) = run(Command::new(kubectl)
         .arg("kustomize")
         .arg(root().join("config/default")));
@@ -711,18 +710,19 @@ fn kustomize_builds_config_default() {
     println!("kubectl kustomize config/default: {} objects", docs.len());
 }
 
+/// helm: `SJOB_HELM` or the PATH's; missing, the test fails with how to install it.
+fn helm() -> PathBuf {
+    std::env::var_os("SJOB_HELM")
+        .map(PathBuf::from)
+        .or_else(|| which("helm"))
+        .unwrap_or_else(|| {
+            panic!("helm is not on PATH: install it with `bash e2e/helm/install-helm.sh` (or run `bash .ci/run`, which does)")
+        })
+}
+
 #[test]
 fn helm_lints_and_renders_the_chart() {
-    let helm = std::env::var_os("SJOB_HELM")
-        .map(PathBuf::from)
-        .or_else(|| which("helm"));
-    let Some(helm) = helm else {
-        println!(
-            "SKIPPED: helm is not on PATH (install it with `bash e2e/helm/install-helm.sh`); the \
-             chart's ClusterRole was checked textually and its values against values.schema.json"
-        );
-        return;
-    };
+    let helm = helm();
     let chart = root().join("charts/sjob");
     let (ok, out, err) = run(Command::new(&helm).arg("lint").arg("--strict").arg(&chart));
     assert!(ok, "helm lint --strict charts/sjob:\n{out}\n{err}");

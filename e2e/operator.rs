@@ -43,17 +43,17 @@ impl Env {
         env
     }
 
-    /// The local control plane alone.
+    /// The control plane alone.
     async fn without_operator() -> Env {
+        Env::on(control_plane()).await
+    }
+
+    /// This kind of control plane alone.
+    async fn on(kind: Kind) -> Env {
         let root = tempfile::tempdir().unwrap();
-        let cluster = ControlPlane::start(
-            control_plane(),
-            &root.path().join("cluster"),
-            0,
-            Path::new(SJOB),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("control plane: {e}"));
+        let cluster = ControlPlane::start(kind, &root.path().join("cluster"), 0, Path::new(SJOB))
+            .await
+            .unwrap_or_else(|e| panic!("control plane: {e}"));
         Env {
             cluster: Some(cluster),
             root,
@@ -788,7 +788,7 @@ fn kubectl(kubeconfig: &Path, args: &[&str]) -> Option<std::process::Output> {
 /// A real kubectl against the local control plane: apply, get (server-side tables), JSON
 /// output, and the operator's RBAC refusing what the chart does not grant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubectl_works_against_the_local_control_plane() {
+async fn kubectl_works_against_the_control_plane() {
     let env = Env::without_operator().await;
     let cluster = env.cluster();
     let admin = cluster.kubeconfig();
@@ -908,5 +908,189 @@ async fn manual_savepoints_by_nonce_and_by_a_savepoint_object() {
     assert_ne!(path, by_nonce.path);
     assert!(Path::new(&path).join("_metadata").is_file(), "{path}");
     assert!(done.size_bytes.unwrap_or(0) > 0);
+    env.stop().await;
+}
+
+/// What only the real API server does: it refuses invalid StatefulJobs itself (the schema's
+/// bounds, enums and patterns, and the CRD's CEL rules), naming the field; `kubectl explain`
+/// shows the descriptions; `kubectl get` prints the columns; the Helm chart installs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_api_server_validates_explains_and_installs_the_chart() {
+    let env = Env::on(Kind::Real).await;
+    let admin = env.cluster().kubeconfig();
+    let job = counting_job(&env.path("out"), 1_000, 10, 1_000, vec![]);
+    let with = |extra: Value| {
+        let mut spec = json!({"job": job.clone()});
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        spec
+    };
+    let cases = [
+        (
+            "parallelism 0",
+            with(json!({"parallelism": 0})),
+            "spec.parallelism",
+        ),
+        (
+            "an unknown upgrade mode",
+            with(json!({"upgrade": {"mode": "yolo"}})),
+            "spec.upgrade.mode",
+        ),
+        (
+            "a malformed duration",
+            with(json!({"upgrade": {"savepointTimeout": "ten minutes"}})),
+            "spec.upgrade.savepointTimeout",
+        ),
+        (
+            "maxCount 0",
+            with(json!({"savepoints": {"retention": {"maxCount": 0}}})),
+            "spec.savepoints.retention.maxCount",
+        ),
+        (
+            "restoreFrom with a stateless upgrade mode",
+            with(json!({"restoreFrom": "/sp/savepoint-x", "upgrade": {"mode": "stateless"}})),
+            "spec.restoreFrom",
+        ),
+        (
+            "parallelism above maxParallelism",
+            with(json!({"parallelism": 8, "maxParallelism": 4})),
+            "spec.parallelism",
+        ),
+    ];
+    for (i, (name, spec, field)) in cases.into_iter().enumerate() {
+        // Untyped: the typed client would refuse some of these before sending them.
+        let obj: kube::api::DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "sjob.dev/v1alpha1", "kind": "StatefulJob",
+            "metadata": {"name": format!("bad-{i}"), "namespace": "default"},
+            "spec": spec,
+        }))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let api: Api<kube::api::DynamicObject> = Api::namespaced_with(
+            env.cluster().client(),
+            "default",
+            &kube::api::ApiResource::erase::<StatefulJob>(&()),
+        );
+        match api.create(&Default::default(), &obj).await {
+            Err(kube::Error::Api(status)) => {
+                assert_eq!(status.code, 422, "{name}: {status:?}");
+                assert!(
+                    status.message.contains(field),
+                    "{name}: the refusal names {field}: {}",
+                    status.message
+                );
+            }
+            other => panic!("{name}: the API server must refuse it, got {other:?}"),
+        }
+    }
+
+    let out = kubectl(&admin, &["explain", "statefuljob.spec.upgrade"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "How spec changes are rolled out",
+        "savepointTimeout",
+        "How long the savepoint before an upgrade may take",
+        "allowNonRestoredState",
+    ] {
+        assert!(
+            text.contains(want),
+            "kubectl explain lacks {want:?}:\n{text}"
+        );
+    }
+
+    env.apply("good", json!({"job": job, "state": "suspended"}))
+        .await;
+    let sps: Api<Savepoint> = Api::namespaced(env.cluster().client(), "default");
+    let sp: Savepoint = serde_json::from_value(json!({
+        "apiVersion": "sjob.dev/v1alpha1", "kind": "Savepoint",
+        "metadata": {"name": "by-hand", "namespace": "default"},
+        "spec": {"jobRef": "good", "trigger": "manual", "path": "/sp/savepoint-by-hand"},
+    }))
+    .unwrap();
+    sps.create(&Default::default(), &sp).await.unwrap();
+    let out = kubectl(&admin, &["get", "sjob,sjsp"]).unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "PHASE",
+        "JOB ID",
+        "LAST SAVEPOINT",
+        "statefuljob.sjob.dev/good",
+        "JOB",
+        "TRIGGER",
+        "STATE",
+        "PATH",
+        "savepoint.sjob.dev/by-hand",
+        "manual",
+    ] {
+        assert!(
+            table.contains(want),
+            "kubectl get sjob,sjsp lacks {want:?}:\n{table}"
+        );
+    }
+
+    // The chart, installed by helm into the real API server (its CRDs are there already).
+    let helm = std::env::var_os("SJOB_HELM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("helm"));
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/sjob");
+    let out = std::process::Command::new(&helm)
+        .args([
+            "install",
+            "e2e",
+            chart,
+            "--namespace",
+            "helm-e2e",
+            "--create-namespace",
+        ])
+        .arg("--kubeconfig")
+        .arg(&admin)
+        .output()
+        .unwrap_or_else(|e| panic!("helm: {e}: install it with `bash e2e/helm/install-helm.sh`"));
+    assert!(
+        out.status.success(),
+        "helm install: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deploys: Api<Deployment> = Api::namespaced(env.cluster().client(), "helm-e2e");
+    let d = deploys.get("e2e-sjob").await.unwrap();
+    assert_eq!(
+        d.spec
+            .template
+            .spec
+            .unwrap()
+            .service_account_name
+            .as_deref(),
+        Some("e2e-sjob")
+    );
+    let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(env.cluster().client());
+    let installed = roles.get("e2e-sjob").await.unwrap();
+    let shipped: k8s_openapi::api::rbac::v1::ClusterRole =
+        serde_yaml::from_str(sjob::local::cluster::OPERATOR_RBAC).unwrap();
+    assert_eq!(
+        installed.rules, shipped.rules,
+        "the chart grants config/rbac/role.yaml"
+    );
+    let out = std::process::Command::new(&helm)
+        .args(["uninstall", "e2e", "--namespace", "helm-e2e", "--wait"])
+        .arg("--kubeconfig")
+        .arg(&admin)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     env.stop().await;
 }

@@ -406,7 +406,9 @@ async fn metrics_pass_promtool() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("promtool is installed (Debian package prometheus; .ci/run installs it)");
+        .unwrap_or_else(|e| {
+            panic!("promtool: {e}: install it with `apt-get install prometheus` (or run `bash .ci/run`, which does)")
+        });
     use std::io::Write;
     child
         .stdin

@@ -29,6 +29,20 @@ pub const SAVEPOINT_FINALIZER: &str = "sjob.dev/dispose";
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.restoreFrom) || !has(self.upgrade) || !has(self.upgrade.mode) || self.upgrade.mode != 'stateless'",
+        "message": "restoreFrom cannot be combined with upgrade.mode: stateless, which restores no state",
+        "fieldPath": ".restoreFrom",
+        "reason": "FieldValueForbidden"
+    },
+    {
+        "rule": "!has(self.parallelism) || !has(self.maxParallelism) || self.parallelism <= self.maxParallelism",
+        "message": "parallelism must not exceed maxParallelism (the number of key groups)",
+        "fieldPath": ".parallelism",
+        "reason": "FieldValueInvalid"
+    }
+]))]
 pub struct StatefulJobSpec {
     /// The image of the engine pods; the operator's default engine image when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -192,7 +206,8 @@ pub struct StatefulJobStatus {
     /// Deploying, Running, Upgrading, RollingBack, Suspending, Suspended, Blocked or Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
-    /// Ready, Progressing and Degraded, as Argo CD and Flux read them.
+    /// Ready, Progressing and Degraded, and the standard Reconciling and Stalled that kstatus
+    /// (Flux, `kubectl wait`) reads.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The running engine's job id.

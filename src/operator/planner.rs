@@ -209,6 +209,7 @@ pub fn plan(
     };
     p.status.observed_generation = Some(generation);
     p.decide();
+    p.summarize();
     Plan {
         actions: p.actions,
         status: p.status,
@@ -259,6 +260,47 @@ impl Planner<'_> {
             self.generation,
             self.obs.now_s,
         );
+    }
+
+    /// The standard `Reconciling` and `Stalled` conditions (kstatus, as Flux reads them) from
+    /// the phase: reconciling while a rollout is in flight; stalled when it cannot go on by
+    /// itself (Blocked, Failed, or a spec that cannot be deployed).
+    fn summarize(&mut self) {
+        let phase = self.status.phase;
+        let name = phase.map_or("Pending".to_owned(), |p| format!("{p:?}"));
+        let degraded = self
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Degraded" && c.status == "True")
+            .map(|c| (c.reason.clone(), c.message.clone()));
+        let invalid = degraded.as_ref().is_some_and(|(r, _)| r == "InvalidSpec");
+        let stalled = invalid || matches!(phase, Some(Phase::Blocked | Phase::Failed));
+        let reconciling = !stalled
+            && matches!(
+                phase,
+                None | Some(
+                    Phase::Deploying | Phase::Upgrading | Phase::RollingBack | Phase::Suspending
+                )
+            );
+        let progress = self
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Progressing")
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        let message = match &self.status.upgrade {
+            Some(u) if reconciling => format!("{name}: stage {:?}", u.stage),
+            _ if reconciling => format!("{name}: {progress}"),
+            _ => String::new(),
+        };
+        self.condition("Reconciling", reconciling, &name, message);
+        let (reason, message) = match degraded {
+            Some((reason, message)) if stalled => (reason, message),
+            _ => (name, String::new()),
+        };
+        self.condition("Stalled", stalled, &reason, message);
     }
 
     fn event(&mut self, warning: bool, reason: &str, message: impl Into<String>) {
@@ -1196,6 +1238,11 @@ mod tests {
         let (on, reason, msg) = condition(&p.status, "Degraded");
         assert_eq!((on, reason), ("True", "PreflightFailed"));
         assert!(msg.contains("counter"), "{msg}");
+        // kstatus: stalled (Failed), no longer reconciling.
+        let (on, reason, msg) = condition(&p.status, "Stalled");
+        assert_eq!((on, reason), ("True", "PreflightFailed"));
+        assert!(msg.contains("counter"), "{msg}");
+        assert_eq!(condition(&p.status, "Reconciling").0, "False");
         assert!(p.actions.iter().any(|a| matches!(a, Action::Event { warning: true, reason, .. } if reason == "UpgradeBlocked")));
         // Looking again changes nothing while the spec stays the same.
         o.preflight = None;
@@ -1211,6 +1258,30 @@ mod tests {
                 snapshot: "/chk/c".into()
             }]
         );
+    }
+
+    #[test]
+    fn reconciling_while_rolling_out_and_not_when_running() {
+        let p = plan(
+            &v1(),
+            1,
+            &StatefulJobStatus::default(),
+            &obs(EngineObs::Absent),
+        );
+        assert_eq!(condition(&p.status, "Reconciling").0, "True");
+        assert_eq!(condition(&p.status, "Stalled").0, "False");
+        let status = stable(&v1());
+        let p = plan(&v1(), 1, &status, &obs(running(&v1(), None)));
+        assert_eq!(p.status.phase, Some(Phase::Running));
+        assert_eq!(condition(&p.status, "Reconciling").0, "False");
+        assert_eq!(condition(&p.status, "Stalled").0, "False");
+        let mut o = obs(running(&v1(), None));
+        o.latest_checkpoint = Some("/chk/c".into());
+        let p = plan(&v2(), 2, &status, &o);
+        assert_eq!(p.status.phase, Some(Phase::Upgrading));
+        let (on, reason, msg) = condition(&p.status, "Reconciling");
+        assert_eq!((on, reason), ("True", "Upgrading"));
+        assert!(msg.contains("Preflight"), "{msg}");
     }
 
     #[test]
