@@ -750,24 +750,63 @@ async fn of_two_operator_replicas_only_the_leader_acts() {
     let log_b = std::fs::read_to_string(env.path(&format!("operator-{b}.log"))).unwrap();
     assert!(log_b.contains("standby"), "{log_b}");
     assert!(!log_b.contains("leader: acting"), "{log_b}");
-    // The leader dies: the other takes over and carries out the next change.
-    let _ = env.operators[a].kill();
-    let _ = env.operators[a].wait();
+    // The leader is killed (SIGKILL) in the middle of an upgrade: the standby takes over and
+    // finishes it, exactly once.
     let map = json!({"kind": "map", "set": [{"field": "doubled", "expr": "count * 2"}]});
     env.apply(
         "counting",
         json!({"job": counting_job(&sink, 10_000_000, 20, 5_000, vec![map])}),
     )
     .await;
-    env.wait(
-        "counting",
-        "upgraded by op-b",
-        90,
-        upgraded_from(job_id(&sj)),
-    )
-    .await;
+    let mid = env
+        .wait("counting", "an upgrade in flight", 30, |sj| {
+            sj.status.as_ref().is_some_and(|s| s.upgrade.is_some())
+        })
+        .await;
+    let _ = env.operators[a].kill();
+    let _ = env.operators[a].wait();
+    let stage = mid.status.unwrap().upgrade.unwrap().stage;
+    let done = env
+        .wait(
+            "counting",
+            "upgraded by op-b",
+            90,
+            upgraded_from(job_id(&sj)),
+        )
+        .await;
     let log_b = std::fs::read_to_string(env.path(&format!("operator-{b}.log"))).unwrap();
     assert!(log_b.contains("leader: acting"), "{log_b}");
+    // One savepoint (object and directory), the one the new job restored from.
+    let sps: Api<Savepoint> = Api::namespaced(env.cluster().client(), "default");
+    let objects = sps.list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(
+        objects.len(),
+        1,
+        "leader killed at stage {stage:?}: {objects:?}"
+    );
+    let restored = done.status.unwrap().restored_from.unwrap();
+    assert_eq!(
+        objects[0].status.as_ref().unwrap().path.as_deref(),
+        Some(restored.as_str())
+    );
+    let dirs: Vec<_> = std::fs::read_dir(env.cluster().savepoint_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("savepoint-"))
+        .collect();
+    assert_eq!(dirs.len(), 1, "leader killed at stage {stage:?}");
+    if env.cluster().kind() == Kind::Real {
+        // The real Deployment controller made one new ReplicaSet for the one new version.
+        let sets: Api<k8s_openapi::api::apps::v1::ReplicaSet> =
+            Api::namespaced(env.cluster().client(), "default");
+        let sets = sets.list(&ListParams::default()).await.unwrap().items;
+        assert_eq!(
+            sets.len(),
+            2,
+            "the old and the new version's ReplicaSets: {:?}",
+            sets.iter().map(|r| r.name_any()).collect::<Vec<_>>()
+        );
+    }
     env.stop().await;
 }
 
@@ -1091,6 +1130,149 @@ async fn the_real_api_server_validates_explains_and_installs_the_chart() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    env.stop().await;
+}
+
+/// The GitOps health checker (`e2e/health`: kstatus as Flux computes it, and the Argo CD Lua
+/// checks of `config/argocd/`): `SJOB_HEALTH_BIN`, or built by `e2e/health/build.sh`.
+fn health_checker() -> PathBuf {
+    if let Some(bin) = std::env::var_os("SJOB_HEALTH_BIN") {
+        return PathBuf::from(bin);
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/health/build.sh");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .output()
+        .unwrap_or_else(|e| panic!("bash {script}: {e}"));
+    assert!(
+        out.status.success(),
+        "bash {script} (needs Go; `bash .ci/run` builds it): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// kstatus and Argo CD's health of one object as the API server returns it.
+fn health_of(
+    checker: &Path,
+    dir: &Path,
+    name: &str,
+    obj: &impl serde::Serialize,
+) -> (String, String) {
+    let file = dir.join(format!("{name}.json"));
+    std::fs::write(&file, serde_json::to_vec(obj).unwrap()).unwrap();
+    let out = std::process::Command::new(checker)
+        .arg("--argocd-dir")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config/argocd"))
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    (
+        v["kstatus"].as_str().unwrap_or_default().to_owned(),
+        v["argocd"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+/// GitOps health as the real tools judge it, at each phase of a StatefulJob's life: in
+/// progress while deploying and upgrading, current when running or suspended, failed when an
+/// upgrade is blocked or the spec cannot be deployed; Savepoints healthy once completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kstatus_and_argo_cd_agree_with_every_phase() {
+    let checker = health_checker();
+    let env = Env::start().await;
+    let snapshots = env.path("health");
+    std::fs::create_dir_all(&snapshots).unwrap();
+    let sink = env.path("out");
+    let job = counting_job(&sink, 10_000_000, 20, 5_000, vec![]);
+    let mut seen: Vec<(String, (String, String))> = Vec::new();
+    let mut look = |phase: &str, sj: &StatefulJob| {
+        let h = health_of(&checker, &snapshots, phase, sj);
+        seen.push((phase.to_owned(), h));
+    };
+
+    env.apply("counting", json!({"job": job.clone()})).await;
+    let sj = env
+        .wait("counting", "Deploying", 30, |sj| {
+            phase(sj) == Some(Phase::Deploying)
+        })
+        .await;
+    look("Deploying", &sj);
+    let sj = env
+        .wait("counting", "Running", 60, |sj| {
+            phase(sj) == Some(Phase::Running)
+        })
+        .await;
+    look("Running", &sj);
+    let first = job_id(&sj);
+
+    let map = json!({"kind": "map", "set": [{"field": "doubled", "expr": "count * 2"}]});
+    let v2 = counting_job(&sink, 10_000_000, 20, 5_000, vec![map]);
+    env.apply("counting", json!({"job": v2.clone()})).await;
+    let sj = env
+        .wait("counting", "Upgrading", 30, |sj| {
+            phase(sj) == Some(Phase::Upgrading)
+        })
+        .await;
+    look("Upgrading", &sj);
+    env.wait("counting", "upgraded", 90, upgraded_from(first))
+        .await;
+
+    // Removing the stateful count without allowNonRestoredState: blocked, the job runs on.
+    let mut v3 = counting_job(&sink, 10_000_000, 20, 5_000, vec![]);
+    v3["operators"].as_array_mut().unwrap().remove(2);
+    v3["operators"].as_array_mut().unwrap().remove(1);
+    env.apply("counting", json!({"job": v3})).await;
+    let sj = env
+        .wait("counting", "Blocked", 60, |sj| {
+            phase(sj) == Some(Phase::Blocked)
+        })
+        .await;
+    look("Blocked", &sj);
+
+    env.apply("counting", json!({"job": v2, "state": "suspended"}))
+        .await;
+    let sj = env
+        .wait("counting", "Suspended", 90, |sj| {
+            phase(sj) == Some(Phase::Suspended)
+        })
+        .await;
+    look("Suspended", &sj);
+    let sps: Api<Savepoint> = Api::namespaced(env.cluster().client(), "default");
+    let completed = sps.list(&ListParams::default()).await.unwrap().items;
+    let sp_health = health_of(&checker, &snapshots, "savepoint", &completed[0]);
+
+    // A job graph that cannot run (a count without its keyBy), never deployed: Failed.
+    let mut broken = counting_job(&sink, 1_000, 20, 5_000, vec![]);
+    broken["operators"].as_array_mut().unwrap().remove(1);
+    env.apply("broken", json!({"job": broken})).await;
+    let sj = env
+        .wait("broken", "Failed", 30, |sj| {
+            phase(sj) == Some(Phase::Failed)
+        })
+        .await;
+    look("Failed", &sj);
+
+    let want = |k: &str, a: &str| (k.to_owned(), a.to_owned());
+    let expected = vec![
+        ("Deploying".to_owned(), want("InProgress", "Progressing")),
+        ("Running".to_owned(), want("Current", "Healthy")),
+        ("Upgrading".to_owned(), want("InProgress", "Progressing")),
+        ("Blocked".to_owned(), want("Failed", "Degraded")),
+        ("Suspended".to_owned(), want("Current", "Suspended")),
+        ("Failed".to_owned(), want("Failed", "Degraded")),
+    ];
+    assert_eq!(seen, expected, "(kstatus, Argo CD) per phase");
+    assert_eq!(
+        sp_health,
+        want("Current", "Healthy"),
+        "a completed Savepoint"
     );
     env.stop().await;
 }

@@ -26,9 +26,14 @@ local function conditionMessage(status, kinds, onlyTrue)
   return nil
 end
 
+-- "prefix: detail", or prefix alone; a detail that already starts with
+-- "prefix:" is not prefixed again.
 local function join(prefix, detail)
   if detail == nil or detail == "" then
     return prefix
+  end
+  if string.sub(detail, 1, #prefix + 1) == prefix .. ":" then
+    return detail
   end
   return prefix .. ": " .. detail
 end
@@ -68,7 +73,7 @@ elseif phase == "Deploying" or phase == "Upgrading" or phase == "RollingBack"
     end
     hs.message = join(phase, detail)
   else
-    hs.message = join(phase, conditionMessage(status, {"Reconciling", "Progressing"}, true))
+    hs.message = join(phase, conditionMessage(status, {"Progressing", "Reconciling"}, true))
   end
 elseif phase == "Suspended" then
   hs.status = "Suspended"

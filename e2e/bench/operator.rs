@@ -34,6 +34,22 @@ const SJOB: &str = env!("CARGO_BIN_EXE_sjob");
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
+/// `SJOB_CONTROL_PLANE=real` runs the scenario on the real control plane (etcd,
+/// kube-apiserver, kube-controller-manager); the in-process API server otherwise.
+fn control_plane() -> Kind {
+    match std::env::var("SJOB_CONTROL_PLANE").as_deref() {
+        Ok("real") => Kind::Real,
+        _ => Kind::InProcess,
+    }
+}
+
+fn control_plane_name() -> &'static str {
+    match control_plane() {
+        Kind::Real => "real",
+        Kind::InProcess => "in-process",
+    }
+}
+
 fn free_port() -> Res<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -66,7 +82,7 @@ impl Bench {
     async fn start() -> Res<Bench> {
         let root = tempfile::tempdir()?;
         let cluster = ControlPlane::start(
-            Kind::InProcess,
+            control_plane(),
             &root.path().join("cluster"),
             0,
             Path::new(SJOB),
@@ -123,8 +139,31 @@ impl Bench {
         Ok(out)
     }
 
-    /// The operator's API requests so far, by verb.
+    /// The operator's API requests so far, by verb. On the real API server, which does not
+    /// count by user: every client's (the operator's, the kubelet's, the controllers').
     async fn operator_requests(&self) -> Res<BTreeMap<String, u64>> {
+        if self.cluster.kind() == Kind::Real {
+            let req = http::Request::get("/metrics").body(Vec::new())?;
+            let text = self.client().request_text(req).await?;
+            let mut out = BTreeMap::new();
+            for line in text
+                .lines()
+                .filter(|l| l.starts_with("apiserver_request_total{"))
+            {
+                let verb = line
+                    .split("verb=\"")
+                    .nth(1)
+                    .and_then(|r| r.split('"').next())
+                    .unwrap_or_default()
+                    .to_lowercase();
+                let n = line
+                    .rsplit_once(' ')
+                    .and_then(|(_, v)| v.parse::<f64>().ok())
+                    .unwrap_or(0.0);
+                *out.entry(verb).or_default() += n as u64;
+            }
+            return Ok(out);
+        }
         let url = format!("{}/debug/requests", self.cluster.url());
         let doc: Value = self.http.get(url).send().await?.json().await?;
         let mut out = BTreeMap::new();
@@ -222,6 +261,7 @@ async fn footprint(jobs: usize, window_s: u64) -> Res<Value> {
     let requests = delta(&r1, &r0);
     let result = json!({
         "bench": "operator_footprint",
+        "control_plane": control_plane_name(),
         "jobs": jobs,
         "rss_mb_idle": idle_mb,
         "rss_mb_loaded": loaded_mb,
@@ -383,6 +423,7 @@ async fn retention(savepoints: usize) -> Res<Value> {
     let dirs_left = std::fs::read_dir(&copies)?.count();
     let result = json!({
         "bench": "retention_sweep",
+        "control_plane": control_plane_name(),
         "savepoints": total,
         "setup_s": setup_s,
         "sweep_s": sweep_s,
@@ -506,6 +547,7 @@ async fn upgrade(keys: u64, payload: u64) -> Res<Value> {
         .unwrap_or(0);
     let result = json!({
         "bench": "upgrade_downtime",
+        "control_plane": control_plane_name(),
         "engine": "sjob",
         "keys": keys,
         "state_mb": size as f64 / 1e6,

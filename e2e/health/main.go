@@ -1,7 +1,7 @@
 // Command health reports what GitOps tools make of sjob's custom resources:
 // kstatus (sigs.k8s.io/cli-utils, the status library Flux's health checks
 // use) and the Argo CD health checks in config/argocd, run in gopher-lua (the
-// Lua interpreter Argo CD embeds) the way Argo CD runs them.
+// Lua interpreter Argo CD embeds) with the global obj set as Argo CD sets it.
 //
 //	health --argocd-dir DIR [FILE...]
 //
@@ -38,9 +38,10 @@ const (
 	configMapFile = "argocd-cm-health.yaml"
 	// argocd-cm's key for a health check is this prefix + GROUP_KIND.
 	healthKeyPrefix = "resource.customizations.health."
-	// How long one script may run (Argo CD also runs its Lua under a timeout).
-	luaTimeout = 5 * time.Second
 )
+
+// How long one script may run (Argo CD also runs its Lua under a timeout).
+var luaTimeout = 5 * time.Second
 
 // The Lua file holding each kind's health check.
 var scriptFiles = map[string]string{
@@ -153,7 +154,7 @@ func LoadChecks(dir string) (Checks, error) {
 		}
 		chunk, err := parse.Parse(bytes.NewReader(src), name)
 		if err != nil {
-			return nil, fmt.Errorf("%s: %w", path, err)
+			return nil, fmt.Errorf("%s: %s", path, strings.TrimSpace(err.Error()))
 		}
 		proto, err := lua.Compile(chunk, name)
 		if err != nil {

@@ -378,7 +378,9 @@ impl Planner<'_> {
             (EngineObs::Absent, DesiredState::Running) => self.first_deploy_or_resume(),
             (EngineObs::Absent, DesiredState::Suspended) => {
                 self.status.phase = Some(Phase::Suspended);
-                self.condition("Ready", false, "Suspended", "suspended by spec.state");
+                // Ready: what the spec asks for is reached (kstatus reads Ready=False as
+                // still in progress, and a GitOps sync would wait for it).
+                self.condition("Ready", true, "Suspended", "suspended by spec.state");
                 self.condition("Progressing", false, "Suspended", "suspended");
                 self.requeue_ms = 300_000;
             }
@@ -454,7 +456,7 @@ impl Planner<'_> {
             EngineObs::Ended { .. } => {
                 // A job that ended on its own (bounded input): nothing to restart.
                 self.status.phase = Some(Phase::Suspended);
-                self.condition("Ready", false, "Ended", "the job has ended");
+                self.condition("Ready", true, "Ended", "the job has ended");
                 self.requeue_ms = 60_000;
             }
             EngineObs::Broken { reason, .. } => {
