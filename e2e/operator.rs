@@ -1276,3 +1276,180 @@ async fn kstatus_and_argo_cd_agree_with_every_phase() {
     );
     env.stop().await;
 }
+
+/// The process kubelet as a node of the real control plane: it registers its Node and Lease,
+/// runs pods bound to it with Secret volumes (and emptyDirs), reports exits in
+/// `containerStatuses` (`restartCount`, `lastState.terminated`), follows `restartPolicy`, and
+/// removes a deleted pod's object once its process has stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_process_kubelet_is_a_node_of_the_real_control_plane() {
+    use k8s_openapi::api::core::v1::{Node, Secret};
+    let env = Env::on(Kind::Real).await;
+    let client = env.cluster().client();
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node_name = sjob::local::real::NODE_NAME;
+    let node = nodes.get(node_name).await.unwrap();
+    let ready = node.status.unwrap().conditions.unwrap_or_default();
+    assert!(
+        ready
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    );
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "kube-node-lease");
+    let lease = leases.get(node_name).await.unwrap();
+    assert_eq!(
+        lease.spec.unwrap().holder_identity.as_deref(),
+        Some(node_name)
+    );
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod = |name: &str, policy: &str, args: Vec<&str>| -> Pod {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {
+                "restartPolicy": policy,
+                "terminationGracePeriodSeconds": 20,
+                "containers": [{"name": "engine", "image": "sjob", "command": ["sjob"], "args": args,
+                    "volumeMounts": [{"name": "job", "mountPath": "/etc/job"},
+                                     {"name": "scratch", "mountPath": "/scratch"}]}],
+                "volumes": [{"name": "job", "secret": {"secretName": "job"}},
+                            {"name": "scratch", "emptyDir": {}}],
+            },
+        }))
+        .unwrap()
+    };
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
+    let bounded = "name: bounded\noperators:\n  - {kind: generator, uid: src, keys: 5, count: 500}\n  - {kind: keyBy, field: key}\n  - {kind: count, uid: counter}\n  - {kind: fileSink, uid: out, path: out}\n";
+    let endless = "name: endless\noperators:\n  - {kind: generator, uid: src, keys: 5, rate: 100}\n  - {kind: discardSink}\n";
+    secrets
+        .create(
+            &Default::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "job", "namespace": "default"},
+                "stringData": {"bounded.yaml": bounded, "endless.yaml": endless},
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let args = |file: &'static str| vec!["run", "--rest-port", "0", file];
+    for p in [
+        pod("finishes", "Never", args("/etc/job/bounded.yaml")),
+        pod("crashes", "OnFailure", args("/etc/job/missing.yaml")),
+        pod("runs", "Always", args("/etc/job/endless.yaml")),
+    ] {
+        pods.create(&Default::default(), &p).await.unwrap();
+    }
+    let wait_pod = |name: &'static str, what: &'static str, pred: fn(&Pod) -> bool| {
+        let pods = pods.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let p = pods.get(name).await.unwrap();
+                if pred(&p) {
+                    return p;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "pod {name}: not {what}: {:?}",
+                    p.status
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let phase_of = |p: &Pod| p.status.as_ref().and_then(|s| s.phase.clone());
+    let container = |p: &Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.clone())
+            .and_then(|c| c.into_iter().next())
+    };
+    // A bounded job from a Secret, writing into an emptyDir: Succeeded, not restarted.
+    let done = wait_pod("finishes", "Succeeded", |p| {
+        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded")
+    })
+    .await;
+    assert_eq!(
+        done.spec.as_ref().unwrap().node_name.as_deref(),
+        Some(node_name)
+    );
+    let c = container(&done).unwrap();
+    assert_eq!(c.restart_count, 0);
+    assert_eq!(c.state.unwrap().terminated.unwrap().exit_code, 0);
+    // Its output, in its working directory (the pod's); the emptyDir a directory beside it.
+    let pod_dir = env.cluster().dir().join("pods/default/finishes");
+    assert!(pod_dir.join("volumes/scratch").is_dir());
+    let out = pod_dir.join("out");
+    assert!(
+        std::fs::read_dir(&out)
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("part-")),
+        "the job's output in {}",
+        out.display()
+    );
+    // A failing container under OnFailure: restarted, its last exit reported.
+    let crashed = wait_pod("crashes", "restarted", |p| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|c| c.first())
+            .is_some_and(|c| {
+                c.restart_count >= 1
+                    && c.last_state
+                        .as_ref()
+                        .is_some_and(|l| l.terminated.is_some())
+            })
+    })
+    .await;
+    let last = container(&crashed)
+        .unwrap()
+        .last_state
+        .unwrap()
+        .terminated
+        .unwrap();
+    assert_eq!(last.exit_code, 1);
+    assert!(
+        last.message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("missing.yaml"),
+        "{last:?}"
+    );
+    assert_eq!(phase_of(&crashed).as_deref(), Some("Running"));
+    // A running pod deleted with a grace period: SIGTERM, the process exits, the object goes.
+    wait_pod("runs", "ready", |p| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    })
+    .await;
+    let asked = Instant::now();
+    pods.delete("runs", &Default::default()).await.unwrap();
+    let held = pods.get_opt("runs").await.unwrap();
+    assert!(
+        held.is_some_and(|p| p.metadata.deletion_timestamp.is_some()),
+        "a bound pod stays, terminating, until its process has stopped"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pods.get_opt("runs").await.unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the deleted pod's object was not removed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = std::fs::read_to_string(env.cluster().dir().join("pods/default/runs/container.log"))
+        .unwrap();
+    assert!(
+        log.contains("signal received"),
+        "stopped by SIGTERM, not killed: {log}"
+    );
+    println!("deleted pod gone after {:?}", asked.elapsed());
+    env.stop().await;
+}

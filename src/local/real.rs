@@ -422,6 +422,7 @@ impl RealCluster {
                 node: Some(NODE_NAME.to_owned()),
             },
         );
+        wait_node_ready(&client).await?;
         let servers = std::mem::take(cluster_guard.0);
         tracing::info!(url = %url, secs = started.elapsed().as_secs_f64(), "real control plane up");
         Ok(RealCluster {
@@ -491,6 +492,35 @@ fn stop_servers(servers: &mut Vec<(&'static str, Child)>) {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// The kubelet has registered its Node and reports it Ready: pods can be bound to it.
+async fn wait_node_ready(client: &Client) -> Result<(), RealError> {
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = nodes
+            .get_opt(NODE_NAME)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|n| {
+                n.status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            });
+        if ready {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(RealError::Setup(format!(
+                "the process kubelet did not register Node {NODE_NAME} within 30 s"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
