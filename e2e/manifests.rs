@@ -133,6 +133,9 @@ const KNOWN_KEYWORDS: &[&str] = &[
     "definitions",
     "x-kubernetes-preserve-unknown-fields",
     "x-kubernetes-int-or-string",
+    // CEL rules: not evaluated here; the real API server evaluates them
+    // (e2e/operator.rs: the_real_api_server_validates_explains_and_installs_the_chart).
+    "x-kubernetes-validations",
 ];
 
 impl Validator<'_> {
