@@ -810,6 +810,18 @@ async fn of_two_operator_replicas_only_the_leader_acts() {
     env.stop().await;
 }
 
+/// Runs kubectl, asserts that it succeeded, and returns its standard output.
+fn kubectl_ok(kubeconfig: &Path, args: &[&str]) -> String {
+    let out = kubectl(kubeconfig, args).unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The kubectl that `e2e/k8s/install.sh` builds with the control plane (the same version).
 fn kubectl(kubeconfig: &Path, args: &[&str]) -> Option<std::process::Output> {
     let exe = sjob::local::real::bin_dir()
@@ -1023,13 +1035,7 @@ async fn the_real_api_server_validates_explains_and_installs_the_chart() {
         }
     }
 
-    let out = kubectl(&admin, &["explain", "statefuljob.spec.upgrade"]).unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = kubectl_ok(&admin, &["explain", "statefuljob.spec.upgrade"]);
     for want in [
         "How spec changes are rolled out",
         "savepointTimeout",
@@ -1052,13 +1058,7 @@ async fn the_real_api_server_validates_explains_and_installs_the_chart() {
     }))
     .unwrap();
     sps.create(&Default::default(), &sp).await.unwrap();
-    let out = kubectl(&admin, &["get", "sjob,sjsp"]).unwrap();
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let table = kubectl_ok(&admin, &["get", "sjob,sjsp"]);
     for want in [
         "PHASE",
         "JOB ID",
@@ -1191,36 +1191,37 @@ async fn kstatus_and_argo_cd_agree_with_every_phase() {
     std::fs::create_dir_all(&snapshots).unwrap();
     let sink = env.path("out");
     let job = counting_job(&sink, 10_000_000, 20, 5_000, vec![]);
-    let mut seen: Vec<(String, (String, String))> = Vec::new();
-    let mut look = |phase: &str, sj: &StatefulJob| {
-        let h = health_of(&checker, &snapshots, phase, sj);
-        seen.push((phase.to_owned(), h));
-    };
+    // Every version of the object the API server sends: short phases (Deploying, Upgrading)
+    // are judged as written, however fast they pass.
+    let history = std::sync::Arc::new(std::sync::Mutex::new(Vec::<StatefulJob>::new()));
+    let recorder = tokio::spawn({
+        use futures::StreamExt;
+        let history = history.clone();
+        let jobs = env.jobs();
+        async move {
+            let mut events = std::pin::pin!(kube::runtime::watcher(
+                jobs,
+                kube::runtime::watcher::Config::default()
+            ));
+            while let Some(event) = events.next().await {
+                if let Ok(kube::runtime::watcher::Event::Apply(sj)) = event {
+                    history.lock().unwrap().push(sj);
+                }
+            }
+        }
+    });
 
     env.apply("counting", json!({"job": job.clone()})).await;
-    let sj = env
-        .wait("counting", "Deploying", 30, |sj| {
-            phase(sj) == Some(Phase::Deploying)
-        })
-        .await;
-    look("Deploying", &sj);
     let sj = env
         .wait("counting", "Running", 60, |sj| {
             phase(sj) == Some(Phase::Running)
         })
         .await;
-    look("Running", &sj);
     let first = job_id(&sj);
 
     let map = json!({"kind": "map", "set": [{"field": "doubled", "expr": "count * 2"}]});
     let v2 = counting_job(&sink, 10_000_000, 20, 5_000, vec![map]);
     env.apply("counting", json!({"job": v2.clone()})).await;
-    let sj = env
-        .wait("counting", "Upgrading", 30, |sj| {
-            phase(sj) == Some(Phase::Upgrading)
-        })
-        .await;
-    look("Upgrading", &sj);
     env.wait("counting", "upgraded", 90, upgraded_from(first))
         .await;
 
@@ -1229,21 +1230,17 @@ async fn kstatus_and_argo_cd_agree_with_every_phase() {
     v3["operators"].as_array_mut().unwrap().remove(2);
     v3["operators"].as_array_mut().unwrap().remove(1);
     env.apply("counting", json!({"job": v3})).await;
-    let sj = env
-        .wait("counting", "Blocked", 60, |sj| {
-            phase(sj) == Some(Phase::Blocked)
-        })
-        .await;
-    look("Blocked", &sj);
+    env.wait("counting", "Blocked", 60, |sj| {
+        phase(sj) == Some(Phase::Blocked)
+    })
+    .await;
 
     env.apply("counting", json!({"job": v2, "state": "suspended"}))
         .await;
-    let sj = env
-        .wait("counting", "Suspended", 90, |sj| {
-            phase(sj) == Some(Phase::Suspended)
-        })
-        .await;
-    look("Suspended", &sj);
+    env.wait("counting", "Suspended", 90, |sj| {
+        phase(sj) == Some(Phase::Suspended)
+    })
+    .await;
     let sps: Api<Savepoint> = Api::namespaced(env.cluster().client(), "default");
     let completed = sps.list(&ListParams::default()).await.unwrap().items;
     let sp_health = health_of(&checker, &snapshots, "savepoint", &completed[0]);
@@ -1252,12 +1249,31 @@ async fn kstatus_and_argo_cd_agree_with_every_phase() {
     let mut broken = counting_job(&sink, 1_000, 20, 5_000, vec![]);
     broken["operators"].as_array_mut().unwrap().remove(1);
     env.apply("broken", json!({"job": broken})).await;
-    let sj = env
-        .wait("broken", "Failed", 30, |sj| {
-            phase(sj) == Some(Phase::Failed)
-        })
-        .await;
-    look("Failed", &sj);
+    env.wait("broken", "Failed", 30, |sj| {
+        phase(sj) == Some(Phase::Failed)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    recorder.abort();
+
+    // The first version written in each phase, as the API server returned it.
+    let history = history.lock().unwrap().clone();
+    let mut seen: Vec<(String, (String, String))> = Vec::new();
+    for want in [
+        Phase::Deploying,
+        Phase::Running,
+        Phase::Upgrading,
+        Phase::Blocked,
+        Phase::Suspended,
+        Phase::Failed,
+    ] {
+        let name = format!("{want:?}");
+        let sj = history
+            .iter()
+            .find(|sj| phase(sj) == Some(want))
+            .unwrap_or_else(|| panic!("no version of a StatefulJob in phase {name}"));
+        seen.push((name.clone(), health_of(&checker, &snapshots, &name, sj)));
+    }
 
     let want = |k: &str, a: &str| (k.to_owned(), a.to_owned());
     let expected = vec![

@@ -9,7 +9,6 @@ use kube::api::PostParams;
 use kube::{Api, Client};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// The operator's RBAC rules, as the Helm chart grants them.
 pub const OPERATOR_RBAC: &str = include_str!("../../config/rbac/role.yaml");
@@ -115,13 +114,7 @@ impl LocalCluster {
         install_crds(&client).await?;
         let kubelet = Kubelet::start(
             client.clone(),
-            KubeletOptions {
-                sjob_exe: opts.sjob_exe,
-                pods_dir: dir.join("pods"),
-                sync_every: Duration::from_millis(250),
-                max_backoff: Duration::from_secs(5),
-                node: None,
-            },
+            KubeletOptions::new(opts.sjob_exe, dir.join("pods"), None),
         );
         Ok(LocalCluster {
             api,

@@ -42,6 +42,19 @@ pub struct KubeletOptions {
     pub node: Option<String>,
 }
 
+impl KubeletOptions {
+    /// The defaults both control planes use: sync every 250 ms, back-off up to 5 s.
+    pub fn new(sjob_exe: PathBuf, pods_dir: PathBuf, node: Option<String>) -> KubeletOptions {
+        KubeletOptions {
+            sjob_exe,
+            pods_dir,
+            sync_every: Duration::from_millis(250),
+            max_backoff: Duration::from_secs(5),
+            node,
+        }
+    }
+}
+
 pub struct Kubelet {
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
@@ -90,6 +103,7 @@ impl Kubelet {
                     .unwrap_or_default(),
                 next_ip: rand::random::<u32>() % 60_000,
                 last_heartbeat: None,
+                node_ready_since: None,
             };
             loop {
                 if *rx.borrow() {
@@ -158,6 +172,8 @@ struct State {
     next_ip: u32,
     /// When the Node's status and Lease were last renewed (node mode).
     last_heartbeat: Option<Instant>,
+    /// Since when the Node is Ready (its condition's transition time).
+    node_ready_since: Option<serde_json::Value>,
 }
 
 /// How often a node renews its Lease and Ready condition.
@@ -316,7 +332,7 @@ impl State {
     }
 
     /// Registers the Node (once) and renews its Ready condition and its heartbeat Lease.
-    async fn heartbeat(&self, node: &str) -> Result<(), kube::Error> {
+    async fn heartbeat(&mut self, node: &str) -> Result<(), kube::Error> {
         let nodes: Api<Node> = Api::all(self.client.clone());
         let pp = PatchParams::apply("sjob-kubelet").force();
         if nodes.get_opt(node).await?.is_none() {
@@ -336,12 +352,13 @@ impl State {
             tracing::info!(node, "node registered");
         }
         let now = now_time();
+        let since = self.node_ready_since.clone().unwrap_or_else(|| now.clone());
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let status = json!({"status": {
             "conditions": [{
                 "type": "Ready", "status": "True", "reason": "KubeletReady",
                 "message": "sjob process kubelet is posting ready status",
-                "lastHeartbeatTime": now, "lastTransitionTime": now,
+                "lastHeartbeatTime": now, "lastTransitionTime": since,
             }],
             "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": node}],
             "capacity": {"cpu": cpus.to_string(), "pods": "110"},
@@ -356,6 +373,7 @@ impl State {
         nodes
             .patch_status(node, &PatchParams::default(), &Patch::Merge(&status))
             .await?;
+        self.node_ready_since = Some(since);
         let leases: Api<Lease> = Api::namespaced(self.client.clone(), "kube-node-lease");
         let renew = serde_json::to_value(MicroTime(jiff::Timestamp::now())).unwrap_or_default();
         leases

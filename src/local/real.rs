@@ -414,13 +414,7 @@ impl RealCluster {
         )?;
         let kubelet = Kubelet::start(
             client.clone(),
-            KubeletOptions {
-                sjob_exe: opts.sjob_exe,
-                pods_dir: dir.join("pods"),
-                sync_every: Duration::from_millis(250),
-                max_backoff: Duration::from_secs(5),
-                node: Some(NODE_NAME.to_owned()),
-            },
+            KubeletOptions::new(opts.sjob_exe, dir.join("pods"), Some(NODE_NAME.to_owned())),
         );
         wait_node_ready(&client).await?;
         let servers = std::mem::take(cluster_guard.0);
