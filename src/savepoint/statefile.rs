@@ -280,20 +280,12 @@ pub fn read_key_groups(
             let kg = overlap.start + (i + n) as u32;
             let what = format!("key group {kg}");
             let slice = verified(&path, &bytes, start, block, &what)?;
-            let mut r = Reader::new(slice);
-            let decode_err = |source| StateFileError::Decode {
-                path: path.clone(),
-                block: what.clone(),
-                source,
-            };
-            for (s, meta) in states.iter().enumerate() {
-                let n = r.varint().map_err(decode_err)?;
-                for _ in 0..n {
-                    let key = r.value().map_err(decode_err)?;
-                    let entry = decode_entry(&mut r, meta.kind).map_err(decode_err)?;
-                    sink(s, kg, key, entry);
-                }
-            }
+            decode_key_group_block(slice, states, |s, key, entry| sink(s, kg, key, entry))
+                .map_err(|source| StateFileError::Decode {
+                    path: path.clone(),
+                    block: what.clone(),
+                    source,
+                })?;
         }
         i = j + 1;
     }
@@ -319,18 +311,41 @@ pub fn read_operator_lists(
     let bytes = dir.get_range(&st.file, block.offset..block.offset + block.len)?;
     let what = "operator state";
     let slice = verified(&path, &bytes, block.offset, block, what)?;
-    let mut r = Reader::new(slice);
-    let decode_err = |source| StateFileError::Decode {
+    decode_operator_block(slice, count).map_err(|source| StateFileError::Decode {
         path: path.clone(),
         block: what.to_owned(),
         source,
-    };
-    let mut lists = Vec::with_capacity(count);
+    })
+}
+
+/// Decodes one key group's block (checksum already verified): for each keyed state in
+/// `states`' order, its entries, each handed to `sink(state_index, key, entry)`.
+pub fn decode_key_group_block(
+    block: &[u8],
+    states: &[KeyedStateMeta],
+    mut sink: impl FnMut(usize, Value, StateEntry),
+) -> Result<(), DecodeError> {
+    let mut r = Reader::new(block);
+    for (s, meta) in states.iter().enumerate() {
+        let n = r.varint()?;
+        for _ in 0..n {
+            let key = r.value()?;
+            let entry = decode_entry(&mut r, meta.kind)?;
+            sink(s, key, entry);
+        }
+    }
+    Ok(())
+}
+
+/// Decodes the operator-state block (checksum already verified): `count` lists of rows.
+pub fn decode_operator_block(block: &[u8], count: usize) -> Result<Vec<Vec<Row>>, DecodeError> {
+    let mut r = Reader::new(block);
+    let mut lists = Vec::with_capacity(count.min(block.len()));
     for _ in 0..count {
-        let n = r.varint().map_err(decode_err)?;
+        let n = r.varint()?;
         let mut rows = Vec::new();
         for _ in 0..n {
-            rows.push(r.row().map_err(decode_err)?);
+            rows.push(r.row()?);
         }
         lists.push(rows);
     }
