@@ -641,6 +641,140 @@ fn operator_deployments_use_the_real_flags() {
     );
 }
 
+/// Whether a LabelSelector (matchLabels, matchExpressions) selects `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    let label = |k: &str| labels.get(k).and_then(Value::as_str);
+    let by_labels = selector["matchLabels"]
+        .as_object()
+        .is_none_or(|m| m.iter().all(|(k, v)| label(k) == v.as_str()));
+    let by_expressions = selector["matchExpressions"].as_array().is_none_or(|es| {
+        es.iter().all(|e| {
+            let key = e["key"].as_str().unwrap_or_default();
+            let values: Vec<&str> = e["values"]
+                .as_array()
+                .map(|vs| vs.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            match e["operator"].as_str() {
+                Some("Exists") => label(key).is_some(),
+                Some("DoesNotExist") => label(key).is_none(),
+                Some("In") => label(key).is_some_and(|l| values.contains(&l)),
+                Some("NotIn") => !label(key).is_some_and(|l| values.contains(&l)),
+                other => panic!("unknown selector operator {other:?}"),
+            }
+        })
+    });
+    by_labels && by_expressions
+}
+
+/// The policy lets the operator's pods (in `operator_ns`) and no one else reach the engine
+/// pods the operator creates, on their REST port.
+fn check_network_policy(what: &str, policy: &Value, operator: &Value, operator_ns: &str) {
+    let sj: StatefulJob = serde_yaml::from_str(
+        "apiVersion: sjob.dev/v1alpha1\nkind: StatefulJob\nmetadata: {name: clicks, namespace: jobs, uid: u-1}\nspec:\n  job:\n    name: clicks\n    operators:\n      - {kind: generator, uid: src}\n      - {kind: discardSink}\n",
+    )
+    .unwrap();
+    let settings = EngineSettings::default();
+    let (_, engine, _) =
+        resources::engine_objects(&sj, &sj.spec, "h", None, None, &settings).unwrap();
+    let engine = serde_json::to_value(engine).unwrap();
+    let engine_pod = &engine["spec"]["template"]["metadata"]["labels"];
+    let operator_pod = &operator["spec"]["template"]["metadata"]["labels"];
+    let spec = &policy["spec"];
+    assert!(
+        selects(&spec["podSelector"], engine_pod),
+        "{what}: does not select engine pods {engine_pod}"
+    );
+    assert!(
+        !selects(&spec["podSelector"], operator_pod),
+        "{what}: selects the operator's pods"
+    );
+    assert_eq!(
+        spec["policyTypes"],
+        serde_json::json!(["Ingress"]),
+        "{what}"
+    );
+    let rules = spec["ingress"].as_array().unwrap();
+    assert_eq!(rules.len(), 1, "{what}: one ingress rule");
+    let peers = rules[0]["from"].as_array().unwrap();
+    assert_eq!(peers.len(), 1, "{what}: the operator is the only peer");
+    let ns_labels = serde_json::json!({"kubernetes.io/metadata.name": operator_ns});
+    assert!(
+        selects(&peers[0]["namespaceSelector"], &ns_labels),
+        "{what}: namespace {operator_ns}"
+    );
+    assert!(
+        !selects(
+            &peers[0]["namespaceSelector"],
+            &serde_json::json!({"kubernetes.io/metadata.name": "jobs"})
+        ),
+        "{what}"
+    );
+    assert!(
+        selects(&peers[0]["podSelector"], operator_pod),
+        "{what}: does not admit the operator's pods {operator_pod}"
+    );
+    assert!(
+        !selects(&peers[0]["podSelector"], engine_pod),
+        "{what}: admits engine pods"
+    );
+    assert_eq!(
+        rules[0]["ports"],
+        serde_json::json!([{"protocol": "TCP", "port": settings.port}]),
+        "{what}"
+    );
+}
+
+#[test]
+fn network_policies_admit_only_the_operator_to_engine_pods() {
+    let docs = documents(
+        "config/network-policy/engines.yaml",
+        &read("config/network-policy/engines.yaml"),
+    );
+    let operator = documents(
+        "config/manager/deployment.yaml",
+        &read("config/manager/deployment.yaml"),
+    );
+    check_network_policy(
+        "config/network-policy/engines.yaml",
+        find_kind(&docs, "NetworkPolicy")[0],
+        find_kind(&operator, "Deployment")[0],
+        "sjob-system",
+    );
+    let helm = helm();
+    let (ok, out, err) = run(Command::new(&helm)
+        .args(["template", "sjob"])
+        .arg(root().join("charts/sjob"))
+        .args([
+            "--namespace",
+            "sjob-system",
+            "--set",
+            "networkPolicy.namespaces={jobs,more-jobs}",
+        ]));
+    assert!(ok, "helm template: {err}");
+    let docs = documents("helm template", &out);
+    let policies = find_kind(&docs, "NetworkPolicy");
+    let namespaces: Vec<&str> = policies
+        .iter()
+        .map(|p| p["metadata"]["namespace"].as_str().unwrap())
+        .collect();
+    assert_eq!(namespaces, ["jobs", "more-jobs"]);
+    let operator = find_kind(&docs, "Deployment")[0];
+    let args = operator["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(
+        args.contains("--engine-port=8081") && args.contains("--engine-rest-token=true"),
+        "{args}"
+    );
+    for p in policies {
+        check_network_policy("charts/sjob NetworkPolicy", p, operator, "sjob-system");
+    }
+    let (ok, out, _) = run(Command::new(&helm)
+        .args(["template", "sjob"])
+        .arg(root().join("charts/sjob"))
+        .args(["--set", "networkPolicy.enabled=false"]));
+    assert!(ok);
+    assert!(find_kind(&documents("helm template", &out), "NetworkPolicy").is_empty());
+}
+
 #[test]
 fn dockerfile_builds_the_one_binary() {
     let dockerfile = read("Dockerfile");

@@ -643,3 +643,177 @@ async fn a_kept_running_engine_exits_on_sigterm_with_unread_outcomes() {
     // Well under the 60 s it would linger for an unread outcome.
     engine.wait_exit(Duration::from_secs(15));
 }
+
+/// `sjob` with its arguments; (exit code, stdout, stderr).
+fn sjob(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sjob"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_down_engine_takes_savepoints_only_under_its_roots_and_only_with_its_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let root = d.join("default-savepoints");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::create_dir_all(d.join("elsewhere")).unwrap();
+    std::os::unix::fs::symlink(d.join("elsewhere"), root.join("escape")).unwrap();
+    let token_file = d.join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let job = write_job(d, "job.yaml", &unbounded_count_job(&d.join("out")));
+
+    // Refused before the job starts: a relative root, a default directory outside the roots,
+    // an empty token file (with -d as well).
+    let job_arg = job.to_str().unwrap();
+    let root_arg = root.to_str().unwrap();
+    let empty = d.join("empty");
+    std::fs::write(&empty, "").unwrap();
+    for (extra, names) in [
+        (vec!["--savepoint-root", "relative"], "--savepoint-root"),
+        (
+            vec!["--savepoint-root", root_arg, "--savepoint-dir", "/tmp"],
+            "--savepoint-dir",
+        ),
+        (
+            vec!["--rest-token-file", empty.to_str().unwrap()],
+            "is empty",
+        ),
+    ] {
+        for detached in [false, true] {
+            let mut args = vec!["run", job_arg, "--rest-port", "0"];
+            args.extend(&extra);
+            if detached {
+                args.push("-d");
+            }
+            let (code, _, err) = sjob(&args);
+            assert_eq!(code, 1, "{args:?}: {err}");
+            assert!(err.contains(names), "{args:?}: {err}");
+        }
+    }
+
+    let engine = Engine::start(
+        d,
+        &job,
+        &[
+            "--savepoint-root",
+            root_arg,
+            "--rest-token-file",
+            token_file.to_str().unwrap(),
+        ],
+    );
+    let url = engine.url();
+    let http = reqwest::Client::new();
+    // Open: health, readiness, metrics and the overview (what probes and scrapers read).
+    for path in ["/healthz", "/overview", "/metrics", "/config"] {
+        let r = http.get(format!("{url}{path}")).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{path}");
+    }
+    // Everything about the job needs the token.
+    let anonymous = EngineClient::new(&url);
+    let e = anonymous.list_jobs().await.unwrap_err().to_string();
+    assert!(e.contains("401") && e.contains("bearer token"), "{e}");
+    for (method, path) in [
+        (reqwest::Method::GET, "/jobs/overview"),
+        (
+            reqwest::Method::POST,
+            "/jobs/0123456789abcdef0123456789abcdef/stop",
+        ),
+        (
+            reqwest::Method::PATCH,
+            "/jobs/0123456789abcdef0123456789abcdef",
+        ),
+    ] {
+        for auth in [None, Some("Bearer wrong"), Some("s3cret-token")] {
+            let mut req = http.request(method.clone(), format!("{url}{path}"));
+            if let Some(a) = auth {
+                req = req.header("authorization", a);
+            }
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status().as_u16(), 401, "{method} {path} {auth:?}");
+            assert_eq!(r.headers()["www-authenticate"], "Bearer");
+            let v: serde_json::Value = r.json().await.unwrap();
+            assert!(
+                v["errors"][0].as_str().unwrap().starts_with("Unauthorized"),
+                "{v}"
+            );
+        }
+    }
+    let token = sjob::engine::access::RestToken::from_file(&token_file).unwrap();
+    let client = EngineClient::new(&url).with_token(token);
+    let id = only_job(&client).await;
+
+    // Targets outside the roots are refused with the reason; the job keeps running.
+    let outside = [
+        d.join("elsewhere").display().to_string(),
+        format!("{}/../elsewhere", root.display()),
+        format!("{}/escape/sp", root.display()),
+        format!("file://{}/elsewhere", d.display()),
+        "relative".to_owned(),
+    ];
+    for target in &outside {
+        let e = client
+            .trigger_savepoint(&id, Some(target), false)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("403") && e.contains(target.as_str()),
+            "{target}: {e}"
+        );
+        let e = client
+            .stop_with_savepoint(&id, Some(target), false)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("403") && e.contains("savepoint roots"),
+            "{target}: {e}"
+        );
+    }
+    assert_eq!(client.job(&id).await.unwrap().state, "RUNNING");
+    assert_eq!(std::fs::read_dir(d.join("elsewhere")).unwrap().count(), 0);
+
+    // Inside the roots, with the token: through the client and through the CLI.
+    let inside = root.join("by-client");
+    let trigger = client
+        .trigger_savepoint(&id, Some(inside.to_str().unwrap()), false)
+        .await
+        .unwrap();
+    let location = client
+        .wait_savepoint(&id, &trigger, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(local_path(&location).starts_with(&inside), "{location}");
+    let (code, out, err) = sjob(&["savepoint", &id, "--url", &url]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("bearer token"), "{err}");
+    let (code, out, err) = sjob(&[
+        "savepoint",
+        &id,
+        "--url",
+        &url,
+        "--token-file",
+        token_file.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(root_arg), "{out}");
+    let (code, _, err) = sjob(&[
+        "savepoint",
+        &id,
+        "/etc",
+        "--url",
+        &url,
+        "--token-file",
+        token_file.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("'/etc' is outside"), "{err}");
+    drop(engine);
+}

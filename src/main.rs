@@ -90,6 +90,19 @@ struct Endpoint {
     /// How long to wait for a savepoint.
     #[arg(long, default_value = "10m", value_parser = parse_timeout)]
     timeout: std::time::Duration,
+    /// A file holding the engine's bearer token (an engine run with --rest-token-file).
+    #[arg(long, env = "SJOB_REST_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl Endpoint {
+    fn client(&self) -> Result<sjob::operator::engine_client::EngineClient> {
+        let client = sjob::operator::engine_client::EngineClient::new(&self.url);
+        Ok(match &self.token_file {
+            Some(path) => client.with_token(engine::access::RestToken::from_file(path)?),
+            None => client,
+        })
+    }
 }
 
 fn parse_timeout(s: &str) -> std::result::Result<std::time::Duration, String> {
@@ -131,6 +144,18 @@ struct RunArgs {
     /// Default directory for savepoints triggered without one.
     #[arg(long, env = "SJOB_SAVEPOINT_DIR")]
     savepoint_dir: Option<String>,
+    /// Savepoints requested over REST may only be written under these directories (repeat
+    /// the flag, or separate with commas); others are refused with 403. None: anywhere.
+    #[arg(
+        long = "savepoint-root",
+        env = "SJOB_SAVEPOINT_ROOTS",
+        value_delimiter = ','
+    )]
+    savepoint_roots: Vec<String>,
+    /// Job-facing REST requests must carry `Authorization: Bearer <the file's content>`
+    /// (health, readiness, metrics and the overview stay open).
+    #[arg(long, env = "SJOB_REST_TOKEN_FILE")]
+    rest_token_file: Option<PathBuf>,
     /// After the job ends, the REST API stays up until clients have read every savepoint
     /// outcome, for at most this many seconds.
     #[arg(long, default_value_t = 30)]
@@ -258,8 +283,32 @@ fn wait_until_started(
     }
 }
 
+/// The REST API's access settings, checked before the job starts.
+fn rest_access(
+    args: &RunArgs,
+) -> Result<(
+    engine::access::SavepointRoots,
+    Option<engine::access::RestToken>,
+)> {
+    let roots =
+        engine::access::SavepointRoots::new(&args.savepoint_roots).context("--savepoint-root")?;
+    if let Some(dir) = &args.savepoint_dir {
+        roots
+            .check(dir)
+            .map_err(|e| anyhow::anyhow!("--savepoint-dir: {e}"))?;
+    }
+    let token = match &args.rest_token_file {
+        Some(path) => {
+            Some(engine::access::RestToken::from_file(path).context("--rest-token-file")?)
+        }
+        None => None,
+    };
+    Ok((roots, token))
+}
+
 fn run(args: RunArgs) -> Result<ExitCode> {
     let spec = read_job(&args.job)?;
+    let (roots, token) = rest_access(&args)?;
     if args.detached {
         let job_id = args.job_id.clone().unwrap_or_else(engine::new_job_id);
         let exe = std::env::current_exe().context("cannot find the sjob executable")?;
@@ -284,6 +333,12 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         }
         if let Some(d) = &args.savepoint_dir {
             cmd.arg("--savepoint-dir").arg(d);
+        }
+        for root in &args.savepoint_roots {
+            cmd.arg("--savepoint-root").arg(root);
+        }
+        if let Some(t) = &args.rest_token_file {
+            cmd.arg("--rest-token-file").arg(t);
         }
         let ready_file = std::env::temp_dir().join(format!(
             "sjob-ready-{job_id}-{}",
@@ -332,7 +387,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     if let Some(path) = &args.ready_file {
         write_ready_file(path, &format!("http://{bound}"))?;
     }
-    let state = engine::rest::RestState::new(job.clone(), args.savepoint_dir.clone());
+    let state = engine::rest::RestState::new(job.clone(), args.savepoint_dir.clone(), roots, token);
     let rest_state = state.clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = rt.spawn(engine::rest::serve(state, listener, async move {
@@ -400,12 +455,11 @@ fn client_runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn remote(cmd: Command) -> Result<ExitCode> {
-    use sjob::operator::engine_client::EngineClient;
     let rt = client_runtime()?;
     rt.block_on(async move {
         match cmd {
             Command::List(ep) => {
-                let client = EngineClient::new(&ep.url);
+                let client = ep.client()?;
                 let jobs = client.jobs_overview().await?;
                 let (running, other): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|j| {
                     matches!(
@@ -433,7 +487,7 @@ fn remote(cmd: Command) -> Result<ExitCode> {
                 target_directory,
                 endpoint,
             } => {
-                let client = EngineClient::new(&endpoint.url);
+                let client = endpoint.client()?;
                 eprintln!("Triggering savepoint for job {job_id}.");
                 let trigger = client
                     .trigger_savepoint(&job_id, target_directory.as_deref(), false)
@@ -450,7 +504,7 @@ fn remote(cmd: Command) -> Result<ExitCode> {
                 savepoint,
                 endpoint,
             } => {
-                let client = EngineClient::new(&endpoint.url);
+                let client = endpoint.client()?;
                 match savepoint {
                     Some(dir) => {
                         let dir = (!dir.is_empty()).then_some(dir);
@@ -475,7 +529,7 @@ fn remote(cmd: Command) -> Result<ExitCode> {
                 drain,
                 endpoint,
             } => {
-                let client = EngineClient::new(&endpoint.url);
+                let client = endpoint.client()?;
                 eprintln!("Suspending job \"{job_id}\" with a savepoint.");
                 let trigger = client
                     .stop_with_savepoint(&job_id, savepoint_path.as_deref(), drain)

@@ -27,6 +27,10 @@ pub struct OperatorArgs {
     /// The engines' REST port.
     #[arg(long, default_value_t = 8081)]
     engine_port: u16,
+    /// Engines require a bearer token on their REST API: a random one per StatefulJob, kept in
+    /// the Secret `<job>-rest-token` (`--engine-rest-token=false`: no token).
+    #[arg(long, env = "SJOB_ENGINE_REST_TOKEN", default_value_t = true, action = clap::ArgAction::Set)]
+    engine_rest_token: bool,
     /// This replica's name (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -89,6 +93,7 @@ pub fn run(args: OperatorArgs) -> Result<ExitCode> {
                 image: args.engine_image,
                 default_savepoint_dir: args.default_savepoint_dir,
                 port: args.engine_port,
+                rest_token: args.engine_rest_token,
             },
             identity,
             leader_election: args.leader_elect.then_some(LeaderElection {

@@ -2,6 +2,7 @@
 //! snapshots (checkpoints and savepoints), and restores from them by operator uid, at any
 //! parallelism. `start` is the whole public surface; `JobHandle` controls a running job.
 
+pub mod access;
 pub mod coordinator;
 pub mod expr;
 pub mod graph;

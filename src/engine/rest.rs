@@ -3,6 +3,7 @@
 //! with trigger ids, cancel, checkpoint statistics, Prometheus metrics and health.
 //! Errors have Flink's shape: `{"errors": [...]}` with the matching status code.
 
+use super::access::{self, RestToken, SavepointRoots};
 use super::{JobHandle, JobState};
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
@@ -24,14 +25,25 @@ pub struct RestState {
     job: Arc<JobHandle>,
     /// Where savepoints go when a request names no directory.
     default_savepoint_dir: Option<String>,
+    /// Where savepoints may go.
+    roots: SavepointRoots,
+    /// The bearer token of job-facing requests, if any.
+    token: Option<RestToken>,
     triggers: Mutex<HashMap<String, TriggerState>>,
 }
 
 impl RestState {
-    pub fn new(job: Arc<JobHandle>, default_savepoint_dir: Option<String>) -> Arc<RestState> {
+    pub fn new(
+        job: Arc<JobHandle>,
+        default_savepoint_dir: Option<String>,
+        roots: SavepointRoots,
+        token: Option<RestToken>,
+    ) -> Arc<RestState> {
         Arc::new(RestState {
             job,
             default_savepoint_dir,
+            roots,
+            token,
             triggers: Mutex::new(HashMap::new()),
         })
     }
@@ -84,6 +96,7 @@ fn the_job<'a>(state: &'a RestState, id: &str) -> Result<&'a JobHandle, ApiError
 }
 
 pub fn router(state: Arc<RestState>) -> Router {
+    let token = state.token.clone();
     Router::new()
         .route("/overview", get(overview))
         .route("/config", get(config))
@@ -101,6 +114,10 @@ pub fn router(state: Arc<RestState>) -> Router {
             error(StatusCode::NOT_FOUND, format!("Not found: {}", uri.path()))
         })
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            token,
+            access::require_token,
+        ))
 }
 
 fn state_counts(job: &JobHandle) -> (u32, u32, u32, u32) {
@@ -238,18 +255,56 @@ struct StopRequest {
     drain: bool,
 }
 
-fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+/// Which savepoint request a body belongs to.
+#[derive(Clone, Copy, Debug)]
+pub enum TriggerKind {
+    /// `POST /jobs/{id}/savepoints`
+    Savepoint,
+    /// `POST /jobs/{id}/stop`
+    Stop,
+}
+
+/// A savepoint request as the engine carries it out.
+#[derive(Debug, PartialEq)]
+pub struct TriggerRequest {
+    /// The directory named in the request, if any.
+    pub target: Option<String>,
+    /// None: the job keeps running; Some(drain): the job stops (draining first or not).
+    pub stop: Option<bool>,
+}
+
+/// Parses the body of a savepoint or stop request (an empty body is `{}`), or says what is
+/// wrong with it in the words of Flink's 400 replies.
+pub fn parse_trigger(kind: TriggerKind, body: &[u8]) -> Result<TriggerRequest, String> {
     let body = if body.iter().all(u8::is_ascii_whitespace) {
         &b"{}"[..]
     } else {
         body
     };
-    serde_json::from_slice(body).map_err(|e| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("Bad request, could not parse the request body: {e}"),
-        )
-    })
+    let bad = |e: serde_json::Error| format!("Bad request, could not parse the request body: {e}");
+    match kind {
+        TriggerKind::Savepoint => {
+            let req: SavepointRequest = serde_json::from_slice(body).map_err(bad)?;
+            if let Some(f) = &req.format_type
+                && !matches!(f.as_str(), "CANONICAL" | "NATIVE" | "DEFAULT")
+            {
+                return Err(format!(
+                    "Bad request, formatType '{f}' is not one of CANONICAL, NATIVE"
+                ));
+            }
+            Ok(TriggerRequest {
+                target: req.target_directory,
+                stop: req.cancel_job.then_some(false),
+            })
+        }
+        TriggerKind::Stop => {
+            let req: StopRequest = serde_json::from_slice(body).map_err(bad)?;
+            Ok(TriggerRequest {
+                target: req.target_directory,
+                stop: Some(req.drain),
+            })
+        }
+    }
 }
 
 fn start_trigger(s: &RestState, target: Option<String>, stop: Option<bool>) -> Response {
@@ -259,13 +314,10 @@ fn start_trigger(s: &RestState, target: Option<String>, stop: Option<bool>) -> R
             "No savepoint directory given and no default one configured (target-directory / targetDirectory, or sjob run --savepoint-dir)",
         );
     };
-    let target = target
-        .strip_prefix("file:")
-        .map(|p| {
-            // Flink writes file URLs both as file:/path and file:///path.
-            format!("/{}", p.trim_start_matches('/'))
-        })
-        .unwrap_or(target);
+    let target = match s.roots.check(&target) {
+        Ok(t) => t,
+        Err(reason) => return error(StatusCode::FORBIDDEN, reason),
+    };
     if !s.job.state().is_terminal() {
         let rx = s.job.trigger_savepoint(&target, stop);
         let id = uuid::Uuid::new_v4().simple().to_string();
@@ -289,33 +341,21 @@ async fn trigger_savepoint(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(r) = the_job(&s, &id) {
-        return r.into_response();
-    }
-    let req: SavepointRequest = match parse_body(&body) {
-        Ok(r) => r,
-        Err(r) => return r.into_response(),
-    };
-    if let Some(f) = &req.format_type
-        && !matches!(f.as_str(), "CANONICAL" | "NATIVE" | "DEFAULT")
-    {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("Bad request, formatType '{f}' is not one of CANONICAL, NATIVE"),
-        );
-    }
-    start_trigger(&s, req.target_directory, req.cancel_job.then_some(false))
+    trigger(&s, &id, TriggerKind::Savepoint, &body)
 }
 
 async fn stop_job(State(s): Shared, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
-    if let Err(r) = the_job(&s, &id) {
+    trigger(&s, &id, TriggerKind::Stop, &body)
+}
+
+fn trigger(s: &RestState, id: &str, kind: TriggerKind, body: &[u8]) -> Response {
+    if let Err(r) = the_job(s, id) {
         return r.into_response();
     }
-    let req: StopRequest = match parse_body(&body) {
-        Ok(r) => r,
-        Err(r) => return r.into_response(),
-    };
-    start_trigger(&s, req.target_directory, Some(req.drain))
+    match parse_trigger(kind, body) {
+        Ok(req) => start_trigger(s, req.target, req.stop),
+        Err(reason) => error(StatusCode::BAD_REQUEST, reason),
+    }
 }
 
 async fn savepoint_status(

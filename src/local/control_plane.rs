@@ -118,6 +118,20 @@ impl ControlPlane {
     }
 
     /// Stops the engine processes, then the servers.
+    /// Stops the API server for `pause` and starts it again (the real control plane only).
+    pub async fn interrupt_api_server(
+        &mut self,
+        pause: std::time::Duration,
+    ) -> Result<(), ControlPlaneError> {
+        match self {
+            ControlPlane::Real(c) => Ok(c.interrupt_api_server(pause).await?),
+            ControlPlane::InProcess(_) => Err(RealError::Setup(
+                "stopping the API server needs the real control plane".into(),
+            )
+            .into()),
+        }
+    }
+
     pub async fn shutdown(self) {
         match self {
             ControlPlane::InProcess(c) => c.shutdown().await,

@@ -120,6 +120,9 @@ pub struct RealCluster {
     client: Client,
     dir: PathBuf,
     url: String,
+    /// How the API server was started, to start it again (`interrupt_api_server`).
+    bin: PathBuf,
+    api_args: Vec<String>,
 }
 
 /// Free ports on 127.0.0.1, all bound at once so none repeats.
@@ -219,7 +222,12 @@ fn token_kubeconfig(url: &str, pki: &Path, user: &str, token: &str, namespace: &
 /// process's thread that started it (the test's or `sjob local`'s runtime).
 fn spawn(bin: &Path, name: &'static str, args: &[String], logs: &Path) -> Result<Child, RealError> {
     let log_path = logs.join(format!("{name}.log"));
-    let log = std::fs::File::create(&log_path).map_err(io(&log_path))?;
+    // Appended to: a restarted server keeps its earlier log.
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io(&log_path))?;
     let err = log.try_clone().map_err(io(&log_path))?;
     let exe = bin.join(name);
     let mut cmd = Command::new(&exe);
@@ -337,28 +345,24 @@ impl RealCluster {
         cluster_guard.0.push(("etcd", etcd));
         res?;
 
-        let mut api = spawn(
-            &bin,
-            "kube-apiserver",
-            &[
-                format!("--etcd-servers={etcd_url}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                format!("--secure-port={api_port}"),
-                format!("--tls-cert-file={}", p("apiserver.crt")),
-                format!("--tls-private-key-file={}", p("apiserver.key")),
-                format!("--client-ca-file={}", p("ca.crt")),
-                "--authorization-mode=Node,RBAC".into(),
-                format!("--service-account-issuer={url}"),
-                format!("--service-account-key-file={}", p("sa.pub")),
-                format!("--service-account-signing-key-file={}", p("sa.key")),
-                "--service-cluster-ip-range=10.0.0.0/24".into(),
-                // The "kubernetes" Service's endpoints may not be a loopback address.
-                "--endpoint-reconciler-type=none".into(),
-                format!("--cert-dir={}", pki.join("generated").display()),
-            ],
-            &logs,
-        )?;
+        let api_args = vec![
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={api_port}"),
+            format!("--tls-cert-file={}", p("apiserver.crt")),
+            format!("--tls-private-key-file={}", p("apiserver.key")),
+            format!("--client-ca-file={}", p("ca.crt")),
+            "--authorization-mode=Node,RBAC".into(),
+            format!("--service-account-issuer={url}"),
+            format!("--service-account-key-file={}", p("sa.pub")),
+            format!("--service-account-signing-key-file={}", p("sa.key")),
+            "--service-cluster-ip-range=10.0.0.0/24".into(),
+            // The "kubernetes" Service's endpoints may not be a loopback address.
+            "--endpoint-reconciler-type=none".into(),
+            format!("--cert-dir={}", pki.join("generated").display()),
+        ];
+        let mut api = spawn(&bin, "kube-apiserver", &api_args, &logs)?;
         let admin_kc = cert_kubeconfig(&url, &pki, "admin", "default");
         write(&dir.join("kubeconfig"), &admin_kc)?;
         let client = client_from_kubeconfig(&admin_kc)
@@ -417,6 +421,7 @@ impl RealCluster {
             KubeletOptions::new(opts.sjob_exe, dir.join("pods"), Some(NODE_NAME.to_owned())),
         );
         wait_node_ready(&client).await?;
+        restrict_pod_security(&client, "default").await?;
         let servers = std::mem::take(cluster_guard.0);
         tracing::info!(url = %url, secs = started.elapsed().as_secs_f64(), "real control plane up");
         Ok(RealCluster {
@@ -425,7 +430,36 @@ impl RealCluster {
             client,
             dir,
             url,
+            bin,
+            api_args,
         })
+    }
+
+    /// Stops the API server, waits `pause`, and starts it again on the same port and etcd:
+    /// an outage as clients see it (connections refused, then everything back).
+    pub async fn interrupt_api_server(&mut self, pause: Duration) -> Result<(), RealError> {
+        let Some(at) = self
+            .servers
+            .iter()
+            .position(|(n, _)| *n == "kube-apiserver")
+        else {
+            return Err(RealError::Setup("the API server is not running".into()));
+        };
+        let (name, mut child) = self.servers.remove(at);
+        let _ = child.kill();
+        let _ = child.wait();
+        tracing::info!(secs = pause.as_secs_f64(), "kube-apiserver stopped");
+        tokio::time::sleep(pause).await;
+        let logs = self.dir.join("logs");
+        let mut api = spawn(&self.bin, name, &self.api_args, &logs)?;
+        let res = wait_ready(name, &mut api, &logs.join("kube-apiserver.log"), 90, || {
+            readyz(&self.client)
+        })
+        .await;
+        self.servers.insert(at, (name, api));
+        res?;
+        tracing::info!("kube-apiserver back");
+        Ok(())
     }
 
     pub fn url(&self) -> String {
@@ -539,6 +573,23 @@ async fn wait_crds_established(client: &Client) -> Result<(), RealError> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    Ok(())
+}
+
+/// Pods in `namespace` are admitted only under the Pod Security "restricted" profile, as in
+/// config/manager's sjob-system: every engine pod the operator creates there must comply.
+async fn restrict_pod_security(client: &Client, namespace: &str) -> Result<(), RealError> {
+    let ns: Api<Namespace> = Api::all(client.clone());
+    ns.patch(
+        namespace,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {
+            "pod-security.kubernetes.io/enforce": "restricted",
+            "pod-security.kubernetes.io/warn": "restricted",
+        }}})),
+    )
+    .await
+    .map_err(|e| RealError::Setup(format!("namespace {namespace}: {e}")))?;
     Ok(())
 }
 

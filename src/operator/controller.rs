@@ -18,7 +18,7 @@ use crate::savepoint::metadata::SnapshotMetadata;
 use crate::savepoint::store::Store;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -46,6 +46,9 @@ pub enum Error {
     Invalid(String),
     #[error("{0}")]
     Finalizer(String),
+    /// A deleted Savepoint whose files a job still needs: kept, retried later.
+    #[error("savepoint {name} is kept: {reason}")]
+    InUse { name: String, reason: String },
 }
 
 /// What the controller needs besides the client.
@@ -408,10 +411,15 @@ async fn observe_engine(ctx: &Context, ns: &str, name: &str) -> Result<EngineVie
     let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
         return Ok(view);
     };
-    let client = EngineClient::with_timeout(
+    let mut client = EngineClient::with_timeout(
         &format!("http://{ip}:{}", ctx.engine.port),
         ctx.engine_timeout,
     );
+    if ctx.engine.rest_token
+        && let Some(token) = rest_token(ctx, ns, name).await?
+    {
+        client = client.with_token(token);
+    }
     view.client = Some(client.clone());
     if !pod_ready(pod) {
         return Ok(view);
@@ -484,6 +492,41 @@ async fn repair_rollout(
         spec_hash: u.target_spec_hash.clone(),
     };
     Ok(())
+}
+
+/// The bearer token of the job's engines, from their Secret (none before it is created).
+async fn rest_token(
+    ctx: &Context,
+    ns: &str,
+    job: &str,
+) -> Result<Option<crate::engine::access::RestToken>, Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let secret = secrets
+        .get_opt(&resources::rest_token_secret_name(job))
+        .await?;
+    Ok(secret
+        .and_then(|s| s.data?.remove(resources::TOKEN_KEY))
+        .and_then(|b| crate::engine::access::RestToken::new(&String::from_utf8_lossy(&b.0))))
+}
+
+/// Creates the job's REST token Secret unless it exists: a token, once made, is never
+/// replaced, since running engines and the operator must keep agreeing on it.
+async fn ensure_rest_token(sj: &StatefulJob, ctx: &Context, ns: &str) -> Result<(), Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    if secrets
+        .get_metadata_opt(&resources::rest_token_secret_name(&sj.name_any()))
+        .await?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let secret =
+        resources::rest_token_secret(sj, &resources::new_rest_token()).map_err(Error::Invalid)?;
+    ctx.metrics.api_writes.with_label_values(&["create"]).inc();
+    match secrets.create(&PostParams::default(), &secret).await {
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        other => other.map(|_| ()).map_err(Error::from),
+    }
 }
 
 async fn snapshot_time_ms(path: &str) -> Option<u64> {
@@ -625,6 +668,9 @@ async fn deploy(
     let (cm, deploy, svc) =
         resources::engine_objects(sj, spec, spec_hash, restore_from, None, &ctx.engine)
             .map_err(Error::Invalid)?;
+    if ctx.engine.rest_token {
+        ensure_rest_token(sj, ctx, &ns).await?;
+    }
     apply(
         &Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns),
         ctx,
@@ -851,7 +897,7 @@ async fn reconcile_savepoint(sp: Arc<Savepoint>, ctx: Arc<Context>) -> Result<Ac
     finalizer(&api, SAVEPOINT_FINALIZER, sp, |event| async {
         match event {
             Finalize::Apply(sp) => take_requested_savepoint(&sp, &ctx).await,
-            Finalize::Cleanup(sp) => dispose_savepoint(&sp).await,
+            Finalize::Cleanup(sp) => dispose_savepoint(&sp, &ctx).await,
         }
     })
     .await
@@ -993,8 +1039,9 @@ async fn take_requested_savepoint(sp: &Savepoint, ctx: &Context) -> Result<Actio
     }
 }
 
-/// Deletes a savepoint's files before its object goes.
-async fn dispose_savepoint(sp: &Savepoint) -> Result<Action, Error> {
+/// Deletes a savepoint's files before its object goes, unless its job still needs them: then
+/// the object stays (deleting, with its finalizer) until the job no longer does.
+async fn dispose_savepoint(sp: &Savepoint, ctx: &Context) -> Result<Action, Error> {
     let Some(path) = sp
         .status
         .as_ref()
@@ -1003,6 +1050,31 @@ async fn dispose_savepoint(sp: &Savepoint) -> Result<Action, Error> {
     else {
         return Ok(Action::await_change());
     };
+    let ns = sp.namespace().unwrap_or_else(|| "default".into());
+    let jobs: Api<StatefulJob> = Api::namespaced(ctx.client.clone(), &ns);
+    if let Some(sj) = jobs.get_opt(&sp.spec.job_ref).await? {
+        let view = observe_engine(ctx, &ns, &sp.spec.job_ref).await?;
+        let has_checkpoint = view
+            .checkpoints
+            .as_ref()
+            .is_some_and(|c| c.latest_completed.is_some());
+        if let Some(reason) = planner::disposal_blocker(&path, sj.status.as_ref(), has_checkpoint) {
+            let ev = Event {
+                type_: EventType::Warning,
+                reason: "DisposalDeferred".into(),
+                note: Some(reason.clone()),
+                action: "Dispose".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&ev, &sp.object_ref(&())).await {
+                tracing::warn!(savepoint = %sp.name_any(), error = %e, "cannot publish event DisposalDeferred");
+            }
+            return Err(Error::InUse {
+                name: sp.name_any(),
+                reason,
+            });
+        }
+    }
     let where_ = path.clone();
     let result = tokio::task::spawn_blocking(move || {
         let store = Store::open(&path).map_err(|e| e.to_string())?;

@@ -82,6 +82,8 @@ pub struct CheckpointInfo {
 pub struct EngineClient {
     base: String,
     http: reqwest::Client,
+    /// Sent as `Authorization: Bearer` with every request.
+    token: Option<crate::engine::access::RestToken>,
 }
 
 /// The innermost cause of a transport error ("Connection refused", "timed out", …).
@@ -128,7 +130,14 @@ impl EngineClient {
         EngineClient {
             base: base.trim_end_matches('/').to_owned(),
             http,
+            token: None,
         }
+    }
+
+    /// This client with the engine's bearer token.
+    pub fn with_token(mut self, token: crate::engine::access::RestToken) -> EngineClient {
+        self.token = Some(token);
+        self
     }
 
     pub fn base(&self) -> &str {
@@ -144,6 +153,9 @@ impl EngineClient {
     ) -> Result<Value> {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method, &url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t.secret());
+        }
         if let Some(b) = body {
             req = req.json(&b);
         }

@@ -947,12 +947,61 @@ pub fn retention(
     doomed
 }
 
+/// Why the files of a deleted Savepoint at `path` must stay for now, if they must: an upgrade
+/// in flight starts the new version (or the rollback) from them, or the running job was
+/// restored from them and has no checkpoint of its own yet (a restart would need them).
+pub fn disposal_blocker(
+    path: &str,
+    status: Option<&StatefulJobStatus>,
+    engine_has_checkpoint: bool,
+) -> Option<String> {
+    let status = status?;
+    let same = |p: &str| p.trim_end_matches('/') == path.trim_end_matches('/');
+    if let Some(u) = &status.upgrade
+        && u.savepoint.as_deref().is_some_and(same)
+    {
+        return Some(format!(
+            "the upgrade in flight (stage {:?}) starts from {path}; its files are disposed once it no longer needs them",
+            u.stage
+        ));
+    }
+    if status.restored_from.as_deref().is_some_and(same) && !engine_has_checkpoint {
+        return Some(format!(
+            "the running job was restored from {path} and has no checkpoint of its own yet; its files are disposed after the first one"
+        ));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::operator::crd::{SavepointRef, StatefulJobStatus};
 
     const T0: i64 = 1_800_000_000;
+
+    #[test]
+    fn a_deleted_savepoint_is_kept_while_an_upgrade_or_a_restart_needs_it() {
+        let mut st = StatefulJobStatus::default();
+        assert_eq!(disposal_blocker("/sp/a", Some(&st), false), None);
+        assert_eq!(disposal_blocker("/sp/a", None, false), None);
+        st.upgrade = Some(UpgradeStatus {
+            stage: UpgradeStage::RollingBack,
+            target_spec_hash: "h".into(),
+            trigger_id: None,
+            savepoint: Some("/sp/a/".into()),
+            stage_started: String::new(),
+            attempts: 0,
+            last_error: None,
+        });
+        let why = disposal_blocker("/sp/a", Some(&st), true).unwrap();
+        assert!(why.contains("RollingBack"), "{why}");
+        assert_eq!(disposal_blocker("/sp/b", Some(&st), false), None);
+        st.upgrade = None;
+        st.restored_from = Some("/sp/a".into());
+        assert!(disposal_blocker("/sp/a", Some(&st), false).is_some());
+        assert_eq!(disposal_blocker("/sp/a", Some(&st), true), None);
+    }
 
     fn spec_with(extra_op: &str) -> StatefulJobSpec {
         let yaml = format!(

@@ -1,12 +1,17 @@
 //! The Kubernetes objects that run one StatefulJob's engine: a ConfigMap with the job file, a
 //! Deployment of one engine pod (`sjob run`, all subtasks in one process) and a Service for its
-//! REST API. Pure functions of the spec, so the objects are the same on every reconcile and a
-//! server-side apply of them changes nothing when nothing changed.
+//! REST API, plus the Secret with the REST API's bearer token. Pure functions of the spec, so
+//! the objects are the same on every reconcile and a server-side apply of them changes nothing
+//! when nothing changed.
+//!
+//! Engine pods are admitted under the Pod Security "restricted" profile: non-root, no
+//! privilege escalation, every capability dropped, seccomp RuntimeDefault and a read-only root
+//! file system with an emptyDir for scratch files (`TMPDIR`).
 
 use super::crd::{StatefulJob, StatefulJobSpec};
 use crate::engine::spec::{CheckpointSpec, JobSpec};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
@@ -22,6 +27,14 @@ pub const ANNOTATION_JOB_ID: &str = "sjob.dev/job-id";
 pub const ANNOTATION_RESTARTED: &str = "sjob.dev/restart-nonce";
 /// Where the job file is mounted in the engine container.
 pub const JOB_MOUNT: &str = "/etc/sjob";
+/// Where the REST token Secret is mounted in the engine container.
+pub const TOKEN_MOUNT: &str = "/var/run/secrets/sjob/rest";
+/// The key of the token in the REST token Secret.
+pub const TOKEN_KEY: &str = "token";
+/// The engine's scratch directory (an emptyDir; the root file system is read-only).
+pub const SCRATCH_MOUNT: &str = "/var/lib/sjob/tmp";
+/// The user and group engine containers run as (not root, as the restricted profile requires).
+pub const ENGINE_UID: i64 = 65532;
 
 /// How engine pods are built, set by the operator's flags.
 #[derive(Clone, Debug)]
@@ -32,6 +45,9 @@ pub struct EngineSettings {
     pub default_savepoint_dir: Option<String>,
     /// The engines' REST port.
     pub port: u16,
+    /// Whether engines require a bearer token on their REST API (one Secret per StatefulJob,
+    /// read by the operator, mounted in the engine pod).
+    pub rest_token: bool,
 }
 
 impl Default for EngineSettings {
@@ -40,6 +56,7 @@ impl Default for EngineSettings {
             image: "ghcr.io/sjob-dev/sjob:latest".into(),
             default_savepoint_dir: None,
             port: 8081,
+            rest_token: true,
         }
     }
 }
@@ -54,6 +71,41 @@ pub fn job_config_name(job: &str) -> String {
 
 pub fn rest_service_name(job: &str) -> String {
     format!("{job}-rest")
+}
+
+pub fn rest_token_secret_name(job: &str) -> String {
+    format!("{job}-rest-token")
+}
+
+/// The Secret holding the bearer token of a StatefulJob's engines. Created once with a random
+/// token and never rewritten (every version of the job and the operator share it); it goes
+/// with the StatefulJob by owner reference.
+pub fn rest_token_secret(sj: &StatefulJob, token: &str) -> Result<Secret, String> {
+    let name = sj.name_any();
+    let owner = sj
+        .controller_owner_ref(&())
+        .ok_or_else(|| format!("StatefulJob {name} has no uid yet"))?;
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": rest_token_secret_name(&name),
+            "labels": { LABEL_JOB: name },
+            "ownerReferences": [owner],
+        },
+        "type": "Opaque",
+        "stringData": { TOKEN_KEY: token },
+    }))
+    .map_err(|e| format!("Secret: {e}"))
+}
+
+/// A new random bearer token (256 bits from the system's generator, as hex).
+pub fn new_rest_token() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
 }
 
 /// Where savepoints of this job go.
@@ -120,7 +172,28 @@ pub fn engine_objects(
         "--keep-running".into(),
     ];
     if let Some(dir) = savepoint_dir(spec, settings) {
+        // Savepoints requested over REST may only go there.
+        args.extend(["--savepoint-root".into(), dir.clone()]);
         args.extend(["--savepoint-dir".into(), dir]);
+    }
+    let mut mounts = vec![
+        json!({"name": "job", "mountPath": JOB_MOUNT, "readOnly": true}),
+        json!({"name": "scratch", "mountPath": SCRATCH_MOUNT}),
+    ];
+    let mut volumes = vec![
+        json!({"name": "job", "configMap": {"name": job_config_name(&name)}}),
+        json!({"name": "scratch", "emptyDir": {}}),
+    ];
+    if settings.rest_token {
+        args.extend([
+            "--rest-token-file".into(),
+            format!("{TOKEN_MOUNT}/{TOKEN_KEY}"),
+        ]);
+        mounts.push(json!({"name": "rest-token", "mountPath": TOKEN_MOUNT, "readOnly": true}));
+        volumes.push(json!({"name": "rest-token", "secret": {
+            "secretName": rest_token_secret_name(&name),
+            "defaultMode": 0o440,
+        }}));
     }
     if let Some(from) = restore_from {
         args.extend(["--from-savepoint".into(), from.to_owned()]);
@@ -167,6 +240,15 @@ pub fn engine_objects(
                 },
                 "spec": {
                     "terminationGracePeriodSeconds": 30,
+                    // Engines call no Kubernetes API.
+                    "automountServiceAccountToken": false,
+                    "securityContext": {
+                        "runAsNonRoot": true,
+                        "runAsUser": ENGINE_UID,
+                        "runAsGroup": ENGINE_UID,
+                        "fsGroup": ENGINE_UID,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
                     "containers": [{
                         "name": "engine",
                         "image": spec.image.clone().unwrap_or_else(|| settings.image.clone()),
@@ -175,16 +257,22 @@ pub fn engine_objects(
                         "env": [
                             {"name": "SJOB_REST_ADDRESS",
                              "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                            {"name": "TMPDIR", "value": SCRATCH_MOUNT},
                         ],
+                        "securityContext": {
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "capabilities": {"drop": ["ALL"]},
+                        },
                         "ports": [{"name": "rest", "containerPort": port}],
                         "readinessProbe": {
                             "httpGet": {"path": "/overview", "port": port},
                             "periodSeconds": 2,
                         },
                         "resources": spec.resources.clone().map(|r| serde_json::to_value(r).unwrap_or_default()).unwrap_or_else(|| json!({})),
-                        "volumeMounts": [{"name": "job", "mountPath": JOB_MOUNT}],
+                        "volumeMounts": mounts,
                     }],
-                    "volumes": [{"name": "job", "configMap": {"name": job_config_name(&name)}}],
+                    "volumes": volumes,
                 },
             },
         },
@@ -245,6 +333,48 @@ mod tests {
         assert!(joined.contains("--parallelism 2"), "{joined}");
         assert!(joined.contains("--savepoint-dir /data/sp"), "{joined}");
         assert!(!joined.contains("--allow-non-restored-state"), "{joined}");
+        // REST: savepoints only under the job's directory, a bearer token from its Secret.
+        assert!(joined.contains("--savepoint-root /data/sp"), "{joined}");
+        assert!(
+            joined.contains("--rest-token-file /var/run/secrets/sjob/rest/token"),
+            "{joined}"
+        );
+        let volumes = serde_json::to_value(&pod.volumes).unwrap();
+        assert_eq!(volumes[2]["secret"]["secretName"], "clicks-rest-token");
+        let secret = rest_token_secret(&sj, "t0k").unwrap();
+        assert_eq!(secret.metadata.name.as_deref(), Some("clicks-rest-token"));
+        assert_eq!(secret.string_data.unwrap()["token"], "t0k");
+        assert_ne!(new_rest_token(), new_rest_token());
+        assert_eq!(new_rest_token().len(), 64);
+        // The Pod Security "restricted" profile.
+        let psc = pod.security_context.as_ref().unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(
+            psc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
+            Some("RuntimeDefault")
+        );
+        let csc = pod.containers[0].security_context.as_ref().unwrap();
+        assert_eq!(csc.allow_privilege_escalation, Some(false));
+        assert_eq!(csc.read_only_root_filesystem, Some(true));
+        assert_eq!(
+            csc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+            Some(vec!["ALL".to_owned()])
+        );
+        // Without a token: no Secret volume, no flag.
+        let (_, open, _) = engine_objects(
+            &sj,
+            &sj.spec,
+            "h1",
+            None,
+            None,
+            &EngineSettings {
+                rest_token: false,
+                ..EngineSettings::default()
+            },
+        )
+        .unwrap();
+        let open = serde_json::to_string(&open).unwrap();
+        assert!(!open.contains("rest-token"), "{open}");
         assert_eq!(
             deploy.metadata.owner_references.as_ref().unwrap()[0].uid,
             "u-1"
