@@ -230,6 +230,9 @@ async fn deploys_and_upgrades_through_a_savepoint_without_losing_a_count() {
     let deploy: Api<Deployment> = Api::namespaced(env.cluster().client(), "default");
     let d = deploy.get("counting-engine").await.unwrap();
     assert_eq!(d.owner_references()[0].name, "counting");
+    if env.cluster().kind() == Kind::Real {
+        assert_admitted_only_under_the_restricted_profile(&env).await;
+    }
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // 2. Change the pipeline: upgraded through a savepoint.
@@ -1467,5 +1470,274 @@ async fn the_process_kubelet_is_a_node_of_the_real_control_plane() {
         "stopped by SIGTERM, not killed: {log}"
     );
     println!("deleted pod gone after {:?}", asked.elapsed());
+    env.stop().await;
+}
+
+/// The real API server's PodSecurity admission enforces "restricted" in the jobs' namespace
+/// (so the engine pod now running there was admitted under it) and refuses a pod that is not.
+async fn assert_admitted_only_under_the_restricted_profile(env: &Env) {
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(env.cluster().client());
+    let ns = namespaces.get("default").await.unwrap();
+    assert_eq!(
+        ns.labels()
+            .get("pod-security.kubernetes.io/enforce")
+            .map(String::as_str),
+        Some("restricted")
+    );
+    let pods: Api<Pod> = Api::namespaced(env.cluster().client(), "default");
+    let engines = pods
+        .list(&ListParams::default().labels("sjob.dev/job=counting"))
+        .await
+        .unwrap();
+    assert!(!engines.items.is_empty(), "no engine pod");
+    let plain: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "plain"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+    }))
+    .unwrap();
+    match pods.create(&Default::default(), &plain).await {
+        Err(kube::Error::Api(e)) => assert!(
+            e.code == 403 && e.message.contains("violates PodSecurity \"restricted"),
+            "{e:?}"
+        ),
+        other => panic!("a pod outside the restricted profile was admitted: {other:?}"),
+    }
+}
+
+/// Savepoint objects of `job`, deleted or not.
+async fn savepoint_objects(env: &Env, trigger: &str) -> Vec<Savepoint> {
+    let sps: Api<Savepoint> = Api::namespaced(env.cluster().client(), "default");
+    sps.list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|s| format!("{:?}", s.spec.trigger) == trigger)
+        .collect()
+}
+
+fn stage(sj: &StatefulJob) -> Option<String> {
+    sj.status
+        .as_ref()
+        .and_then(|s| s.upgrade.as_ref())
+        .map(|u| format!("{:?}", u.stage))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_outlives_the_api_server_going_away_for_30_seconds() {
+    let mut env = Env::on(Kind::Real).await;
+    env.spawn_operator(&[]);
+    let sink = env.path("out");
+    let (records, keys) = (900_000, 20);
+    let sj = env
+        .apply_running(
+            "counting",
+            json!({"job": counting_job(&sink, records, keys, 15_000, vec![])}),
+        )
+        .await;
+    let first = job_id(&sj);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let map = json!({"kind": "map", "set": [{"field": "doubled", "expr": "count * 2"}]});
+    env.apply(
+        "counting",
+        json!({"job": counting_job(&sink, records, keys, 15_000, vec![map])}),
+    )
+    .await;
+    let sj = env
+        .wait("counting", "savepointing", 60, |sj| {
+            stage(sj).is_some_and(|s| s != "Preflight")
+        })
+        .await;
+    let during = stage(&sj);
+    env.cluster
+        .as_mut()
+        .unwrap()
+        .interrupt_api_server(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let sj = env
+        .wait("counting", "upgraded", 120, upgraded_from(first))
+        .await;
+    assert!(
+        sj.status.unwrap().restored_from.is_some(),
+        "stopped in {during:?}"
+    );
+    for (n, op) in env.operators.iter_mut().enumerate() {
+        assert!(op.try_wait().unwrap().is_none(), "operator {n} exited");
+    }
+    let recorded = savepoint_objects(&env, "Upgrade").await;
+    assert_eq!(
+        recorded.len(),
+        1,
+        "one upgrade, one savepoint: {recorded:?}"
+    );
+    env.wait("counting", "finished", 120, |sj| {
+        phase(sj) == Some(Phase::Suspended)
+    })
+    .await;
+    assert_exactly_once(&sink, keys, records);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_finishes_once_through_status_write_conflicts_at_every_stage() {
+    let env = Env::start().await;
+    let sink = env.path("out");
+    let (records, keys) = (300_000, 20);
+    let sj = env
+        .apply_running(
+            "counting",
+            json!({"job": counting_job(&sink, records, keys, 15_000, vec![])}),
+        )
+        .await;
+    let first = job_id(&sj);
+    // Another writer changes the object every 20 ms, so the operator's status writes (made
+    // with the resourceVersion it read) keep meeting conflicts.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (jobs, stop) = (env.jobs(), stop.clone());
+        tokio::spawn(async move {
+            let mut stages = std::collections::BTreeSet::new();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let patch = json!({"metadata": {"annotations": {"e2e/touched": n.to_string()}}});
+                if let Ok(sj) = jobs
+                    .patch("counting", &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
+                    stages.insert(stage(&sj).unwrap_or_else(|| "none".into()));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (n, stages)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let map = json!({"kind": "map", "set": [{"field": "doubled", "expr": "count * 2"}]});
+    env.apply(
+        "counting",
+        json!({"job": counting_job(&sink, records, keys, 15_000, vec![map])}),
+    )
+    .await;
+    env.wait("counting", "upgraded", 120, upgraded_from(first))
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (writes, stages) = writer.await.unwrap();
+    let log = env.operator_log();
+    let conflicts = std::fs::read_to_string(env.path("operator-0.log"))
+        .unwrap()
+        .matches("the object has been modified")
+        .count();
+    assert!(conflicts > 0, "no conflict met in {writes} writes:\n{log}");
+    for want in ["Savepointing", "Verifying"] {
+        assert!(
+            stages.contains(want),
+            "the writer never saw {want}: {stages:?}"
+        );
+    }
+    let recorded = savepoint_objects(&env, "Upgrade").await;
+    assert_eq!(
+        recorded.len(),
+        1,
+        "one upgrade, one savepoint: {recorded:?}\n{log}"
+    );
+    env.wait("counting", "finished", 90, |sj| {
+        phase(sj) == Some(Phase::Suspended)
+    })
+    .await;
+    assert_exactly_once(&sink, keys, records);
+    println!("{writes} competing writes, {conflicts} conflicts, stages {stages:?}");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_savepoint_deleted_mid_upgrade_is_kept_until_the_rollback_no_longer_needs_it() {
+    let env = Env::start().await;
+    let sink = env.path("out");
+    // Long enough for the rolled-back job to take checkpoints of its own.
+    let (records, keys) = (750_000, 20);
+    let spec = |extra: Vec<Value>| {
+        json!({"job": counting_job(&sink, records, keys, 15_000, extra),
+               "upgrade": {"readyTimeout": "60s"}})
+    };
+    let sj = env.apply_running("counting", spec(vec![])).await;
+    let first = job_id(&sj);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Fails on every start: the upgrade rolls back from its savepoint.
+    let crash = json!({"kind": "map", "set": [{"field": "x", "expr": "count / (count - count)"}]});
+    env.apply("counting", spec(vec![crash])).await;
+    // A user deletes the upgrade's Savepoint as soon as it is recorded.
+    let sps: Api<Savepoint> = Api::namespaced(env.cluster().client(), "default");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (name, path) = loop {
+        let found = savepoint_objects(&env, "Upgrade").await;
+        if let Some(sp) = found.first()
+            && let Some(path) = sp.status.as_ref().and_then(|s| s.path.clone())
+        {
+            break (sp.name_any(), path);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no upgrade savepoint recorded\n{}",
+            env.operator_log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    sps.delete(&name, &Default::default()).await.unwrap();
+    let sj = env
+        .wait("counting", "rolled back", 120, |sj| {
+            phase(sj) == Some(Phase::Blocked)
+                && job_id(sj) != first
+                && sj.status.as_ref().is_some_and(|s| s.upgrade.is_none())
+        })
+        .await;
+    assert_eq!(
+        sj.status
+            .as_ref()
+            .and_then(|s| s.restored_from.clone())
+            .as_deref(),
+        Some(path.as_str()),
+        "the rollback started from the deleted Savepoint's files"
+    );
+    // Kept while the rolled-back job has no checkpoint of its own, then disposed.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match sps.get_opt(&name).await.unwrap() {
+            None => break,
+            Some(sp) => assert!(sp.metadata.deletion_timestamp.is_some()),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} never disposed\n{}",
+            env.operator_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!Path::new(&path).exists(), "{path} still there");
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(env.cluster().client(), "default");
+    let deferred: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some("DisposalDeferred")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str())
+        })
+        .filter_map(|e| e.note)
+        .collect();
+    assert!(
+        deferred.iter().any(|n| n.contains(&path)),
+        "no DisposalDeferred event for {name}: {deferred:?}"
+    );
+    env.wait("counting", "finished", 90, |sj| {
+        phase(sj) == Some(Phase::Suspended)
+    })
+    .await;
+    assert_exactly_once(&sink, keys, records);
     env.stop().await;
 }

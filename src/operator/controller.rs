@@ -295,18 +295,42 @@ async fn apply_job(sj: &StatefulJob, ctx: &Context) -> Result<Action, Error> {
     )))
 }
 
+/// Writes the status with the resourceVersion read, so that a concurrent change of the spec or
+/// the status fails the write and the reconcile starts over from what is there now. A conflict
+/// caused by metadata alone (labels, annotations: a GitOps tool, a user's kubectl annotate) does
+/// not: the write is retried on the fresh object as long as its generation and status are
+/// the ones this step was planned from, so a busy writer cannot starve the upgrade.
 async fn write_status(
     api: &Api<StatefulJob>,
     ctx: &Context,
     mut current: StatefulJob,
     status: &StatefulJobStatus,
 ) -> Result<StatefulJob, Error> {
-    current.status = Some(status.clone());
-    current.metadata.managed_fields = None;
-    ctx.metrics.api_writes.with_label_values(&["status"]).inc();
-    Ok(api
-        .replace_status(&current.name_any(), &PostParams::default(), &current)
-        .await?)
+    let planned_from = (current.metadata.generation, current.status.clone());
+    for _ in 0..10 {
+        let mut next = current.clone();
+        next.status = Some(status.clone());
+        next.metadata.managed_fields = None;
+        ctx.metrics.api_writes.with_label_values(&["status"]).inc();
+        match api
+            .replace_status(&next.name_any(), &PostParams::default(), &next)
+            .await
+        {
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                let fresh = api.get(&current.name_any()).await?;
+                if (fresh.metadata.generation, fresh.status.clone()) != planned_from {
+                    return Err(kube::Error::Api(e).into());
+                }
+                tracing::debug!(job = %key(&current), "status write met a metadata-only change; writing again");
+                current = fresh;
+            }
+            other => return Ok(other?),
+        }
+    }
+    Err(Error::Invalid(format!(
+        "StatefulJob {}: the status write kept conflicting with other writers",
+        key(&current)
+    )))
 }
 
 async fn publish(ctx: &Context, sj: &StatefulJob, warning: bool, reason: &str, message: &str) {
@@ -1058,7 +1082,9 @@ async fn dispose_savepoint(sp: &Savepoint, ctx: &Context) -> Result<Action, Erro
             .checkpoints
             .as_ref()
             .is_some_and(|c| c.latest_completed.is_some());
-        if let Some(reason) = planner::disposal_blocker(&path, sj.status.as_ref(), has_checkpoint) {
+        if let Some(reason) =
+            planner::disposal_blocker(&path, sj.status.as_ref(), &view.obs, has_checkpoint)
+        {
             let ev = Event {
                 type_: EventType::Warning,
                 reason: "DisposalDeferred".into(),

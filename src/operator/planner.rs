@@ -948,11 +948,13 @@ pub fn retention(
 }
 
 /// Why the files of a deleted Savepoint at `path` must stay for now, if they must: an upgrade
-/// in flight starts the new version (or the rollback) from them, or the running job was
-/// restored from them and has no checkpoint of its own yet (a restart would need them).
+/// in flight starts the new version (or the rollback) from them; the engine was started from
+/// them and has no checkpoint of its own yet (a restart would need them); or the job is
+/// suspended and resumes from them.
 pub fn disposal_blocker(
     path: &str,
     status: Option<&StatefulJobStatus>,
+    engine: &EngineObs,
     engine_has_checkpoint: bool,
 ) -> Option<String> {
     let status = status?;
@@ -965,9 +967,27 @@ pub fn disposal_blocker(
             u.stage
         ));
     }
-    if status.restored_from.as_deref().is_some_and(same) && !engine_has_checkpoint {
+    let engine_may_restart = matches!(
+        engine,
+        EngineObs::Starting { .. } | EngineObs::Running { .. } | EngineObs::Broken { .. }
+    );
+    if engine_may_restart
+        && status.restored_from.as_deref().is_some_and(same)
+        && !engine_has_checkpoint
+    {
         return Some(format!(
             "the running job was restored from {path} and has no checkpoint of its own yet; its files are disposed after the first one"
+        ));
+    }
+    if *engine == EngineObs::Absent
+        && status.phase == Some(Phase::Suspended)
+        && status
+            .last_savepoint
+            .as_ref()
+            .is_some_and(|s| same(&s.path))
+    {
+        return Some(format!(
+            "the suspended job resumes from {path}; its files are disposed once it has resumed"
         ));
     }
     None
@@ -982,9 +1002,10 @@ mod tests {
 
     #[test]
     fn a_deleted_savepoint_is_kept_while_an_upgrade_or_a_restart_needs_it() {
+        let running = running(&spec_with(""), Some("/sp/a"));
         let mut st = StatefulJobStatus::default();
-        assert_eq!(disposal_blocker("/sp/a", Some(&st), false), None);
-        assert_eq!(disposal_blocker("/sp/a", None, false), None);
+        assert_eq!(disposal_blocker("/sp/a", Some(&st), &running, false), None);
+        assert_eq!(disposal_blocker("/sp/a", None, &running, false), None);
         st.upgrade = Some(UpgradeStatus {
             stage: UpgradeStage::RollingBack,
             target_spec_hash: "h".into(),
@@ -994,13 +1015,27 @@ mod tests {
             attempts: 0,
             last_error: None,
         });
-        let why = disposal_blocker("/sp/a", Some(&st), true).unwrap();
+        let why = disposal_blocker("/sp/a", Some(&st), &EngineObs::Absent, true).unwrap();
         assert!(why.contains("RollingBack"), "{why}");
-        assert_eq!(disposal_blocker("/sp/b", Some(&st), false), None);
+        assert_eq!(disposal_blocker("/sp/b", Some(&st), &running, false), None);
+        // Restored from it: needed until the job's first checkpoint, or once it has ended.
         st.upgrade = None;
         st.restored_from = Some("/sp/a".into());
-        assert!(disposal_blocker("/sp/a", Some(&st), false).is_some());
-        assert_eq!(disposal_blocker("/sp/a", Some(&st), true), None);
+        assert!(disposal_blocker("/sp/a", Some(&st), &running, false).is_some());
+        assert_eq!(disposal_blocker("/sp/a", Some(&st), &running, true), None);
+        let ended = EngineObs::Ended {
+            spec_hash: "h".into(),
+        };
+        assert_eq!(disposal_blocker("/sp/a", Some(&st), &ended, false), None);
+        // Suspended: the resume starts from the last savepoint.
+        st.phase = Some(Phase::Suspended);
+        st.last_savepoint = Some(SavepointRef {
+            name: "a".into(),
+            path: "/sp/a".into(),
+            time: String::new(),
+        });
+        assert!(disposal_blocker("/sp/a", Some(&st), &EngineObs::Absent, false).is_some());
+        assert_eq!(disposal_blocker("/sp/a", Some(&st), &ended, false), None);
     }
 
     fn spec_with(extra_op: &str) -> StatefulJobSpec {
