@@ -126,6 +126,36 @@ impl Env {
             .await
     }
 
+    /// Runs the counting job at 15,000 records/s, lets it count for 2 s, then applies the
+    /// version with a `map` added (an upgrade through a savepoint); the first version's job id.
+    async fn count_then_upgrade(&self, sink: &Path, records: i64, keys: i64) -> String {
+        let sj = self
+            .apply_running(
+                "counting",
+                json!({"job": counting_job(sink, records, keys, 15_000, vec![])}),
+            )
+            .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let map = json!({"kind": "map", "set": [{"field": "doubled", "expr": "count * 2"}]});
+        self.apply(
+            "counting",
+            json!({"job": counting_job(sink, records, keys, 15_000, vec![map])}),
+        )
+        .await;
+        job_id(&sj)
+    }
+
+    /// Waits for the bounded counting job to end (within `timeout_s`), checks that every key
+    /// was counted exactly once across all its versions, and stops the environment.
+    async fn finishes_exactly_once(self, sink: &Path, keys: i64, records: i64, timeout_s: u64) {
+        self.wait("counting", "finished", timeout_s, |sj| {
+            phase(sj) == Some(Phase::Suspended)
+        })
+        .await;
+        assert_exactly_once(sink, keys, records);
+        self.stop().await;
+    }
+
     async fn wait(
         &self,
         name: &str,
@@ -384,12 +414,7 @@ async fn a_crashing_version_is_rolled_back_from_the_same_savepoint() {
         "the rollback starts from the upgrade's savepoint"
     );
     assert_eq!(st.running_spec_hash, st.last_stable_spec_hash);
-    env.wait("counting", "finished", 90, |sj| {
-        phase(sj) == Some(Phase::Suspended)
-    })
-    .await;
-    assert_exactly_once(&sink, keys, records);
-    env.stop().await;
+    env.finishes_exactly_once(&sink, keys, records, 90).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -438,12 +463,7 @@ async fn a_killed_engine_resumes_from_its_newest_checkpoint() {
         })
         .await;
     assert_eq!(job_id(&sj), id, "the same job resumed");
-    env.wait("counting", "finished", 90, |sj| {
-        phase(sj) == Some(Phase::Suspended)
-    })
-    .await;
-    assert_exactly_once(&sink, keys, records);
-    env.stop().await;
+    env.finishes_exactly_once(&sink, keys, records, 90).await;
 }
 
 fn upgraded_from(first: String) -> impl Fn(&StatefulJob) -> bool {
@@ -488,12 +508,7 @@ async fn rescales_two_to_four_to_one_with_every_count_kept() {
             .join(" ");
         assert!(args.contains(&format!("--parallelism {p}")), "{args}");
     }
-    env.wait("counting", "finished", 120, |sj| {
-        phase(sj) == Some(Phase::Suspended)
-    })
-    .await;
-    assert_exactly_once(&sink, keys, records);
-    env.stop().await;
+    env.finishes_exactly_once(&sink, keys, records, 120).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -541,12 +556,7 @@ async fn an_unwritable_savepoint_target_keeps_the_old_job_until_fixed() {
     .await;
     env.wait("counting", "upgraded", 120, upgraded_from(first))
         .await;
-    env.wait("counting", "finished", 120, |sj| {
-        phase(sj) == Some(Phase::Suspended)
-    })
-    .await;
-    assert_exactly_once(&sink, keys, records);
-    env.stop().await;
+    env.finishes_exactly_once(&sink, keys, records, 120).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -554,20 +564,7 @@ async fn an_operator_killed_mid_upgrade_finishes_it_after_restart() {
     let mut env = Env::start().await;
     let sink = env.path("out");
     let (records, keys) = (300_000, 20);
-    let sj = env
-        .apply_running(
-            "counting",
-            json!({"job": counting_job(&sink, records, keys, 15_000, vec![])}),
-        )
-        .await;
-    let first = job_id(&sj);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let map = json!({"kind": "map", "set": [{"field": "doubled", "expr": "count * 2"}]});
-    env.apply(
-        "counting",
-        json!({"job": counting_job(&sink, records, keys, 15_000, vec![map])}),
-    )
-    .await;
+    let first = env.count_then_upgrade(&sink, records, keys).await;
     let sj = env
         .wait("counting", "in an upgrade stage", 60, |sj| {
             sj.status.as_ref().is_some_and(|s| s.upgrade.is_some())
@@ -589,12 +586,7 @@ async fn an_operator_killed_mid_upgrade_finishes_it_after_restart() {
         sj.status.unwrap().restored_from.is_some(),
         "killed in {stage:?}"
     );
-    env.wait("counting", "finished", 90, |sj| {
-        phase(sj) == Some(Phase::Suspended)
-    })
-    .await;
-    assert_exactly_once(&sink, keys, records);
-    env.stop().await;
+    env.finishes_exactly_once(&sink, keys, records, 90).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1529,20 +1521,7 @@ async fn an_upgrade_outlives_the_api_server_going_away_for_30_seconds() {
     env.spawn_operator(&[]);
     let sink = env.path("out");
     let (records, keys) = (900_000, 20);
-    let sj = env
-        .apply_running(
-            "counting",
-            json!({"job": counting_job(&sink, records, keys, 15_000, vec![])}),
-        )
-        .await;
-    let first = job_id(&sj);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let map = json!({"kind": "map", "set": [{"field": "doubled", "expr": "count * 2"}]});
-    env.apply(
-        "counting",
-        json!({"job": counting_job(&sink, records, keys, 15_000, vec![map])}),
-    )
-    .await;
+    let first = env.count_then_upgrade(&sink, records, keys).await;
     let sj = env
         .wait("counting", "savepointing", 60, |sj| {
             stage(sj).is_some_and(|s| s != "Preflight")
@@ -1571,12 +1550,7 @@ async fn an_upgrade_outlives_the_api_server_going_away_for_30_seconds() {
         1,
         "one upgrade, one savepoint: {recorded:?}"
     );
-    env.wait("counting", "finished", 120, |sj| {
-        phase(sj) == Some(Phase::Suspended)
-    })
-    .await;
-    assert_exactly_once(&sink, keys, records);
-    env.stop().await;
+    env.finishes_exactly_once(&sink, keys, records, 120).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1584,13 +1558,7 @@ async fn an_upgrade_finishes_once_through_status_write_conflicts_at_every_stage(
     let env = Env::start().await;
     let sink = env.path("out");
     let (records, keys) = (300_000, 20);
-    let sj = env
-        .apply_running(
-            "counting",
-            json!({"job": counting_job(&sink, records, keys, 15_000, vec![])}),
-        )
-        .await;
-    let first = job_id(&sj);
+    let first = env.count_then_upgrade(&sink, records, keys).await;
     // Another writer changes the object every 20 ms, so the operator's status writes (made
     // with the resourceVersion it read) keep meeting conflicts.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1613,13 +1581,6 @@ async fn an_upgrade_finishes_once_through_status_write_conflicts_at_every_stage(
             (n, stages)
         })
     };
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let map = json!({"kind": "map", "set": [{"field": "doubled", "expr": "count * 2"}]});
-    env.apply(
-        "counting",
-        json!({"job": counting_job(&sink, records, keys, 15_000, vec![map])}),
-    )
-    .await;
     env.wait("counting", "upgraded", 120, upgraded_from(first))
         .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1734,10 +1695,5 @@ async fn a_savepoint_deleted_mid_upgrade_is_kept_until_the_rollback_no_longer_ne
         deferred.iter().any(|n| n.contains(&path)),
         "no DisposalDeferred event for {name}: {deferred:?}"
     );
-    env.wait("counting", "finished", 90, |sj| {
-        phase(sj) == Some(Phase::Suspended)
-    })
-    .await;
-    assert_exactly_once(&sink, keys, records);
-    env.stop().await;
+    env.finishes_exactly_once(&sink, keys, records, 90).await;
 }
