@@ -1322,7 +1322,12 @@ async fn the_process_kubelet_is_a_node_of_the_real_control_plane() {
             "spec": {
                 "restartPolicy": policy,
                 "terminationGracePeriodSeconds": 20,
+                // The namespace enforces Pod Security "restricted".
+                "securityContext": {"runAsNonRoot": true, "runAsUser": 65532,
+                                    "seccompProfile": {"type": "RuntimeDefault"}},
                 "containers": [{"name": "engine", "image": "sjob", "command": ["sjob"], "args": args,
+                    "securityContext": {"allowPrivilegeEscalation": false,
+                                        "capabilities": {"drop": ["ALL"]}},
                     "volumeMounts": [{"name": "job", "mountPath": "/etc/job"},
                                      {"name": "scratch", "mountPath": "/scratch"}]}],
                 "volumes": [{"name": "job", "secret": {"secretName": "job"}},

@@ -8,6 +8,7 @@ use super::runtime::{Barrier, Control, Shared};
 use crate::savepoint::metadata::{
     FORMAT_VERSION, OperatorMetadata, SnapshotKind, SnapshotMetadata, SplitPosition, SubtaskState,
 };
+use crate::savepoint::paths;
 use crate::savepoint::store::Store;
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::{BTreeMap, VecDeque};
@@ -320,20 +321,12 @@ impl Coordinator {
         }
         let id = self.next_id;
         let dir = match req.kind {
-            SnapshotKind::Savepoint => {
-                let suffix = uuid::Uuid::new_v4().simple().to_string();
-                let name = format!(
-                    "savepoint-{}-{}",
-                    &self.job_id[..6.min(self.job_id.len())],
-                    &suffix[..12]
-                );
-                match Store::open(&req.target) {
-                    Ok(s) => s.child(&name),
-                    Err(e) => return self.refuse(req, e.to_string()),
-                }
-            }
+            SnapshotKind::Savepoint => match Store::open(&req.target) {
+                Ok(s) => s.child(&paths::savepoint_name(&self.job_id)),
+                Err(e) => return self.refuse(req, e.to_string()),
+            },
             SnapshotKind::Checkpoint => match &self.checkpoints {
-                Some(c) => c.dir.child(&self.job_id).child(&format!("chk-{id}")),
+                Some(c) => paths::checkpoint(&c.dir, &self.job_id, id),
                 None => return self.refuse(req, "checkpoints are not configured".into()),
             },
         };
@@ -533,19 +526,15 @@ impl Coordinator {
     /// Deletes completed checkpoints beyond the retained number, oldest first.
     fn retain_checkpoints(&self) {
         let Some(cfg) = &self.checkpoints else { return };
-        let job_dir = cfg.dir.child(&self.job_id);
-        let Ok(dirs) = job_dir.list_dirs() else {
+        let Ok(dirs) = paths::job_checkpoints(&cfg.dir, &self.job_id).list_dirs() else {
             return;
         };
-        let mut ids: Vec<u64> = dirs
-            .iter()
-            .filter_map(|d| d.strip_prefix("chk-").and_then(|n| n.parse().ok()))
-            .collect();
+        let mut ids = paths::checkpoint_ids(&dirs);
         ids.sort_unstable();
         let keep = cfg.retained.max(1) as usize;
         if ids.len() > keep {
             for id in &ids[..ids.len() - keep] {
-                let _ = job_dir.child(&format!("chk-{id}")).delete_all();
+                let _ = paths::checkpoint(&cfg.dir, &self.job_id, *id).delete_all();
             }
         }
     }

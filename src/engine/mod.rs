@@ -23,6 +23,7 @@ use spec::{JobSpec, OperatorSpec};
 
 use crate::savepoint::keygroups::range_for_subtask;
 use crate::savepoint::metadata::{MetadataError, SnapshotKind, SnapshotMetadata};
+use crate::savepoint::paths;
 use crate::savepoint::restore::{self, RestorePlan, RestoreRefused};
 use crate::savepoint::store::{Store, StoreError};
 pub use crate::savepoint::tools::FileCheck;
@@ -108,15 +109,10 @@ pub fn latest_checkpoint(
     dir: &Store,
     job_id: &str,
 ) -> Result<Option<SnapshotMetadata>, StartError> {
-    let job_dir = dir.child(job_id);
-    let mut ids: Vec<u64> = job_dir
-        .list_dirs()?
-        .iter()
-        .filter_map(|d| d.strip_prefix("chk-").and_then(|n| n.parse().ok()))
-        .collect();
+    let mut ids = paths::checkpoint_ids(&paths::job_checkpoints(dir, job_id).list_dirs()?);
     ids.sort_unstable_by(|a, b| b.cmp(a));
     for id in ids {
-        match SnapshotMetadata::read(&job_dir.child(&format!("chk-{id}"))) {
+        match SnapshotMetadata::read(&paths::checkpoint(dir, job_id, id)) {
             Ok(m) => return Ok(Some(m)),
             Err(MetadataError::Incomplete(_)) => continue,
             Err(e) => return Err(e.into()),
@@ -143,12 +139,8 @@ fn choose_snapshot(
     let checkpoint = match &spec.checkpoints {
         Some(c) => {
             let dir = Store::open(&c.dir)?;
-            latest_checkpoint(&dir, job_id)?.map(|m| {
-                (
-                    dir.child(job_id).child(&format!("chk-{}", m.snapshot_id)),
-                    m,
-                )
-            })
+            latest_checkpoint(&dir, job_id)?
+                .map(|m| (paths::checkpoint(&dir, job_id, m.snapshot_id), m))
         }
         None => None,
     };

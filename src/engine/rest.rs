@@ -458,7 +458,7 @@ async fn checkpoints(State(s): Shared, Path(id): Path<String>) -> Response {
     };
     let st = job.snapshot_stats();
     let restored = job.restored_from().map(|p| {
-        json!({ "external_path": p, "is_savepoint": !p.contains("/chk-"), "restore_timestamp": job.start_time_ms() })
+        json!({ "external_path": p, "is_savepoint": !crate::savepoint::paths::is_checkpoint(p), "restore_timestamp": job.start_time_ms() })
     });
     Json(json!({
         "counts": {

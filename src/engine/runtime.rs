@@ -12,7 +12,8 @@ use super::graph::Partitioning;
 use super::operators::Operator;
 use super::sources::{Poll, Source};
 use crate::savepoint::keygroups::{key_group, subtask_for_key_group};
-use crate::savepoint::metadata::{OPERATORS_DIR, SplitPosition};
+use crate::savepoint::metadata::SplitPosition;
+use crate::savepoint::paths;
 use crate::savepoint::statefile::{self, SubtaskSnapshot};
 use crate::savepoint::store::Store;
 use crate::savepoint::value::Record;
@@ -182,12 +183,7 @@ pub(crate) fn start_writers(
                             // The snapshot failed already; its directory is being deleted.
                             continue;
                         }
-                        let rel = format!(
-                            "{OPERATORS_DIR}/{}-{}-{}",
-                            job.uid,
-                            job.subtask,
-                            uuid::Uuid::new_v4().simple()
-                        );
+                        let rel = paths::state_file(&job.uid, job.subtask);
                         let result =
                             statefile::write(&job.barrier.dir, &rel, job.subtask, &job.snapshot)
                                 .map(|st| (st, job.positions))

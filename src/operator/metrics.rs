@@ -10,7 +10,8 @@ use std::sync::Mutex;
 pub struct Metrics {
     registry: Registry,
     pub reconciles: IntCounter,
-    pub reconcile_errors: IntCounter,
+    /// Failed reconciles by the error's category (kubernetes_api, engine, …).
+    pub reconcile_errors: IntCounterVec,
     pub reconcile_duration: Histogram,
     /// Upgrades by result: completed, rolled_back, blocked.
     pub upgrades: IntCounterVec,
@@ -38,9 +39,12 @@ impl Metrics {
         let registry = Registry::new_custom(Some("sjob_operator".into()), None)
             .unwrap_or_else(|_| Registry::new());
         let reconciles = must(IntCounter::new("reconciles_total", "Reconciles run"));
-        let reconcile_errors = must(IntCounter::new(
-            "reconcile_errors_total",
-            "Reconciles that failed",
+        let reconcile_errors = must(IntCounterVec::new(
+            Opts::new(
+                "reconcile_errors_total",
+                "Reconciles that failed, by the error's category",
+            ),
+            &["category"],
         ));
         let reconcile_duration = must(Histogram::with_opts(
             HistogramOpts::new("reconcile_duration_seconds", "Time spent in one reconcile")
@@ -74,9 +78,8 @@ impl Metrics {
             Opts::new("jobs", "StatefulJobs by phase"),
             &["phase"],
         ));
-        for c in [&reconciles, &reconcile_errors] {
-            must(registry.register(Box::new(c.clone())));
-        }
+        must(registry.register(Box::new(reconciles.clone())));
+        must(registry.register(Box::new(reconcile_errors.clone())));
         for h in [&reconcile_duration, &savepoint_duration, &savepoint_size] {
             must(registry.register(Box::new(h.clone())));
         }

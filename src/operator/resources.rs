@@ -36,6 +36,38 @@ pub const SCRATCH_MOUNT: &str = "/var/lib/sjob/tmp";
 /// The user and group engine containers run as (not root, as the restricted profile requires).
 pub const ENGINE_UID: i64 = 65532;
 
+/// Why the objects of an engine could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ResourceError {
+    #[error("StatefulJob {0} has no uid yet")]
+    NoUid(String),
+    #[error("spec.job cannot be written as a job file: {0}")]
+    JobFile(#[from] serde_yaml::Error),
+    #[error("the {what} of the engine: {source}")]
+    Object {
+        what: &'static str,
+        source: serde_json::Error,
+    },
+}
+
+fn object<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    value: serde_json::Value,
+) -> Result<T, ResourceError> {
+    serde_json::from_value(value).map_err(|source| ResourceError::Object { what, source })
+}
+
+/// The StatefulJob as the owner of its engine's objects.
+fn owner(sj: &StatefulJob) -> Result<serde_json::Value, ResourceError> {
+    let owner = sj
+        .controller_owner_ref(&())
+        .ok_or_else(|| ResourceError::NoUid(sj.name_any()))?;
+    serde_json::to_value(owner).map_err(|source| ResourceError::Object {
+        what: "owner reference",
+        source,
+    })
+}
+
 /// How engine pods are built, set by the operator's flags.
 #[derive(Clone, Debug)]
 pub struct EngineSettings {
@@ -80,23 +112,23 @@ pub fn rest_token_secret_name(job: &str) -> String {
 /// The Secret holding the bearer token of a StatefulJob's engines. Created once with a random
 /// token and never rewritten (every version of the job and the operator share it); it goes
 /// with the StatefulJob by owner reference.
-pub fn rest_token_secret(sj: &StatefulJob, token: &str) -> Result<Secret, String> {
+pub fn rest_token_secret(sj: &StatefulJob, token: &str) -> Result<Secret, ResourceError> {
     let name = sj.name_any();
-    let owner = sj
-        .controller_owner_ref(&())
-        .ok_or_else(|| format!("StatefulJob {name} has no uid yet"))?;
-    serde_json::from_value(json!({
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {
-            "name": rest_token_secret_name(&name),
-            "labels": { LABEL_JOB: name },
-            "ownerReferences": [owner],
-        },
-        "type": "Opaque",
-        "stringData": { TOKEN_KEY: token },
-    }))
-    .map_err(|e| format!("Secret: {e}"))
+    let owner = owner(sj)?;
+    object(
+        "Secret",
+        json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": rest_token_secret_name(&name),
+                "labels": { LABEL_JOB: name },
+                "ownerReferences": [owner],
+            },
+            "type": "Opaque",
+            "stringData": { TOKEN_KEY: token },
+        }),
+    )
 }
 
 /// A new random bearer token (256 bits from the system's generator, as hex).
@@ -129,7 +161,7 @@ pub fn engine_job(spec: &StatefulJobSpec, settings: &EngineSettings) -> JobSpec 
     {
         job.checkpoints = Some(CheckpointSpec {
             interval: "10s".into(),
-            dir: format!("{}/checkpoints", dir.trim_end_matches('/')),
+            dir: crate::savepoint::paths::default_checkpoint_dir(&dir),
             retained: 3,
         });
     }
@@ -151,16 +183,12 @@ pub fn engine_objects(
     restore_from: Option<&str>,
     restart_nonce: Option<i64>,
     settings: &EngineSettings,
-) -> Result<(ConfigMap, Deployment, Service), String> {
+) -> Result<(ConfigMap, Deployment, Service), ResourceError> {
     let name = sj.name_any();
-    let owner = sj
-        .controller_owner_ref(&())
-        .ok_or_else(|| format!("StatefulJob {name} has no uid yet"))?;
-    let owner = serde_json::to_value(owner).map_err(|e| e.to_string())?;
+    let owner = owner(sj)?;
     let uid = sj.uid().unwrap_or_default();
     let id = job_id(&uid, spec_hash, restore_from);
-    let job_yaml =
-        serde_yaml::to_string(&engine_job(spec, settings)).map_err(|e| format!("spec.job: {e}"))?;
+    let job_yaml = serde_yaml::to_string(&engine_job(spec, settings))?;
     let port = settings.port;
     let mut args = vec![
         "run".to_owned(),
@@ -286,11 +314,11 @@ pub fn engine_objects(
             "ports": [{"name": "rest", "port": port, "targetPort": port}],
         },
     });
-    let cm: ConfigMap = serde_json::from_value(cm).map_err(|e| format!("ConfigMap: {e}"))?;
-    let deploy: Deployment =
-        serde_json::from_value(deploy).map_err(|e| format!("Deployment: {e}"))?;
-    let svc: Service = serde_json::from_value(svc).map_err(|e| format!("Service: {e}"))?;
-    Ok((cm, deploy, svc))
+    Ok((
+        object("ConfigMap", cm)?,
+        object("Deployment", deploy)?,
+        object("Service", svc)?,
+    ))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ pub mod codec;
 pub mod grouptable;
 pub mod keygroups;
 pub mod metadata;
+pub mod paths;
 pub mod restore;
 pub mod schema;
 pub mod statefile;

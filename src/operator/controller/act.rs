@@ -1,0 +1,283 @@
+//! Carrying out the planner's actions: server-side applies of the engine's objects, the REST
+//! token Secret, savepoint requests to the engine, Savepoint objects recorded and deleted.
+
+use super::observe::{EngineView, snapshot_bytes};
+use super::{Context, Error, FAILED_TRIGGER, FIELD_MANAGER, key, rfc3339_now};
+use crate::operator::crd::{
+    PendingSavepoint, SAVEPOINT_FINALIZER, Savepoint, SavepointSpec, SavepointState,
+    SavepointStatus, SavepointTrigger, StatefulJob, StatefulJobSpec, StatefulJobStatus,
+    UpgradeStage,
+};
+use crate::operator::planner::{self, Action as Step, EngineObs};
+use crate::operator::resources::{self, LABEL_JOB};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Resource, ResourceExt};
+
+/// While a new version (or the rollback) is being verified, the Deployment must run it: after
+/// an operator restart between writing the status and applying the Deployment, apply it now.
+pub(super) async fn repair_rollout(
+    sj: &StatefulJob,
+    ctx: &Context,
+    status: &StatefulJobStatus,
+    view: &mut EngineView,
+) -> Result<(), Error> {
+    let Some(u) = &status.upgrade else {
+        return Ok(());
+    };
+    if !matches!(u.stage, UpgradeStage::Verifying | UpgradeStage::RollingBack)
+        || view.deployed_hash.as_deref() == Some(u.target_spec_hash.as_str())
+    {
+        return Ok(());
+    }
+    let spec = if planner::spec_hash(&sj.spec) == u.target_spec_hash {
+        sj.spec.clone()
+    } else if let Some(stable) = &status.last_stable_spec {
+        (**stable).clone()
+    } else {
+        return Ok(());
+    };
+    tracing::info!(job = %key(sj), spec = %u.target_spec_hash, "applying the engine of the stage in progress");
+    deploy(sj, ctx, &spec, &u.target_spec_hash, u.savepoint.as_deref()).await?;
+    view.obs = EngineObs::Starting {
+        spec_hash: u.target_spec_hash.clone(),
+    };
+    Ok(())
+}
+
+/// Creates the job's REST token Secret unless it exists: a token, once made, is never
+/// replaced, since running engines and the operator must keep agreeing on it.
+pub(super) async fn ensure_rest_token(
+    sj: &StatefulJob,
+    ctx: &Context,
+    ns: &str,
+) -> Result<(), Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    if secrets
+        .get_metadata_opt(&resources::rest_token_secret_name(&sj.name_any()))
+        .await?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let secret = resources::rest_token_secret(sj, &resources::new_rest_token())?;
+    ctx.metrics.api_writes.with_label_values(&["create"]).inc();
+    match secrets.create(&PostParams::default(), &secret).await {
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        other => other.map(|_| ()).map_err(Error::from),
+    }
+}
+
+pub(super) async fn apply<K>(api: &Api<K>, ctx: &Context, obj: &K) -> Result<(), Error>
+where
+    K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    ctx.metrics.api_writes.with_label_values(&["apply"]).inc();
+    api.patch(
+        &obj.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(obj),
+    )
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn deploy(
+    sj: &StatefulJob,
+    ctx: &Context,
+    spec: &StatefulJobSpec,
+    spec_hash: &str,
+    restore_from: Option<&str>,
+) -> Result<(), Error> {
+    let ns = sj.namespace().unwrap_or_else(|| "default".into());
+    let (cm, deploy, svc) =
+        resources::engine_objects(sj, spec, spec_hash, restore_from, None, &ctx.engine)?;
+    if ctx.engine.rest_token {
+        ensure_rest_token(sj, ctx, &ns).await?;
+    }
+    apply(
+        &Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns),
+        ctx,
+        &cm,
+    )
+    .await?;
+    apply(
+        &Api::<Service>::namespaced(ctx.client.clone(), &ns),
+        ctx,
+        &svc,
+    )
+    .await?;
+    apply(
+        &Api::<Deployment>::namespaced(ctx.client.clone(), &ns),
+        ctx,
+        &deploy,
+    )
+    .await?;
+    Ok(())
+}
+
+pub(super) fn ignore_not_found(r: Result<(), kube::Error>) -> Result<(), Error> {
+    match r {
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+pub(super) async fn act(
+    sj: &StatefulJob,
+    ctx: &Context,
+    view: &EngineView,
+    next: &mut StatefulJobStatus,
+    step: Step,
+) -> Result<(), Error> {
+    let ns = sj.namespace().unwrap_or_else(|| "default".into());
+    let name = sj.name_any();
+    let sp_dir = resources::savepoint_dir(&sj.spec, &ctx.engine);
+    match step {
+        Step::Deploy {
+            spec,
+            spec_hash,
+            restore_from,
+        } => deploy(sj, ctx, &spec, &spec_hash, restore_from.as_deref()).await?,
+        Step::RemoveEngine => {
+            let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+            ctx.metrics.api_writes.with_label_values(&["delete"]).inc();
+            ignore_not_found(
+                api.delete(&resources::engine_name(&name), &DeleteParams::background())
+                    .await
+                    .map(|_| ()),
+            )?;
+        }
+        Step::RestartEngine => {
+            // The Deployment brings up a new pod; the same job id resumes from its checkpoints.
+            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+            let list = pods
+                .list(&ListParams::default().labels(&format!("{LABEL_JOB}={name}")))
+                .await?;
+            for pod in list.items {
+                ctx.metrics.api_writes.with_label_values(&["delete"]).inc();
+                ignore_not_found(
+                    pods.delete(&pod.name_any(), &DeleteParams::default())
+                        .await
+                        .map(|_| ()),
+                )?;
+            }
+        }
+        Step::Preflight { .. } => {
+            // Checked on the next reconcile, when the stage is in the status.
+        }
+        Step::StopWithSavepoint => {
+            let id = match (&view.client, &view.job_id) {
+                (Some(c), Some(job)) => c
+                    .stop_with_savepoint(job, sp_dir.as_deref(), false)
+                    .await
+                    .unwrap_or_else(|e| format!("{FAILED_TRIGGER}{e}")),
+                _ => format!("{FAILED_TRIGGER}the engine is not running a job"),
+            };
+            if let Some(u) = next.upgrade.as_mut() {
+                u.trigger_id = Some(id);
+            }
+        }
+        Step::TriggerSavepoint { trigger } => {
+            if let (Some(c), Some(job)) = (&view.client, &view.job_id) {
+                let id = c
+                    .trigger_savepoint(job, sp_dir.as_deref(), false)
+                    .await
+                    .unwrap_or_else(|e| format!("{FAILED_TRIGGER}{e}"));
+                next.pending_savepoint = Some(PendingSavepoint {
+                    trigger_id: id,
+                    trigger,
+                    started: rfc3339_now(),
+                });
+            }
+        }
+        Step::RecordSavepoint {
+            name: sp_name,
+            path,
+            trigger,
+        } => {
+            let started = match trigger {
+                SavepointTrigger::Upgrade | SavepointTrigger::Suspend => sj
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.upgrade.as_ref())
+                    .map(|u| u.stage_started.clone()),
+                _ => sj
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.pending_savepoint.as_ref())
+                    .map(|p| p.started.clone()),
+            };
+            record_savepoint(sj, ctx, &sp_name, &path, trigger, view, started).await?;
+        }
+        Step::DeleteSavepoint { name: sp_name } => {
+            let api: Api<Savepoint> = Api::namespaced(ctx.client.clone(), &ns);
+            ctx.metrics.api_writes.with_label_values(&["delete"]).inc();
+            ignore_not_found(
+                api.delete(&sp_name, &DeleteParams::default())
+                    .await
+                    .map(|_| ()),
+            )?;
+        }
+        Step::Event { .. } => {}
+    }
+    Ok(())
+}
+
+pub(super) async fn record_savepoint(
+    sj: &StatefulJob,
+    ctx: &Context,
+    name: &str,
+    path: &str,
+    trigger: SavepointTrigger,
+    view: &EngineView,
+    started: Option<String>,
+) -> Result<(), Error> {
+    let ns = sj.namespace().unwrap_or_else(|| "default".into());
+    let api: Api<Savepoint> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut sp = Savepoint::new(
+        name,
+        SavepointSpec {
+            job_ref: sj.name_any(),
+            trigger,
+            spec_hash: view.deployed_hash.clone(),
+            // Set at creation, so the Savepoint controller never mistakes it for a request.
+            path: Some(path.to_owned()),
+        },
+    );
+    sp.metadata.labels = Some([(LABEL_JOB.to_owned(), sj.name_any())].into());
+    sp.metadata.finalizers = Some(vec![SAVEPOINT_FINALIZER.to_owned()]);
+    apply(&api, ctx, &sp).await?;
+    let size = snapshot_bytes(path).await;
+    let completed = rfc3339_now();
+    if let Some(s) = started
+        .as_deref()
+        .and_then(|s| s.parse::<jiff::Timestamp>().ok())
+    {
+        let secs = (jiff::Timestamp::now() - s)
+            .total(jiff::Unit::Second)
+            .unwrap_or(0.0);
+        ctx.metrics.savepoint_duration.observe(secs.max(0.0));
+    }
+    if let Some(b) = size {
+        ctx.metrics.savepoint_size.observe(b as f64);
+    }
+    let status = SavepointStatus {
+        state: Some(SavepointState::Completed),
+        path: Some(path.to_owned()),
+        size_bytes: size,
+        trigger_id: None,
+        started,
+        completed: Some(completed),
+        failure: None,
+    };
+    ctx.metrics.api_writes.with_label_values(&["status"]).inc();
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "status": status })),
+    )
+    .await?;
+    Ok(())
+}
