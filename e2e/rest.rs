@@ -2,7 +2,8 @@
 //! scripted sequence against a real Apache Flink 2.3 session cluster (started by the test from
 //! PyPI through e2e/flink/flink-local.sh; needs Java 17).
 
-use sjob::operator::engine_client::{ClientError, EngineClient, SavepointStatus};
+use sjob::operator::engine_client::{ClientError, EngineClient, SavepointStatus, SourcesInfo};
+use sjob::savepoint::metadata::SplitPosition;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -816,4 +817,162 @@ async fn a_locked_down_engine_takes_savepoints_only_under_its_roots_and_only_wit
     assert_eq!(code, 1);
     assert!(err.contains("'/etc' is outside"), "{err}");
     drop(engine);
+}
+
+/// Polls until every source of the job holds (at its bound, or out of input).
+async fn wait_holding(client: &EngineClient, id: &str) -> SourcesInfo {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = client.sources(id).await.unwrap();
+        assert!(
+            s.overrun.is_empty(),
+            "{}: overrun {:?}",
+            client.base(),
+            s.overrun
+        );
+        if s.holding {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never held: {s:?}",
+            client.base()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Per split, the larger of two positions.
+fn furthest(a: &[SplitPosition], b: &[SplitPosition]) -> Vec<SplitPosition> {
+    let mut at: std::collections::BTreeMap<String, i64> =
+        a.iter().map(|p| (p.split.clone(), p.position)).collect();
+    for p in b {
+        let e = at.entry(p.split.clone()).or_insert(p.position);
+        *e = (*e).max(p.position);
+    }
+    at.into_iter()
+        .map(|(split, position)| SplitPosition { split, position })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_over_between_two_versions_writes_every_count_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sink = d.join("out");
+    let (keys, records) = (50, 600_000);
+    let job = |extra: &str| {
+        format!(
+            "name: counting\nparallelism: 2\noperators:\n  - {{kind: generator, uid: source, keys: {keys}, count: {records}, rate: 30000}}\n  - {{kind: keyBy, field: key}}\n  - {{kind: count, uid: counter}}\n{extra}  - {{kind: fileSink, uid: out, path: {}}}\n",
+            sink.display()
+        )
+    };
+    // Blue runs; a savepoint is taken without stopping it; green starts from it in shadow
+    // mode, beside blue, on the same sink directory.
+    let blue_job = write_job(d, "blue.yaml", &job(""));
+    let blue = Engine::start(d, &blue_job, &[]);
+    let blue_client = EngineClient::new(&blue.url());
+    let blue_id = only_job(&blue_client).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let trigger = blue_client
+        .trigger_savepoint(&blue_id, None, false)
+        .await
+        .unwrap();
+    let savepoint = blue_client
+        .wait_savepoint(&blue_id, &trigger, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let green_job = write_job(
+        d,
+        "green.yaml",
+        &job("  - {kind: map, set: [{field: doubled, expr: \"count * 2\"}]}\n"),
+    );
+    let green = Engine::start(d, &green_job, &["-s", &savepoint, "--shadow"]);
+    let green_client = EngineClient::new(&green.url());
+    let green_id = only_job(&green_client).await;
+    assert!(green_client.sources(&green_id).await.unwrap().shadow);
+    // Blue is not in shadow mode: it has nothing to cut over.
+    let e = blue_client
+        .release_sources(&blue_id, true)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("409") && e.contains("shadow"), "{e}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // The switch: both hold; the cut-over is the furthest of their positions; both read up
+    // to it and hold there; blue stops with a savepoint there; green goes on from it, live.
+    let switch = Instant::now();
+    blue_client.hold_sources(&blue_id, None).await.unwrap();
+    green_client.hold_sources(&green_id, None).await.unwrap();
+    let at_blue = wait_holding(&blue_client, &blue_id).await;
+    let at_green = wait_holding(&green_client, &green_id).await;
+    let cut = furthest(&at_blue.positions, &at_green.positions);
+    // A bound behind a source is refused for the splits it has passed.
+    let behind: Vec<SplitPosition> = cut
+        .iter()
+        .map(|p| SplitPosition {
+            split: p.split.clone(),
+            position: 0,
+        })
+        .collect();
+    blue_client
+        .hold_sources(&blue_id, Some(&behind))
+        .await
+        .unwrap();
+    let refused = blue_client.sources(&blue_id).await.unwrap();
+    assert_eq!(refused.overrun.len(), cut.len(), "{refused:?}");
+    blue_client
+        .hold_sources(&blue_id, Some(&cut))
+        .await
+        .unwrap();
+    green_client
+        .hold_sources(&green_id, Some(&cut))
+        .await
+        .unwrap();
+    assert_eq!(wait_holding(&blue_client, &blue_id).await.positions, cut);
+    assert_eq!(wait_holding(&green_client, &green_id).await.positions, cut);
+    let stop = blue_client
+        .stop_with_savepoint(&blue_id, None, false)
+        .await
+        .unwrap();
+    let final_savepoint = blue_client
+        .wait_savepoint(&blue_id, &stop, Duration::from_secs(60))
+        .await
+        .unwrap();
+    green_client.release_sources(&green_id, true).await.unwrap();
+    let switched = switch.elapsed();
+    assert!(!green_client.sources(&green_id).await.unwrap().shadow);
+    let meta = sjob::savepoint::metadata::SnapshotMetadata::read(
+        &sjob::savepoint::store::Store::open(&final_savepoint).unwrap(),
+    )
+    .unwrap();
+    let stopped_at: Vec<SplitPosition> = meta
+        .operators
+        .iter()
+        .flat_map(|o| o.source_positions.clone())
+        .collect();
+    let mut stopped_at = stopped_at;
+    stopped_at.sort_by(|a, b| a.split.cmp(&b.split));
+    assert_eq!(stopped_at, cut, "blue stopped exactly at the cut-over");
+
+    wait_state(&green_client, &green_id, "FINISHED").await;
+    let log = sjob::local::sink_check::CountLog::read(&sink).unwrap();
+    let problems = log.exactly_once(keys, records as i64 / keys as i64);
+    assert!(problems.is_empty(), "{problems:?}");
+    // Both versions wrote: blue up to the cut-over, green (with its new field) after it.
+    let files: Vec<String> = std::fs::read_dir(&sink)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_file())
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert!(files.iter().any(|f| f.contains("doubled")));
+    assert!(
+        files
+            .iter()
+            .any(|f| !f.is_empty() && !f.contains("doubled"))
+    );
+    println!("cut-over at {cut:?}, switch took {switched:?}");
+    drop((blue, green));
 }

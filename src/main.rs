@@ -152,6 +152,10 @@ struct RunArgs {
         value_delimiter = ','
     )]
     savepoint_roots: Vec<String>,
+    /// Sinks write nothing until a cut-over (`POST /jobs/ID/sources/release {"cut-over":
+    /// true}`): the new version of a blue-green switch, catching up beside the old one.
+    #[arg(long)]
+    shadow: bool,
     /// Job-facing REST requests must carry `Authorization: Bearer <the file's content>`
     /// (health, readiness, metrics and the overview stay open).
     #[arg(long, env = "SJOB_REST_TOKEN_FILE")]
@@ -340,6 +344,9 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         if let Some(t) = &args.rest_token_file {
             cmd.arg("--rest-token-file").arg(t);
         }
+        if args.shadow {
+            cmd.arg("--shadow");
+        }
         let ready_file = std::env::temp_dir().join(format!(
             "sjob-ready-{job_id}-{}",
             uuid::Uuid::new_v4().simple()
@@ -366,6 +373,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             savepoint: args.savepoint,
             allow_non_restored_state: args.allow_non_restored_state,
             parallelism: args.parallelism,
+            shadow: args.shadow,
             ..Default::default()
         },
     )?;

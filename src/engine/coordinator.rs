@@ -5,6 +5,7 @@
 
 use super::graph::JobGraph;
 use super::runtime::{Barrier, Control, Shared};
+use super::sources::Bound;
 use crate::savepoint::metadata::{
     FORMAT_VERSION, OperatorMetadata, SnapshotKind, SnapshotMetadata, SplitPosition, SubtaskState,
 };
@@ -30,6 +31,17 @@ pub(crate) enum CoordMsg {
     },
     TaskDone {
         result: Result<(), String>,
+    },
+    /// Hold the sources at these positions (None: where they are now).
+    Hold {
+        bound: Option<Arc<Bound>>,
+        reply: Sender<Result<(), String>>,
+    },
+    /// Let the sources read on; with `cut_over`, after sending the cut-over marker (only
+    /// while the job's output is in shadow mode, and then no longer).
+    Release {
+        cut_over: bool,
+        reply: Sender<Result<(), String>>,
     },
 }
 
@@ -141,6 +153,8 @@ struct Pending {
     expected: usize,
     acks: BTreeMap<(usize, u32), (SubtaskState, Vec<SplitPosition>)>,
     started: Instant,
+    /// Taken before the cut-over marker went out: the sinks were in shadow mode.
+    shadow: bool,
 }
 
 /// A failed snapshot on its way off storage. Its directory is deleted, and the failure
@@ -197,6 +211,26 @@ impl Coordinator {
             }
             match rx.recv_timeout(wake) {
                 Ok(CoordMsg::Trigger(req)) => queued.push_back(req),
+                Ok(CoordMsg::Hold { bound, reply }) => {
+                    let epoch = self.shared.source_epoch.fetch_add(1, Ordering::SeqCst) + 1;
+                    let _ = reply.send(self.to_sources(|| Control::Hold {
+                        bound: bound.clone(),
+                        epoch,
+                    }));
+                }
+                Ok(CoordMsg::Release { cut_over, reply }) => {
+                    let result = if cut_over && !self.shared.shadow.load(Ordering::SeqCst) {
+                        Err("the job's output is not in shadow mode: there is nothing to cut over (sjob run --shadow)".into())
+                    } else {
+                        if cut_over {
+                            self.shared.shadow.store(false, Ordering::SeqCst);
+                            tracing::info!(job = %self.job_id, "cut-over: sources send the marker; sinks write from it on");
+                        }
+                        let epoch = self.shared.source_epoch.fetch_add(1, Ordering::SeqCst) + 1;
+                        self.to_sources(|| Control::Release { cut_over, epoch })
+                    };
+                    let _ = reply.send(result);
+                }
                 Ok(CoordMsg::Ack {
                     id,
                     node,
@@ -383,7 +417,25 @@ impl Coordinator {
             expected: self.expected_acks(),
             acks: BTreeMap::new(),
             started: Instant::now(),
+            shadow: self.shared.shadow.load(Ordering::SeqCst),
         })
+    }
+
+    /// Sends every source the same control message, under the gate triggers take, so that
+    /// every source sees barriers and cut-over markers in one order.
+    fn to_sources(&self, make: impl Fn() -> Control) -> Result<(), String> {
+        let exhausted = match self.shared.source_gate.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if *exhausted {
+            return Err("the job's input is exhausted; it is finishing".into());
+        }
+        for s in &self.sources {
+            s.send(make())
+                .map_err(|_| "a source has already ended".to_owned())?;
+        }
+        Ok(())
     }
 
     /// Fails the snapshot in flight: the job goes on; its files are deleted by `finish_abort`.
@@ -479,6 +531,7 @@ impl Coordinator {
             snapshot_id: p.id,
             timestamp_ms,
             restored_from: self.restored_from.clone(),
+            shadow: p.shadow,
             operators,
         };
         if let Err(e) = meta.write(&p.dir) {

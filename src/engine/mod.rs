@@ -62,6 +62,10 @@ pub struct JobOptions {
     pub snapshot_timeout: Duration,
     /// Threads writing state files.
     pub writer_threads: usize,
+    /// Sinks drop their records until a cut-over (the new version of a blue-green switch,
+    /// catching up beside the old one). A restart from a checkpoint of this job taken after
+    /// the cut-over writes again.
+    pub shadow: bool,
 }
 
 impl Default for JobOptions {
@@ -73,8 +77,21 @@ impl Default for JobOptions {
             parallelism: None,
             snapshot_timeout: Duration::from_secs(600),
             writer_threads: 2,
+            shadow: false,
         }
     }
+}
+
+/// The sources of a job as the REST API shows them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SourcesView {
+    /// Every source subtask holds at its bound (or is out of input).
+    pub holding: bool,
+    /// Sinks drop their records until the cut-over.
+    pub shadow: bool,
+    pub positions: Vec<crate::savepoint::metadata::SplitPosition>,
+    /// Splits that were already past the last hold's bound.
+    pub overrun: Vec<String>,
 }
 
 /// Counters of one operator.
@@ -205,6 +222,20 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
         }
     };
     let restored_from = restored.as_ref().map(|r| r.dir.location());
+    // Shadow mode as asked for, unless this job resumes from its own checkpoint: then as it
+    // was when that checkpoint was taken (before or after its cut-over).
+    let shadow = match &restored {
+        Some(r)
+            if r.plan.snapshot.job_id == job_id
+                && r.plan.snapshot.kind == SnapshotKind::Checkpoint =>
+        {
+            r.plan.snapshot.shadow
+        }
+        _ => opts.shadow,
+    };
+    if shadow {
+        tracing::info!(job = %job_id, "shadow mode: sinks write nothing until the cut-over");
+    }
     if let Some(r) = &restored {
         tracing::info!(job = %job_id, from = %r.dir.location(), kind = %r.plan.snapshot.kind,
             snapshot = r.plan.snapshot.snapshot_id, "restoring job state");
@@ -232,9 +263,12 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
             }
         }
     }
-    // File sinks: commit what the restored snapshot staged, drop everything else pending.
+    // File sinks: commit what the restored snapshot staged, drop what this job left pending
+    // after it. In shadow mode the staged files are the old version's, which commits them.
     for n in &graph.nodes {
-        if let OperatorSpec::FileSink(f) = &n.spec {
+        if let OperatorSpec::FileSink(f) = &n.spec
+            && !shadow
+        {
             let rows = match restored
                 .as_ref()
                 .and_then(|r| r.plan.operators.get(&n.uid).map(|op| (r, op)))
@@ -248,7 +282,7 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
                     .unwrap_or_default(),
                 None => Vec::new(),
             };
-            sinks::prepare_file_sink(&f.path, &n.uid, &rows).map_err(StartError::Setup)?;
+            sinks::prepare_file_sink(&f.path, &n.uid, &job_id, &rows).map_err(StartError::Setup)?;
         }
     }
     let checkpoints = match &spec.checkpoints {
@@ -270,6 +304,11 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
         active_sources: AtomicUsize::new(source_stage.parallelism as usize),
         source_gate: Mutex::new(false),
         max_stall_us: AtomicU64::new(0),
+        sources: (0..source_stage.parallelism)
+            .map(|_| Mutex::new(runtime::SourceReport::default()))
+            .collect(),
+        shadow: AtomicBool::new(shadow),
+        source_epoch: AtomicU64::new(0),
     });
     let status = Arc::new(StatusCell {
         status: Mutex::new(Status {
@@ -331,10 +370,11 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
         let writer = writer_tx.clone();
         let restored = restored.clone();
         let init_tx = init_tx.clone();
+        let task_job_id = job_id.clone();
         let handle = std::thread::Builder::new()
             .name(format!("sjob-task-{si}-{sub}"))
             .spawn(move || {
-                let built = build_task(&graph, si, sub, restored.as_deref());
+                let built = build_task(&graph, si, sub, restored.as_deref(), &task_job_id, shadow);
                 let (source, chain) = match built {
                     Ok(parts) => {
                         let _ = init_tx.send(Ok(()));
@@ -444,6 +484,8 @@ fn build_task(
     si: usize,
     sub: u32,
     restored: Option<&Restored>,
+    job_id: &str,
+    shadow: bool,
 ) -> Result<Parts, String> {
     let stage = &graph.stages[si];
     let p = stage.parallelism;
@@ -470,8 +512,10 @@ fn build_task(
             continue;
         }
         let mut op: Box<dyn operators::Operator> = match &node.spec {
-            OperatorSpec::FileSink(f) => Box::new(sinks::FileSink::new(&f.path, &node.uid, sub)),
-            OperatorSpec::StdoutSink(_) => Box::new(sinks::StdoutSink),
+            OperatorSpec::FileSink(f) => Box::new(sinks::FileSink::new(
+                &f.path, &node.uid, sub, job_id, shadow,
+            )),
+            OperatorSpec::StdoutSink(_) => Box::new(sinks::StdoutSink { shadow }),
             OperatorSpec::DiscardSink(_) => Box::new(sinks::DiscardSink),
             _ => operators::build(node, range, graph.max_parallelism)?,
         };
@@ -583,6 +627,55 @@ impl JobHandle {
         stop: Option<bool>,
     ) -> Receiver<Result<String, String>> {
         self.trigger(SnapshotKind::Savepoint, target_dir, stop)
+    }
+
+    /// Holds the sources at `bound` (None: where they are now). Splits already past the bound
+    /// show in `sources().overrun`, and are then not held.
+    pub fn hold_sources(&self, bound: Option<sources::Bound>) -> Result<(), String> {
+        self.source_command(|reply| CoordMsg::Hold {
+            bound: bound.map(Arc::new),
+            reply,
+        })
+    }
+
+    /// Lets the sources read on; with `cut_over`, first sends the cut-over marker that takes
+    /// the sinks out of shadow mode.
+    pub fn release_sources(&self, cut_over: bool) -> Result<(), String> {
+        self.source_command(|reply| CoordMsg::Release { cut_over, reply })
+    }
+
+    fn source_command(
+        &self,
+        make: impl FnOnce(Sender<Result<(), String>>) -> CoordMsg,
+    ) -> Result<(), String> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.coord
+            .send(make(tx))
+            .map_err(|_| "the job has ended".to_owned())?;
+        rx.recv_timeout(Duration::from_secs(10))
+            .map_err(|_| "the job did not answer (it is ending)".to_owned())?
+    }
+
+    /// The sources' positions, whether every one holds, and the splits past the last bound.
+    pub fn sources(&self) -> SourcesView {
+        let mut view = SourcesView {
+            holding: true,
+            shadow: self.shared.shadow.load(Ordering::SeqCst),
+            ..SourcesView::default()
+        };
+        // A subtask that has not carried out the newest command yet does not hold by it.
+        let epoch = self.shared.source_epoch.load(Ordering::SeqCst);
+        for slot in &self.shared.sources {
+            let r = match slot.lock() {
+                Ok(r) => r.clone(),
+                Err(p) => p.into_inner().clone(),
+            };
+            view.holding &= r.holding && r.epoch == epoch;
+            view.positions.extend(r.positions);
+            view.overrun.extend(r.overrun);
+        }
+        view.positions.sort_by(|a, b| a.split.cmp(&b.split));
+        view
     }
 
     /// Triggers a checkpoint now (checkpoints must be configured).

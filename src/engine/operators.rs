@@ -35,6 +35,9 @@ pub trait Operator: Send {
     fn finish(&mut self, _out: &mut Vec<Record>) -> Result<(), String> {
         Ok(())
     }
+    /// The cut-over marker of a blue-green switch has arrived from every input: a sink in
+    /// shadow mode starts writing.
+    fn on_cut_over(&mut self) {}
     /// The keyed state to restore into, for keyed operators.
     fn keyed_state(&mut self) -> Option<&mut KeyedState> {
         None

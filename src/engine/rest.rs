@@ -107,6 +107,9 @@ pub fn router(state: Arc<RestState>) -> Router {
         .route("/jobs/{id}/savepoints/{trigger}", get(savepoint_status))
         .route("/jobs/{id}/stop", post(stop_job))
         .route("/jobs/{id}/checkpoints", get(checkpoints))
+        .route("/jobs/{id}/sources", get(sources))
+        .route("/jobs/{id}/sources/hold", post(hold_sources))
+        .route("/jobs/{id}/sources/release", post(release_sources))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
@@ -276,15 +279,9 @@ pub struct TriggerRequest {
 /// Parses the body of a savepoint or stop request (an empty body is `{}`), or says what is
 /// wrong with it in the words of Flink's 400 replies.
 pub fn parse_trigger(kind: TriggerKind, body: &[u8]) -> Result<TriggerRequest, String> {
-    let body = if body.iter().all(u8::is_ascii_whitespace) {
-        &b"{}"[..]
-    } else {
-        body
-    };
-    let bad = |e: serde_json::Error| format!("Bad request, could not parse the request body: {e}");
     match kind {
         TriggerKind::Savepoint => {
-            let req: SavepointRequest = serde_json::from_slice(body).map_err(bad)?;
+            let req: SavepointRequest = parse_json(body)?;
             if let Some(f) = &req.format_type
                 && !matches!(f.as_str(), "CANONICAL" | "NATIVE" | "DEFAULT")
             {
@@ -298,12 +295,116 @@ pub fn parse_trigger(kind: TriggerKind, body: &[u8]) -> Result<TriggerRequest, S
             })
         }
         TriggerKind::Stop => {
-            let req: StopRequest = serde_json::from_slice(body).map_err(bad)?;
+            let req: StopRequest = parse_json(body)?;
             Ok(TriggerRequest {
                 target: req.target_directory,
                 stop: Some(req.drain),
             })
         }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HoldRequest {
+    #[serde(default)]
+    at: Option<Vec<crate::savepoint::metadata::SplitPosition>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseRequest {
+    #[serde(rename = "cut-over", default)]
+    cut_over: bool,
+}
+
+/// Parses the body of `POST /jobs/{id}/sources/hold`: `{"at": [{"split", "position"}]}` holds
+/// the sources there, `{}` where they are. A split named twice is an error.
+pub fn parse_hold(body: &[u8]) -> Result<Option<super::sources::Bound>, String> {
+    let req: HoldRequest = parse_json(body)?;
+    let Some(at) = req.at else {
+        return Ok(None);
+    };
+    let mut bound = super::sources::Bound::new();
+    for p in at {
+        if bound.insert(p.split.clone(), p.position).is_some() {
+            return Err(format!(
+                "Bad request, split '{}' is named twice in 'at'",
+                p.split
+            ));
+        }
+    }
+    Ok(Some(bound))
+}
+
+/// Parses the body of `POST /jobs/{id}/sources/release`: `{"cut-over": true}` sends the
+/// cut-over marker first.
+pub fn parse_release(body: &[u8]) -> Result<bool, String> {
+    parse_json::<ReleaseRequest>(body).map(|r| r.cut_over)
+}
+
+fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, String> {
+    let body = if body.iter().all(u8::is_ascii_whitespace) {
+        &b"{}"[..]
+    } else {
+        body
+    };
+    serde_json::from_slice(body)
+        .map_err(|e| format!("Bad request, could not parse the request body: {e}"))
+}
+
+async fn sources(State(s): Shared, Path(id): Path<String>) -> Response {
+    let job = match the_job(&s, &id) {
+        Ok(j) => j,
+        Err(r) => return r.into_response(),
+    };
+    let v = job.sources();
+    Json(json!({
+        "holding": v.holding,
+        "shadow": v.shadow,
+        "positions": v.positions,
+        "overrun": v.overrun,
+    }))
+    .into_response()
+}
+
+/// Runs a source command off the async runtime (it waits for the coordinator).
+async fn source_command(
+    s: Arc<RestState>,
+    command: impl FnOnce(&JobHandle) -> Result<(), String> + Send + 'static,
+) -> Response {
+    match tokio::task::spawn_blocking(move || command(&s.job)).await {
+        Ok(Ok(())) => (StatusCode::ACCEPTED, Json(json!({}))).into_response(),
+        Ok(Err(reason)) => error(StatusCode::CONFLICT, reason),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn hold_sources(
+    State(s): Shared,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = the_job(&s, &id) {
+        return r.into_response();
+    }
+    match parse_hold(&body) {
+        Ok(bound) => source_command(s, move |job| job.hold_sources(bound)).await,
+        Err(reason) => error(StatusCode::BAD_REQUEST, reason),
+    }
+}
+
+async fn release_sources(
+    State(s): Shared,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = the_job(&s, &id) {
+        return r.into_response();
+    }
+    match parse_release(&body) {
+        Ok(cut_over) => source_command(s, move |job| job.release_sources(cut_over)).await,
+        Err(reason) => error(StatusCode::BAD_REQUEST, reason),
     }
 }
 

@@ -10,6 +10,7 @@
 use super::coordinator::CoordMsg;
 use super::graph::Partitioning;
 use super::operators::Operator;
+use super::sources::Bound;
 use super::sources::{Poll, Source};
 use crate::savepoint::keygroups::{key_group, subtask_for_key_group};
 use crate::savepoint::metadata::SplitPosition;
@@ -38,6 +39,9 @@ pub(crate) enum Element {
     Batch(Vec<Record>),
     Watermark(i64),
     Barrier(Arc<Barrier>),
+    /// The cut-over point of a blue-green switch: everything after it in every channel comes
+    /// from input at or past the cut-over positions. Aligned like a barrier; no snapshot.
+    CutOver,
     End,
 }
 
@@ -52,6 +56,29 @@ pub(crate) enum Control {
     Finish {
         drain: bool,
     },
+    /// Sources stop reading at these positions (None: where they are now). `epoch` numbers
+    /// the hold and release commands, so a report is known to answer the newest one.
+    Hold {
+        bound: Option<Arc<Bound>>,
+        epoch: u64,
+    },
+    /// Sources read on; with `cut_over`, each first sends the cut-over marker downstream.
+    Release {
+        cut_over: bool,
+        epoch: u64,
+    },
+}
+
+/// A source subtask as the REST API shows it.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct SourceReport {
+    pub positions: Vec<SplitPosition>,
+    /// Held (every split with records left is at its bound) or out of input.
+    pub holding: bool,
+    /// Splits that were past the bound of the last hold (which was then not set).
+    pub overrun: Vec<String>,
+    /// The newest hold or release command this subtask has carried out.
+    pub epoch: u64,
 }
 
 /// Counters shared by every task of a job.
@@ -67,6 +94,13 @@ pub(crate) struct Shared {
     /// The longest time a downstream task spent processing one batch, or any task in the
     /// synchronous part of a snapshot, since the last reset, in µs.
     pub max_stall_us: AtomicU64,
+    /// Per source subtask: positions and whether it holds.
+    pub sources: Vec<Mutex<SourceReport>>,
+    /// Sinks drop what they receive until the cut-over marker reaches them (a blue-green
+    /// switch's new version before the switch). Cleared when the marker is sent.
+    pub shadow: AtomicBool,
+    /// The number of hold and release commands sent to the sources.
+    pub source_epoch: AtomicU64,
 }
 
 pub(crate) struct Output {
@@ -200,6 +234,30 @@ pub(crate) fn start_writers(
         })
         .collect();
     (tx, handles)
+}
+
+/// What a downstream task is aligning its inputs on.
+enum Aligning {
+    Barrier(Arc<Barrier>),
+    CutOver,
+}
+
+/// Whether a source subtask reads.
+#[derive(Default)]
+struct SourceFlow {
+    /// A stop-with-savepoint's barrier went out: nothing more is read.
+    stopping: bool,
+    /// Every split with records left is at its hold's bound.
+    at_bound: bool,
+    /// Out of input.
+    exhausted: bool,
+}
+
+impl SourceFlow {
+    /// Nothing to read now: wait for control messages.
+    fn idle(&self) -> bool {
+        self.stopping || self.at_bound || self.exhausted
+    }
 }
 
 pub(crate) struct Task {
@@ -350,8 +408,7 @@ impl Task {
     }
 
     fn run_source(&mut self) -> TaskResult {
-        let mut paused = false;
-        let mut exhausted = false;
+        let mut flow = SourceFlow::default();
         let mut last_wm = i64::MIN;
         let mut last_wm_sent = Instant::now();
         loop {
@@ -359,7 +416,7 @@ impl Task {
                 return Ok(());
             }
             // Control first: triggers must be answered promptly.
-            let wait = if paused || exhausted {
+            let wait = if flow.idle() {
                 Duration::from_millis(5)
             } else {
                 Duration::ZERO
@@ -370,15 +427,15 @@ impl Task {
                 self.control.recv_timeout(wait).ok()
             };
             if let Some(msg) = msg {
-                if self.on_control(msg, &mut paused)? {
+                if self.on_control(msg, &mut flow)? {
                     return Ok(());
                 }
                 continue;
             }
-            if paused {
+            if flow.stopping {
                 continue;
             }
-            if exhausted {
+            if flow.exhausted {
                 if self.shared.active_sources.load(Ordering::SeqCst) == 0 {
                     return self.end_of_input();
                 }
@@ -390,17 +447,25 @@ impl Task {
             let mut batch = Vec::with_capacity(BATCH);
             let outcome = source.poll(&mut batch, BATCH)?;
             let wm = source.watermark();
+            let mut exact_watermark = false;
             match outcome {
-                Poll::Records => {}
+                Poll::Records => flow.at_bound = false,
                 Poll::Throttled(d) => {
+                    flow.at_bound = false;
                     if let Ok(msg) = self.control.recv_timeout(d)
-                        && self.on_control(msg, &mut paused)?
+                        && self.on_control(msg, &mut flow)?
                     {
                         return Ok(());
                     }
                 }
+                Poll::AtBound => {
+                    // Downstream must see the watermark of exactly this position, so a window
+                    // is fired either before the cut-over or after it, never in between.
+                    exact_watermark = !flow.at_bound;
+                    flow.at_bound = true;
+                }
                 Poll::Exhausted => {
-                    exhausted = true;
+                    flow.exhausted = true;
                     self.shared.active_sources.fetch_sub(1, Ordering::SeqCst);
                 }
             }
@@ -409,16 +474,41 @@ impl Task {
             }
             self.run_chain(0, batch)?;
             self.output.flush().map_err(disconnected)?;
-            if wm > last_wm && (exhausted || last_wm_sent.elapsed() >= Duration::from_millis(20)) {
+            if wm > last_wm
+                && (flow.exhausted
+                    || exact_watermark
+                    || last_wm_sent.elapsed() >= Duration::from_millis(20))
+            {
                 last_wm = wm;
                 last_wm_sent = Instant::now();
                 self.watermark(wm)?;
             }
+            self.report(&flow, None);
+        }
+    }
+
+    /// Publishes this source subtask's positions and whether it holds.
+    fn report(&self, flow: &SourceFlow, command: Option<(u64, Vec<String>)>) {
+        let Some((_, _, source)) = &self.source else {
+            return;
+        };
+        let Some(slot) = self.shared.sources.get(self.subtask as usize) else {
+            return;
+        };
+        let mut r = match slot.lock() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        };
+        r.positions = source.positions();
+        r.holding = flow.at_bound || flow.exhausted;
+        if let Some((epoch, overrun)) = command {
+            r.epoch = epoch;
+            r.overrun = overrun;
         }
     }
 
     /// Handles a control message at a source; true when the source has ended its stream.
-    fn on_control(&mut self, msg: Control, paused: &mut bool) -> Result<bool, String> {
+    fn on_control(&mut self, msg: Control, flow: &mut SourceFlow) -> Result<bool, String> {
         match msg {
             Control::Trigger(b) => {
                 self.snapshot(&b)?;
@@ -427,19 +517,62 @@ impl Task {
                     .broadcast(|| Element::Barrier(barrier.clone()))
                     .map_err(disconnected)?;
                 if b.stop {
-                    *paused = true;
+                    flow.stopping = true;
                 }
             }
             Control::Complete(id) => self.complete(id)?,
-            Control::Resume => *paused = false,
+            Control::Resume => flow.stopping = false,
             // Only sent after a stop barrier, which paused the source.
-            Control::Finish { drain } if *paused => {
+            Control::Finish { drain } if flow.stopping => {
                 self.end_stream(drain)?;
                 return Ok(true);
             }
             Control::Finish { .. } => {}
+            Control::Hold { bound, epoch } => {
+                let Some((_, _, source)) = self.source.as_mut() else {
+                    return Err("source task without a source".into());
+                };
+                let here: Bound;
+                let bound = match &bound {
+                    Some(b) => b.as_ref(),
+                    None => {
+                        here = source
+                            .positions()
+                            .into_iter()
+                            .map(|p| (p.split, p.position))
+                            .collect();
+                        &here
+                    }
+                };
+                let overrun = source.set_bound(Some(bound));
+                // Whether the new bound is reached, the next poll says.
+                flow.at_bound = false;
+                self.report(flow, Some((epoch, overrun)));
+            }
+            Control::Release { cut_over, epoch } => {
+                if let Some((_, _, source)) = self.source.as_mut() {
+                    source.set_bound(None);
+                    source.on_resume();
+                }
+                flow.at_bound = false;
+                if cut_over {
+                    self.cut_over_chain();
+                    self.output
+                        .broadcast(|| Element::CutOver)
+                        .map_err(disconnected)?;
+                }
+                self.report(flow, Some((epoch, Vec::new())));
+            }
         }
         Ok(false)
+    }
+
+    /// The cut-over marker has reached this task from every input: its operators (a sink
+    /// leaving shadow mode) go live.
+    fn cut_over_chain(&mut self) {
+        for c in &mut self.chain {
+            c.op.on_cut_over();
+        }
     }
 
     /// Every source subtask is done: refuse further snapshots, then end the stream.
@@ -460,7 +593,10 @@ impl Task {
                         });
                     }
                     Control::Complete(id) => self.complete(id)?,
-                    Control::Resume | Control::Finish { .. } => {}
+                    Control::Resume
+                    | Control::Finish { .. }
+                    | Control::Hold { .. }
+                    | Control::Release { .. } => {}
                 }
             }
         }
@@ -476,7 +612,7 @@ impl Task {
         let mut ended = vec![false; n];
         let mut watermarks = vec![i64::MIN; n];
         let mut current_wm = i64::MIN;
-        let mut aligning: Option<Arc<Barrier>> = None;
+        let mut aligning: Option<Aligning> = None;
         let mut held: VecDeque<Msg> = VecDeque::new();
         let mut replay: VecDeque<Msg> = VecDeque::new();
         loop {
@@ -531,7 +667,11 @@ impl Task {
                 }
                 Element::Barrier(b) => {
                     blocked[from_i] = true;
-                    aligning = Some(b);
+                    aligning = Some(Aligning::Barrier(b));
+                }
+                Element::CutOver => {
+                    blocked[from_i] = true;
+                    aligning = Some(Aligning::CutOver);
                 }
                 Element::End => {
                     ended[from_i] = true;
@@ -540,16 +680,22 @@ impl Task {
                     }
                 }
             }
-            if let Some(b) = &aligning
-                && (0..n).all(|i| blocked[i] || ended[i])
-            {
-                let b = b.clone();
-                aligning = None;
-                self.snapshot(&b)?;
-                let barrier = b.clone();
-                self.output
-                    .broadcast(|| Element::Barrier(barrier.clone()))
-                    .map_err(disconnected)?;
+            if aligning.is_some() && (0..n).all(|i| blocked[i] || ended[i]) {
+                match aligning.take() {
+                    Some(Aligning::Barrier(b)) => {
+                        self.snapshot(&b)?;
+                        self.output
+                            .broadcast(|| Element::Barrier(b.clone()))
+                            .map_err(disconnected)?;
+                    }
+                    Some(Aligning::CutOver) => {
+                        self.cut_over_chain();
+                        self.output
+                            .broadcast(|| Element::CutOver)
+                            .map_err(disconnected)?;
+                    }
+                    None => {}
+                }
                 blocked.iter_mut().for_each(|x| *x = false);
                 replay.extend(held.drain(..));
             }

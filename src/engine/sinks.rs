@@ -2,7 +2,12 @@
 //! `<path>/.pending/`; a snapshot closes it (staged, listed in the sink's state); when the
 //! snapshot completes the staged files are renamed into `<path>/` where readers see them. On
 //! restore, files staged in the restored snapshot are committed and every other pending file
-//! of the sink is deleted, so the output holds each record exactly once.
+//! this job left is deleted, so the output holds each record exactly once. Part file names
+//! carry the job id: two versions of a job (a blue-green switch) write the same directory
+//! without touching each other's files.
+//!
+//! In shadow mode (the new version of a blue-green switch before the cut-over) a sink drops
+//! what it receives; the cut-over marker takes it out of shadow mode.
 
 use super::operators::Operator;
 use crate::savepoint::statefile::SubtaskSnapshot;
@@ -21,6 +26,13 @@ pub struct FileSink {
     current: Option<(String, BufWriter<File>)>,
     /// Closed part files waiting for their snapshot to complete: (name, snapshot id).
     staged: Vec<(String, i64)>,
+    /// Drop records until the cut-over.
+    shadow: bool,
+}
+
+/// The part of a part file's name that says which job wrote it.
+fn job_tag(job_id: &str) -> &str {
+    &job_id[..8.min(job_id.len())]
 }
 
 fn io_err(what: &str, path: &Path, e: std::io::Error) -> String {
@@ -28,15 +40,16 @@ fn io_err(what: &str, path: &Path, e: std::io::Error) -> String {
 }
 
 impl FileSink {
-    pub fn new(dir: &str, uid: &str, subtask: u32) -> FileSink {
+    pub fn new(dir: &str, uid: &str, subtask: u32, job_id: &str, shadow: bool) -> FileSink {
         let attempt = uuid::Uuid::new_v4().simple().to_string();
         FileSink {
             dir: PathBuf::from(dir),
-            prefix: format!("part-{uid}-{subtask}"),
+            prefix: format!("part-{uid}-{subtask}-{}", job_tag(job_id)),
             attempt: attempt[..8].to_owned(),
             seq: 0,
             current: None,
             staged: Vec::new(),
+            shadow,
         }
     }
 
@@ -93,7 +106,12 @@ fn commit(dir: &Path, name: &str) -> Result<(), String> {
 
 /// Before the sink's subtasks start: commit the files staged in the restored snapshot and
 /// delete every other pending file of this sink (output of attempts after that snapshot).
-pub fn prepare_file_sink(dir: &str, uid: &str, restored: &[Row]) -> Result<(), String> {
+pub fn prepare_file_sink(
+    dir: &str,
+    uid: &str,
+    job_id: &str,
+    restored: &[Row],
+) -> Result<(), String> {
     let dir = PathBuf::from(dir);
     let pending = dir.join(PENDING);
     std::fs::create_dir_all(&pending).map_err(|e| io_err("cannot create", &pending, e))?;
@@ -113,10 +131,12 @@ pub fn prepare_file_sink(dir: &str, uid: &str, restored: &[Row]) -> Result<(), S
         }
     }
     let prefix = format!("part-{uid}-");
+    let tag = format!("-{}-", job_tag(job_id));
     let entries = std::fs::read_dir(&pending).map_err(|e| io_err("cannot list", &pending, e))?;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
-        if name.starts_with(&prefix) && !keep.contains(&name) {
+        let this_jobs = name.starts_with(&prefix) && name[prefix.len()..].contains(&tag);
+        if this_jobs && !keep.contains(&name) {
             std::fs::remove_file(entry.path())
                 .map_err(|e| io_err("cannot delete", &entry.path(), e))?;
         }
@@ -126,7 +146,7 @@ pub fn prepare_file_sink(dir: &str, uid: &str, restored: &[Row]) -> Result<(), S
 
 impl Operator for FileSink {
     fn process(&mut self, input: Vec<Record>, _out: &mut Vec<Record>) -> Result<(), String> {
-        if input.is_empty() {
+        if input.is_empty() || self.shadow {
             return Ok(());
         }
         let w = self.open()?;
@@ -158,12 +178,22 @@ impl Operator for FileSink {
         self.close_current(i64::MAX)?;
         self.commit_up_to(i64::MAX)
     }
+
+    fn on_cut_over(&mut self) {
+        self.shadow = false;
+    }
 }
 
-pub struct StdoutSink;
+pub struct StdoutSink {
+    /// Drop records until the cut-over.
+    pub shadow: bool,
+}
 
 impl Operator for StdoutSink {
     fn process(&mut self, input: Vec<Record>, _out: &mut Vec<Record>) -> Result<(), String> {
+        if self.shadow {
+            return Ok(());
+        }
         let stdout = std::io::stdout();
         let mut lock = stdout.lock();
         for rec in input {
@@ -171,6 +201,10 @@ impl Operator for StdoutSink {
         }
         let _ = lock.flush();
         Ok(())
+    }
+
+    fn on_cut_over(&mut self) {
+        self.shadow = false;
     }
 }
 

@@ -16,7 +16,13 @@ pub enum Poll {
     Throttled(Duration),
     /// Every split this subtask owns is done.
     Exhausted,
+    /// Every split with records left has reached its bound (see `Source::set_bound`).
+    AtBound,
 }
+
+/// Positions by split that a source must not read past: records at smaller positions are
+/// read, the one at the bound is not.
+pub type Bound = std::collections::HashMap<String, i64>;
 
 pub trait Source: Send {
     fn poll(&mut self, out: &mut Vec<Record>, max: usize) -> Result<Poll, String>;
@@ -27,6 +33,21 @@ pub trait Source: Send {
     fn positions(&self) -> Vec<SplitPosition>;
     /// Replaces the initial assignment with restored splits.
     fn restore_lists(&mut self, lists: Vec<Vec<Row>>) -> Result<(), String>;
+    /// Reads no split past its position in `bound` (None: no bound; a split the bound does
+    /// not name is not bounded). Returns the splits already past their bound: their bound is
+    /// not set, and the caller must not take the bound as reached.
+    fn set_bound(&mut self, bound: Option<&Bound>) -> Vec<String>;
+    /// Reading starts again after a pause (rate limits start afresh rather than catch up).
+    fn on_resume(&mut self) {}
+}
+
+/// The splits of `positions` already past their position in `bound`.
+fn overrun(positions: &[SplitPosition], bound: &Bound) -> Vec<String> {
+    positions
+        .iter()
+        .filter(|p| bound.get(&p.split).is_some_and(|b| p.position > *b))
+        .map(|p| p.split.clone())
+        .collect()
 }
 
 pub fn build(node: &Node, subtask: u32, parallelism: u32) -> Result<Box<dyn Source>, String> {
@@ -51,6 +72,7 @@ pub fn build(node: &Node, subtask: u32, parallelism: u32) -> Result<Box<dyn Sour
                 cursor: 0,
                 started: None,
                 emitted: 0,
+                bound: Vec::new(),
                 names: [
                     intern("seq"),
                     intern("key"),
@@ -75,6 +97,7 @@ pub fn build(node: &Node, subtask: u32, parallelism: u32) -> Result<Box<dyn Sour
                 owned,
                 current: None,
                 line: intern("line"),
+                bound: None,
             }))
         }
         other => Err(format!("{other:?} is not a source")),
@@ -97,11 +120,24 @@ struct Generator {
     started: Option<Instant>,
     emitted: u64,
     names: [Name; 5],
+    /// Per owned split (same order as `owned`): the index it must not read past.
+    bound: Vec<Option<u64>>,
 }
 
 impl Generator {
     fn live(&self, next: u64) -> bool {
         self.count.is_none_or(|c| next < c)
+    }
+
+    /// Whether owned split `c` has a record to read now: live and below its bound.
+    fn readable(&self, c: usize, next: u64) -> bool {
+        self.live(next)
+            && self
+                .bound
+                .get(c)
+                .copied()
+                .flatten()
+                .is_none_or(|b| next < b)
     }
 
     fn record(&self, i: u64) -> Record {
@@ -134,6 +170,9 @@ impl Source for Generator {
         if !self.owned.iter().any(|(_, next)| self.live(*next)) {
             return Ok(Poll::Exhausted);
         }
+        if !(0..self.owned.len()).any(|c| self.readable(c, self.owned[c].1)) {
+            return Ok(Poll::AtBound);
+        }
         let mut budget = max;
         if let Some(total_rate) = self.rate {
             let share =
@@ -155,14 +194,14 @@ impl Source for Generator {
             let c = self.cursor % self.owned.len();
             self.cursor = self.cursor.wrapping_add(1);
             let (_, next) = self.owned[c];
-            if !self.live(next) {
+            if !self.readable(c, next) {
                 idle_rounds += 1;
                 continue;
             }
             idle_rounds = 0;
             let mut i = next;
             let mut n = 0;
-            while n < slice && budget > 0 && self.live(i) {
+            while n < slice && budget > 0 && self.readable(c, i) {
                 out.push(self.record(i));
                 i += self.splits;
                 n += 1;
@@ -224,7 +263,29 @@ impl Source for Generator {
             }
         }
         self.owned = owned;
+        self.bound.clear();
         Ok(())
+    }
+
+    fn set_bound(&mut self, bound: Option<&Bound>) -> Vec<String> {
+        let Some(bound) = bound else {
+            self.bound.clear();
+            return Vec::new();
+        };
+        let past = overrun(&self.positions(), bound);
+        if past.is_empty() {
+            self.bound = self
+                .owned
+                .iter()
+                .map(|(s, _)| bound.get(&s.to_string()).map(|b| (*b).max(0) as u64))
+                .collect();
+        }
+        past
+    }
+
+    fn on_resume(&mut self) {
+        self.started = None;
+        self.emitted = 0;
     }
 }
 
@@ -252,6 +313,18 @@ struct FileSource {
     /// Index into `owned` and an open reader positioned at its offset.
     current: Option<(usize, BufReader<std::fs::File>)>,
     line: Name,
+    bound: Option<Bound>,
+}
+
+impl FileSource {
+    /// Whether file `i` may be read at its offset now (below its bound, if it has one).
+    fn below_bound(&self, i: usize) -> bool {
+        let (path, off) = &self.owned[i];
+        self.bound
+            .as_ref()
+            .and_then(|b| b.get(path))
+            .is_none_or(|b| (*off as i64) < *b)
+    }
 }
 
 impl Source for FileSource {
@@ -259,15 +332,20 @@ impl Source for FileSource {
         let mut buf = String::new();
         while out.len() < max {
             if self.current.is_none() {
-                let Some(i) = self.owned.iter().position(|(p, off)| {
+                let has_data = |(p, off): &(String, u64)| {
                     std::fs::metadata(p)
                         .map(|m| *off < m.len())
                         .unwrap_or(false)
-                }) else {
-                    return Ok(if out.is_empty() {
-                        Poll::Exhausted
-                    } else {
+                };
+                let Some(i) = (0..self.owned.len())
+                    .find(|i| has_data(&self.owned[*i]) && self.below_bound(*i))
+                else {
+                    return Ok(if !out.is_empty() {
                         Poll::Records
+                    } else if self.owned.iter().any(has_data) {
+                        Poll::AtBound
+                    } else {
+                        Poll::Exhausted
                     });
                 };
                 let (path, off) = &self.owned[i];
@@ -277,10 +355,17 @@ impl Source for FileSource {
                     .map_err(|e| format!("fileSource '{}': cannot seek {path}: {e}", self.uid))?;
                 self.current = Some((i, BufReader::with_capacity(1 << 16, f)));
             }
-            let Some((i, reader)) = self.current.as_mut() else {
+            let Some((i, _)) = &self.current else {
                 continue;
             };
             let i = *i;
+            if !self.below_bound(i) {
+                self.current = None;
+                continue;
+            }
+            let Some((_, reader)) = self.current.as_mut() else {
+                continue;
+            };
             buf.clear();
             let n = reader.read_line(&mut buf).map_err(|e| {
                 format!(
@@ -378,5 +463,15 @@ impl Source for FileSource {
         self.owned = owned;
         self.current = None;
         Ok(())
+    }
+
+    fn set_bound(&mut self, bound: Option<&Bound>) -> Vec<String> {
+        let past = bound
+            .map(|b| overrun(&self.positions(), b))
+            .unwrap_or_default();
+        if past.is_empty() {
+            self.bound = bound.cloned();
+        }
+        past
     }
 }

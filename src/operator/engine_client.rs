@@ -2,6 +2,7 @@
 //! an operator needs): overview, jobs, job details, savepoints and stop-with-savepoint with
 //! trigger ids, cancel, checkpoint statistics.
 
+use crate::savepoint::metadata::SplitPosition;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -76,6 +77,19 @@ pub struct CheckpointInfo {
     pub latest_completed: Option<String>,
     pub latest_savepoint: Option<String>,
     pub restored_from: Option<String>,
+}
+
+/// An sjob engine's sources (`GET /jobs/{id}/sources`; not in Flink's API).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct SourcesInfo {
+    /// Every source subtask holds at its bound (or is out of input).
+    pub holding: bool,
+    /// Sinks write nothing until a cut-over.
+    pub shadow: bool,
+    pub positions: Vec<SplitPosition>,
+    /// Splits already past the last hold's bound.
+    #[serde(default)]
+    pub overrun: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -394,5 +408,44 @@ impl EngineClient {
             latest_savepoint: p("/latest/savepoint/external_path"),
             restored_from: p("/latest/restored/external_path"),
         })
+    }
+
+    /// The sources' positions and whether they hold.
+    pub async fn sources(&self, id: &str) -> Result<SourcesInfo> {
+        let path = format!("/jobs/{id}/sources");
+        let v = self
+            .call(reqwest::Method::GET, &path, None, &format!("job {id}"))
+            .await?;
+        self.decode(v, &path)
+    }
+
+    /// Holds the sources at `at` (None: where they are now).
+    pub async fn hold_sources(&self, id: &str, at: Option<&[SplitPosition]>) -> Result<()> {
+        let path = format!("/jobs/{id}/sources/hold");
+        let body = match at {
+            Some(at) => json!({ "at": at }),
+            None => json!({}),
+        };
+        self.call(
+            reqwest::Method::POST,
+            &path,
+            Some(body),
+            &format!("job {id}"),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Lets the sources read on, after the cut-over marker with `cut_over`.
+    pub async fn release_sources(&self, id: &str, cut_over: bool) -> Result<()> {
+        let path = format!("/jobs/{id}/sources/release");
+        self.call(
+            reqwest::Method::POST,
+            &path,
+            Some(json!({ "cut-over": cut_over })),
+            &format!("job {id}"),
+        )
+        .await
+        .map(|_| ())
     }
 }

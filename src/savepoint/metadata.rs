@@ -46,6 +46,10 @@ pub struct SnapshotMetadata {
     /// The snapshot the job that wrote this one had restored from, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored_from: Option<String>,
+    /// Taken while the job's sinks were in shadow mode (the new version of a blue-green
+    /// switch before the cut-over): a restart from it stays in shadow mode.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shadow: bool,
     /// Every operator of the job graph, stateful or not, in pipeline order.
     pub operators: Vec<OperatorMetadata>,
 }
@@ -268,6 +272,7 @@ mod tests {
             snapshot_id: 4,
             timestamp_ms: 1,
             restored_from: None,
+            shadow: false,
             operators: vec![],
         }
     }

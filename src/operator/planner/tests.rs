@@ -194,9 +194,9 @@ fn without_a_snapshot_the_preflight_waits_for_the_first_checkpoint() {
         p3.actions
     );
     assert!(
-        p3.actions
-            .iter()
-            .any(|a| matches!(a, Action::Event { reason, .. } if *reason == Reason::PreflightSkipped))
+        p3.actions.iter().any(
+            |a| matches!(a, Action::Event { reason, .. } if *reason == Reason::PreflightSkipped)
+        )
     );
 }
 
@@ -678,7 +678,8 @@ fn spec_hash_ignores_policy_fields() {
 fn a_requested_savepoint_is_taken_registered_or_failed() {
     use crate::operator::crd::{SavepointSpec, SavepointState, SavepointStatus};
     let spec: SavepointSpec =
-        serde_json::from_value(serde_json::json!({"jobRef": "clicks", "trigger": "manual"})).unwrap();
+        serde_json::from_value(serde_json::json!({"jobRef": "clicks", "trigger": "manual"}))
+            .unwrap();
     let fresh = SavepointStatus::default();
     assert_eq!(savepoint_need(&spec, &fresh), SavepointNeed::Trigger);
     // No engine: Pending with the reason, written once.
