@@ -87,6 +87,9 @@ impl Default for JobOptions {
 pub struct SourcesView {
     /// Every source subtask holds at its bound (or is out of input).
     pub holding: bool,
+    /// Every source subtask has carried out the newest hold or release command (so
+    /// `overrun` is complete).
+    pub settled: bool,
     /// Sinks drop their records until the cut-over.
     pub shadow: bool,
     pub positions: Vec<crate::savepoint::metadata::SplitPosition>,
@@ -660,6 +663,7 @@ impl JobHandle {
     pub fn sources(&self) -> SourcesView {
         let mut view = SourcesView {
             holding: true,
+            settled: true,
             shadow: self.shared.shadow.load(Ordering::SeqCst),
             ..SourcesView::default()
         };
@@ -671,6 +675,7 @@ impl JobHandle {
                 Err(p) => p.into_inner().clone(),
             };
             view.holding &= r.holding && r.epoch == epoch;
+            view.settled &= r.epoch == epoch;
             view.positions.extend(r.positions);
             view.overrun.extend(r.overrun);
         }

@@ -361,6 +361,7 @@ async fn sources(State(s): Shared, Path(id): Path<String>) -> Response {
     let v = job.sources();
     Json(json!({
         "holding": v.holding,
+        "settled": v.settled,
         "shadow": v.shadow,
         "positions": v.positions,
         "overrun": v.overrun,

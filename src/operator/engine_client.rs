@@ -84,6 +84,9 @@ pub struct CheckpointInfo {
 pub struct SourcesInfo {
     /// Every source subtask holds at its bound (or is out of input).
     pub holding: bool,
+    /// Every source subtask has carried out the newest hold or release (`overrun` is complete).
+    #[serde(default)]
+    pub settled: bool,
     /// Sinks write nothing until a cut-over.
     pub shadow: bool,
     pub positions: Vec<SplitPosition>,
