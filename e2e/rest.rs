@@ -825,7 +825,7 @@ async fn wait_holding(client: &EngineClient, id: &str) -> SourcesInfo {
     loop {
         let s = client.sources(id).await.unwrap();
         assert!(
-            s.overrun.is_empty(),
+            !s.settled || s.overrun.is_empty(),
             "{}: overrun {:?}",
             client.base(),
             s.overrun
@@ -920,7 +920,15 @@ async fn a_cut_over_between_two_versions_writes_every_count_once() {
         .hold_sources(&blue_id, Some(&behind))
         .await
         .unwrap();
-    let refused = blue_client.sources(&blue_id).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        let s = blue_client.sources(&blue_id).await.unwrap();
+        if s.settled {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "never settled: {s:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert_eq!(refused.overrun.len(), cut.len(), "{refused:?}");
     blue_client
         .hold_sources(&blue_id, Some(&cut))
