@@ -115,7 +115,7 @@ pub fn rest_token_secret_name(job: &str) -> String {
 pub fn rest_token_secret(sj: &StatefulJob, token: &str) -> Result<Secret, ResourceError> {
     let name = sj.name_any();
     let owner = owner(sj)?;
-    object(
+    let mut secret: Secret = object(
         "Secret",
         json!({
             "apiVersion": "v1",
@@ -126,9 +126,17 @@ pub fn rest_token_secret(sj: &StatefulJob, token: &str) -> Result<Secret, Resour
                 "ownerReferences": [owner],
             },
             "type": "Opaque",
-            "stringData": { TOKEN_KEY: token },
         }),
-    )
+    )?;
+    // `data`, not `stringData`: what every API server stores and every kubelet mounts.
+    secret.data = Some(
+        [(
+            TOKEN_KEY.to_owned(),
+            k8s_openapi::ByteString(token.as_bytes().to_vec()),
+        )]
+        .into(),
+    );
+    Ok(secret)
 }
 
 /// A new random bearer token (256 bits from the system's generator, as hex).
@@ -371,7 +379,7 @@ mod tests {
         assert_eq!(volumes[2]["secret"]["secretName"], "clicks-rest-token");
         let secret = rest_token_secret(&sj, "t0k").unwrap();
         assert_eq!(secret.metadata.name.as_deref(), Some("clicks-rest-token"));
-        assert_eq!(secret.string_data.unwrap()["token"], "t0k");
+        assert_eq!(secret.data.unwrap()["token"].0, b"t0k");
         assert_ne!(new_rest_token(), new_rest_token());
         assert_eq!(new_rest_token().len(), 64);
         // The Pod Security "restricted" profile.
