@@ -106,7 +106,8 @@ pub enum UpgradeStrategy {
     /// Stop the old version, then start the new one.
     #[default]
     Recreate,
-    /// Start the new version beside the old one, switch when it is ready.
+    /// Start the new version beside the old one, switch when it is ready (for now rolled out
+    /// as `recreate`).
     BlueGreen,
 }
 
@@ -127,7 +128,8 @@ pub struct UpgradeSpec {
     #[serde(default = "default_ready_timeout")]
     #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
     pub ready_timeout: String,
-    /// `recreate` (default) or `blue-green`.
+    /// `recreate` (default) or `blue-green`. `blue-green` is accepted and, until the
+    /// operator's blue-green switch lands, rolled out as `recreate`.
     #[serde(default)]
     pub strategy: UpgradeStrategy,
 }
