@@ -1704,3 +1704,81 @@ async fn a_savepoint_deleted_mid_upgrade_is_kept_until_the_rollback_no_longer_ne
     );
     env.finishes_exactly_once(&sink, keys, records, 90).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blue_green_upgrade_takes_over_without_a_stop_and_counts_every_record_once() {
+    let env = Env::start().await;
+    let sink = env.path("out");
+    let (records, keys) = (600_000, 20);
+    let spec = |extra: Vec<Value>| {
+        json!({"job": counting_job(&sink, records, keys, 15_000, extra),
+               "upgrade": {"strategy": "blue-green", "blueGreen": {"maxLag": 200_000}}})
+    };
+    let sj = env.apply_running("counting", spec(vec![])).await;
+    let first = job_id(&sj);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let map = json!({"kind": "map", "set": [{"field": "doubled", "expr": "count * 2"}]});
+    env.apply("counting", spec(vec![map])).await;
+    let sj = env
+        .wait("counting", "switched to green", 120, upgraded_from(first))
+        .await;
+    let st = sj.status.clone().unwrap();
+    assert_eq!(st.live, Some(sjob::operator::crd::Color::Green), "{st:?}");
+    assert!(st.candidate.is_none());
+    let deployments: Api<Deployment> = Api::namespaced(env.cluster().client(), "default");
+    assert!(
+        deployments
+            .get_opt("counting-engine-green")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let recorded = savepoint_objects(&env, "Upgrade").await;
+    assert_eq!(
+        recorded.len(),
+        2,
+        "the savepoint green starts from and blue's stop at the cut-over: {recorded:?}"
+    );
+    env.finishes_exactly_once(&sink, keys, records, 120).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_green_is_deleted_and_blue_never_stops() {
+    let env = Env::start().await;
+    let sink = env.path("out");
+    let (records, keys) = (450_000, 20);
+    let spec = |extra: Vec<Value>| {
+        json!({"job": counting_job(&sink, records, keys, 15_000, extra),
+               "upgrade": {"strategy": "blue-green", "readyTimeout": "60s"}})
+    };
+    let sj = env.apply_running("counting", spec(vec![])).await;
+    let first = job_id(&sj);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Divides by zero on its first record: fails on every start.
+    let crash = json!({"kind": "map", "set": [{"field": "x", "expr": "count / (count - count)"}]});
+    env.apply("counting", spec(vec![crash])).await;
+    let sj = env
+        .wait("counting", "abandoned", 120, |sj| {
+            phase(sj) == Some(Phase::Blocked)
+                && sj.status.as_ref().is_some_and(|s| s.upgrade.is_none())
+        })
+        .await;
+    let (status, reason, message) = condition(&sj, "Degraded").unwrap();
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "UpgradeFailed"));
+    assert!(message.contains("never stopped"), "{message}");
+    // Blue is the job that ran from the start: never stopped, never restarted.
+    assert_eq!(job_id(&sj), first);
+    assert_ne!(sj.status.as_ref().unwrap().live, Some(sjob::operator::crd::Color::Green));
+    let deployments: Api<Deployment> = Api::namespaced(env.cluster().client(), "default");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while deployments
+        .get_opt("counting-engine-green")
+        .await
+        .unwrap()
+        .is_some()
+    {
+        assert!(Instant::now() < deadline, "green was not deleted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    env.finishes_exactly_once(&sink, keys, records, 120).await;
+}

@@ -41,6 +41,12 @@ pub const SAVEPOINT_FINALIZER: &str = "sjob.dev/dispose";
         "message": "parallelism must not exceed maxParallelism (the number of key groups)",
         "fieldPath": ".parallelism",
         "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "!has(self.upgrade) || !has(self.upgrade.strategy) || self.upgrade.strategy != 'blue-green' || !has(self.upgrade.mode) || self.upgrade.mode == 'savepoint'",
+        "message": "upgrade.strategy: blue-green starts the new version from a savepoint of the running one: it needs upgrade.mode: savepoint",
+        "fieldPath": ".upgrade.strategy",
+        "reason": "FieldValueForbidden"
     }
 ]))]
 pub struct StatefulJobSpec {
@@ -132,6 +138,59 @@ pub struct UpgradeSpec {
     /// operator's blue-green switch lands, rolled out as `recreate`.
     #[serde(default)]
     pub strategy: UpgradeStrategy,
+    /// How a blue-green upgrade's new version takes over.
+    #[serde(default)]
+    pub blue_green: BlueGreenSpec,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Promotion {
+    /// Switch once the new version runs, restored, and has caught up within `maxLag`.
+    #[default]
+    Auto,
+    /// Switch when `promoteNonce` is set to a new value (and the new version has caught up).
+    Manual,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BlueGreenSpec {
+    /// `auto` (default) or `manual`.
+    #[serde(default)]
+    pub promotion: Promotion,
+    /// Caught up: the new version's sources are behind the old one's by at most this much,
+    /// summed over splits, in the sources' position units (generator: record indexes;
+    /// fileSource: bytes).
+    #[serde(default = "default_max_lag")]
+    #[schemars(range(min = 0))]
+    pub max_lag: i64,
+    /// How long the new version has to run, restore and catch up before the switch is
+    /// abandoned (the new version deleted, the old one untouched), e.g. `10m`.
+    #[serde(default = "default_catch_up_timeout")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub catch_up_timeout: String,
+    /// With `promotion: manual`: set to a new value to let the waiting new version take over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promote_nonce: Option<i64>,
+}
+
+fn default_max_lag() -> i64 {
+    10_000
+}
+fn default_catch_up_timeout() -> String {
+    "10m".into()
+}
+
+impl Default for BlueGreenSpec {
+    fn default() -> Self {
+        BlueGreenSpec {
+            promotion: Promotion::default(),
+            max_lag: default_max_lag(),
+            catch_up_timeout: default_catch_up_timeout(),
+            promote_nonce: None,
+        }
+    }
 }
 
 fn default_savepoint_timeout() -> String {
@@ -149,6 +208,7 @@ impl Default for UpgradeSpec {
             savepoint_timeout: default_savepoint_timeout(),
             ready_timeout: default_ready_timeout(),
             strategy: UpgradeStrategy::default(),
+            blue_green: BlueGreenSpec::default(),
         }
     }
 }
@@ -246,6 +306,62 @@ pub struct StatefulJobStatus {
     /// tried again until the spec changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rejected_spec_hash: Option<String>,
+    /// Which engine serves: `blue` (`<job>-engine`, the default) or `green`
+    /// (`<job>-engine-green`). A blue-green upgrade starts the other one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<Color>,
+    /// The new version of a blue-green upgrade, catching up beside the live one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<CandidateStatus>,
+    /// The `upgrade.blueGreen.promoteNonce` acted on last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_promote_nonce: Option<i64>,
+}
+
+/// One of the two engines of a StatefulJob.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Color {
+    #[default]
+    Blue,
+    Green,
+}
+
+impl Color {
+    pub fn other(self) -> Color {
+        match self {
+            Color::Blue => Color::Green,
+            Color::Green => Color::Blue,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Color::Blue => "blue",
+            Color::Green => "green",
+        }
+    }
+}
+
+/// The new version of a blue-green upgrade.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CandidateStatus {
+    /// Its engine: the color not live.
+    pub color: Color,
+    /// Its job id, once it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    /// How far its sources are behind the live version's (summed over splits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<i64>,
+}
+
+/// A source split's position: where a blue-green switch cuts over.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct CutOverPosition {
+    pub split: String,
+    pub position: i64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -272,6 +388,12 @@ pub enum UpgradeStage {
     Verifying,
     /// Returning to the last stable spec from the same savepoint.
     RollingBack,
+    /// Blue-green: the new version runs beside the old one, its output held back, until it
+    /// has caught up (and, with manual promotion, is promoted).
+    CatchingUp,
+    /// Blue-green: both versions hold at a common source position; the old one stops with a
+    /// savepoint there and the new one writes from there on.
+    Switching,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -295,6 +417,12 @@ pub struct UpgradeStatus {
     /// Why the last attempt failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// A blue-green upgrade: the new version starts beside the old one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub blue_green: bool,
+    /// Blue-green: the source positions where output passes from the old version to the new.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut_over: Option<Vec<CutOverPosition>>,
 }
 
 /// A savepoint requested from the running job and not yet recorded.

@@ -8,7 +8,7 @@
 //! privilege escalation, every capability dropped, seccomp RuntimeDefault and a read-only root
 //! file system with an emptyDir for scratch files (`TMPDIR`).
 
-use super::crd::{StatefulJob, StatefulJobSpec};
+use super::crd::{Color, StatefulJob, StatefulJobSpec};
 use crate::engine::spec::{CheckpointSpec, JobSpec};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
@@ -19,6 +19,8 @@ use serde_json::json;
 pub const LABEL_JOB: &str = "sjob.dev/job";
 /// Label on engine pods (and annotation on the Deployment): the spec hash they run.
 pub const LABEL_SPEC_HASH: &str = "sjob.dev/spec-hash";
+/// Label on engine pods: which of the job's two engines (blue, green) they belong to.
+pub const LABEL_COLOR: &str = "sjob.dev/color";
 /// Annotation on the Deployment: the snapshot the engine starts from.
 pub const ANNOTATION_RESTORE_FROM: &str = "sjob.dev/restore-from";
 /// Annotation on the Deployment: the engine's job id.
@@ -93,12 +95,20 @@ impl Default for EngineSettings {
     }
 }
 
-pub fn engine_name(job: &str) -> String {
-    format!("{job}-engine")
+/// The Deployment of the job's engine of this color (blue keeps the name of a job's only
+/// engine).
+pub fn engine_name(job: &str, color: Color) -> String {
+    match color {
+        Color::Blue => format!("{job}-engine"),
+        Color::Green => format!("{job}-engine-green"),
+    }
 }
 
-pub fn job_config_name(job: &str) -> String {
-    format!("{job}-job")
+pub fn job_config_name(job: &str, color: Color) -> String {
+    match color {
+        Color::Blue => format!("{job}-job"),
+        Color::Green => format!("{job}-job-green"),
+    }
 }
 
 pub fn rest_service_name(job: &str) -> String {
@@ -183,13 +193,45 @@ pub fn job_id(uid: &str, spec_hash: &str, restore_from: Option<&str>) -> String 
     format!("{:032x}", xxhash_rust::xxh3::xxh3_128(key.as_bytes()))
 }
 
-/// The ConfigMap, Deployment and Service of an engine for `spec`.
+/// The Service of the job's REST API, selecting the engine of `color` (the one serving).
+pub fn rest_service(
+    sj: &StatefulJob,
+    color: Color,
+    settings: &EngineSettings,
+) -> Result<Service, ResourceError> {
+    let name = sj.name_any();
+    let port = settings.port;
+    object(
+        "Service",
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": rest_service_name(&name), "labels": { LABEL_JOB: name }, "ownerReferences": [owner(sj)?]},
+            "spec": {
+                "selector": { LABEL_JOB: name, LABEL_COLOR: color.as_str() },
+                "ports": [{"name": "rest", "port": port, "targetPort": port}],
+            },
+        }),
+    )
+}
+
+/// Which of a job's engines, and how it starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Instance {
+    pub color: Color,
+    /// Its sinks write nothing until a cut-over (a blue-green candidate).
+    pub shadow: bool,
+}
+
+/// The ConfigMap and Deployment of the engine `instance` for `spec`, and the Service that
+/// makes it the one serving.
 pub fn engine_objects(
     sj: &StatefulJob,
     spec: &StatefulJobSpec,
     spec_hash: &str,
     restore_from: Option<&str>,
     restart_nonce: Option<i64>,
+    instance: Instance,
     settings: &EngineSettings,
 ) -> Result<(ConfigMap, Deployment, Service), ResourceError> {
     let name = sj.name_any();
@@ -217,7 +259,7 @@ pub fn engine_objects(
         json!({"name": "scratch", "mountPath": SCRATCH_MOUNT}),
     ];
     let mut volumes = vec![
-        json!({"name": "job", "configMap": {"name": job_config_name(&name)}}),
+        json!({"name": "job", "configMap": {"name": job_config_name(&name, instance.color)}}),
         json!({"name": "scratch", "emptyDir": {}}),
     ];
     if settings.rest_token {
@@ -237,14 +279,19 @@ pub fn engine_objects(
     if spec.upgrade.allow_non_restored_state {
         args.push("--allow-non-restored-state".into());
     }
+    if instance.shadow {
+        args.push("--shadow".into());
+    }
     if let Some(p) = spec.parallelism {
         args.extend(["--parallelism".into(), p.to_string()]);
     }
     let labels = json!({ LABEL_JOB: name });
+    let color = instance.color.as_str();
+    let selector = json!({ LABEL_JOB: name, LABEL_COLOR: color });
     let cm = json!({
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {"name": job_config_name(&name), "labels": labels, "ownerReferences": [owner]},
+        "metadata": {"name": job_config_name(&name, instance.color), "labels": labels, "ownerReferences": [owner]},
         "data": {"job.yaml": job_yaml},
     });
     let mut template_annotations = serde_json::Map::new();
@@ -255,8 +302,8 @@ pub fn engine_objects(
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {
-            "name": engine_name(&name),
-            "labels": labels,
+            "name": engine_name(&name, instance.color),
+            "labels": selector,
             "annotations": {
                 LABEL_SPEC_HASH: spec_hash,
                 ANNOTATION_RESTORE_FROM: restore_from.unwrap_or(""),
@@ -266,12 +313,12 @@ pub fn engine_objects(
         },
         "spec": {
             "replicas": 1,
-            // Never two engines of one job at once: they would share sinks and checkpoints.
+            // Never two pods of one engine at once: they would share sinks and checkpoints.
             "strategy": {"type": "Recreate"},
-            "selector": {"matchLabels": labels},
+            "selector": {"matchLabels": selector},
             "template": {
                 "metadata": {
-                    "labels": {LABEL_JOB: name, LABEL_SPEC_HASH: spec_hash},
+                    "labels": {LABEL_JOB: name, LABEL_COLOR: color, LABEL_SPEC_HASH: spec_hash},
                     "annotations": template_annotations,
                 },
                 "spec": {
@@ -313,19 +360,10 @@ pub fn engine_objects(
             },
         },
     });
-    let svc = json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": rest_service_name(&name), "labels": labels, "ownerReferences": [owner]},
-        "spec": {
-            "selector": labels,
-            "ports": [{"name": "rest", "port": port, "targetPort": port}],
-        },
-    });
     Ok((
         object("ConfigMap", cm)?,
         object("Deployment", deploy)?,
-        object("Service", svc)?,
+        rest_service(sj, instance.color, settings)?,
     ))
 }
 
@@ -351,6 +389,7 @@ mod tests {
             "h1",
             Some("/data/sp/savepoint-1"),
             None,
+            Instance::default(),
             &EngineSettings::default(),
         )
         .unwrap();
@@ -403,6 +442,7 @@ mod tests {
             "h1",
             None,
             None,
+            Instance::default(),
             &EngineSettings {
                 rest_token: false,
                 ..EngineSettings::default()
@@ -427,6 +467,7 @@ mod tests {
             "h1",
             Some("/data/sp/savepoint-1"),
             None,
+            Instance::default(),
             &EngineSettings::default(),
         )
         .unwrap();

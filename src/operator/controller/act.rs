@@ -1,15 +1,16 @@
 //! Carrying out the planner's actions: server-side applies of the engine's objects, the REST
 //! token Secret, savepoint requests to the engine, Savepoint objects recorded and deleted.
 
-use super::observe::{EngineView, snapshot_bytes};
+use super::observe::{EngineView, Views, snapshot_bytes};
 use super::{Context, Error, FAILED_TRIGGER, FIELD_MANAGER, key, rfc3339_now};
 use crate::operator::crd::{
-    PendingSavepoint, SAVEPOINT_FINALIZER, Savepoint, SavepointSpec, SavepointState,
+    Color, PendingSavepoint, SAVEPOINT_FINALIZER, Savepoint, SavepointSpec, SavepointState,
     SavepointStatus, SavepointTrigger, StatefulJob, StatefulJobSpec, StatefulJobStatus,
     UpgradeStage,
 };
 use crate::operator::planner::{self, Action as Step, EngineObs};
-use crate::operator::resources::{self, LABEL_JOB};
+use crate::operator::resources::{self, Instance, LABEL_COLOR, LABEL_JOB};
+use crate::savepoint::metadata::SplitPosition;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -17,15 +18,39 @@ use kube::{Api, Resource, ResourceExt};
 
 /// While a new version (or the rollback) is being verified, the Deployment must run it: after
 /// an operator restart between writing the status and applying the Deployment, apply it now.
+/// (A blue-green candidate likewise, while it starts.)
 pub(super) async fn repair_rollout(
     sj: &StatefulJob,
     ctx: &Context,
     status: &StatefulJobStatus,
-    view: &mut EngineView,
+    views: &mut Views,
 ) -> Result<(), Error> {
     let Some(u) = &status.upgrade else {
         return Ok(());
     };
+    if u.blue_green {
+        let (Some(c), Some(view), Some(savepoint)) =
+            (&status.candidate, views.candidate.as_mut(), &u.savepoint)
+        else {
+            return Ok(());
+        };
+        if u.stage == UpgradeStage::Verifying
+            && view.deployed_hash.as_deref() != Some(u.target_spec_hash.as_str())
+            && planner::spec_hash(&sj.spec) == u.target_spec_hash
+        {
+            tracing::info!(job = %key(sj), spec = %u.target_spec_hash, "applying the blue-green candidate in progress");
+            let instance = Instance {
+                color: c.color,
+                shadow: true,
+            };
+            deploy(sj, ctx, &sj.spec, &u.target_spec_hash, Some(savepoint), instance).await?;
+            view.obs = EngineObs::Starting {
+                spec_hash: u.target_spec_hash.clone(),
+            };
+        }
+        return Ok(());
+    }
+    let view = &mut views.live;
     if !matches!(u.stage, UpgradeStage::Verifying | UpgradeStage::RollingBack)
         || view.deployed_hash.as_deref() == Some(u.target_spec_hash.as_str())
     {
@@ -39,7 +64,11 @@ pub(super) async fn repair_rollout(
         return Ok(());
     };
     tracing::info!(job = %key(sj), spec = %u.target_spec_hash, "applying the engine of the stage in progress");
-    deploy(sj, ctx, &spec, &u.target_spec_hash, u.savepoint.as_deref()).await?;
+    let instance = Instance {
+        color: status.live.unwrap_or_default(),
+        shadow: false,
+    };
+    deploy(sj, ctx, &spec, &u.target_spec_hash, u.savepoint.as_deref(), instance).await?;
     view.obs = EngineObs::Starting {
         spec_hash: u.target_spec_hash.clone(),
     };
@@ -83,16 +112,26 @@ where
     Ok(())
 }
 
+/// Applies the engine `instance`; a live one (not in shadow mode) is also made the one the
+/// REST Service selects.
 pub(super) async fn deploy(
     sj: &StatefulJob,
     ctx: &Context,
     spec: &StatefulJobSpec,
     spec_hash: &str,
     restore_from: Option<&str>,
+    instance: Instance,
 ) -> Result<(), Error> {
     let ns = sj.namespace().unwrap_or_else(|| "default".into());
-    let (cm, deploy, svc) =
-        resources::engine_objects(sj, spec, spec_hash, restore_from, None, &ctx.engine)?;
+    let (cm, deploy, svc) = resources::engine_objects(
+        sj,
+        spec,
+        spec_hash,
+        restore_from,
+        None,
+        instance,
+        &ctx.engine,
+    )?;
     if ctx.engine.rest_token {
         ensure_rest_token(sj, ctx, &ns).await?;
     }
@@ -102,12 +141,14 @@ pub(super) async fn deploy(
         &cm,
     )
     .await?;
-    apply(
-        &Api::<Service>::namespaced(ctx.client.clone(), &ns),
-        ctx,
-        &svc,
-    )
-    .await?;
+    if !instance.shadow {
+        apply(
+            &Api::<Service>::namespaced(ctx.client.clone(), &ns),
+            ctx,
+            &svc,
+        )
+        .await?;
+    }
     apply(
         &Api::<Deployment>::namespaced(ctx.client.clone(), &ns),
         ctx,
@@ -124,36 +165,127 @@ pub(super) fn ignore_not_found(r: Result<(), kube::Error>) -> Result<(), Error> 
     }
 }
 
+async fn remove_engine(ctx: &Context, ns: &str, name: &str, color: Color) -> Result<(), Error> {
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    ctx.metrics.api_writes.with_label_values(&["delete"]).inc();
+    ignore_not_found(
+        api.delete(
+            &resources::engine_name(name, color),
+            &DeleteParams::background(),
+        )
+        .await
+        .map(|_| ()),
+    )
+}
+
 pub(super) async fn act(
     sj: &StatefulJob,
     ctx: &Context,
-    view: &EngineView,
+    views: &Views,
     next: &mut StatefulJobStatus,
     step: Step,
 ) -> Result<(), Error> {
     let ns = sj.namespace().unwrap_or_else(|| "default".into());
     let name = sj.name_any();
     let sp_dir = resources::savepoint_dir(&sj.spec, &ctx.engine);
+    let view = &views.live;
+    let live = next.live.unwrap_or_default();
     match step {
         Step::Deploy {
             spec,
             spec_hash,
             restore_from,
-        } => deploy(sj, ctx, &spec, &spec_hash, restore_from.as_deref()).await?,
-        Step::RemoveEngine => {
-            let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-            ctx.metrics.api_writes.with_label_values(&["delete"]).inc();
-            ignore_not_found(
-                api.delete(&resources::engine_name(&name), &DeleteParams::background())
+        } => {
+            let instance = Instance {
+                color: live,
+                shadow: false,
+            };
+            deploy(sj, ctx, &spec, &spec_hash, restore_from.as_deref(), instance).await?
+        }
+        Step::RemoveEngine => remove_engine(ctx, &ns, &name, live).await?,
+        Step::DeployCandidate {
+            spec,
+            spec_hash,
+            restore_from,
+            color,
+        } => {
+            let instance = Instance {
+                color,
+                shadow: true,
+            };
+            deploy(sj, ctx, &spec, &spec_hash, Some(&restore_from), instance).await?
+        }
+        Step::RemoveColor { color } => remove_engine(ctx, &ns, &name, color).await?,
+        Step::SavepointLive => {
+            let id = match (&view.client, &view.job_id) {
+                (Some(c), Some(job)) => c
+                    .trigger_savepoint(job, sp_dir.as_deref(), false)
                     .await
-                    .map(|_| ()),
-            )?;
+                    .unwrap_or_else(|e| format!("{FAILED_TRIGGER}{e}")),
+                _ => format!("{FAILED_TRIGGER}the engine is not running a job"),
+            };
+            if let Some(u) = next.upgrade.as_mut() {
+                u.trigger_id = Some(id);
+            }
+        }
+        Step::HoldSources { candidate, at } => {
+            let target = if candidate { views.candidate.as_ref() } else { Some(view) };
+            if let Some(EngineView {
+                client: Some(c),
+                job_id: Some(job),
+                ..
+            }) = target
+            {
+                let at: Option<Vec<SplitPosition>> = at.map(|at| {
+                    at.into_iter()
+                        .map(|p| SplitPosition {
+                            split: p.split,
+                            position: p.position,
+                        })
+                        .collect()
+                });
+                if let Err(e) = c.hold_sources(job, at.as_deref()).await {
+                    // The planner sends it again if the sources do not hold.
+                    tracing::warn!(job = %key(sj), candidate, error = %e, "cannot hold the sources");
+                }
+            }
+        }
+        Step::ReleaseSources {
+            candidate,
+            cut_over,
+        } => {
+            let target = if candidate { views.candidate.as_ref() } else { Some(view) };
+            if let Some(EngineView {
+                client: Some(c),
+                job_id: Some(job),
+                ..
+            }) = target
+                && let Err(e) = c.release_sources(job, cut_over).await
+            {
+                tracing::warn!(job = %key(sj), candidate, cut_over, error = %e, "cannot release the sources");
+            }
+        }
+        Step::Serve { color } => {
+            let svc = resources::rest_service(sj, color, &ctx.engine)?;
+            apply(
+                &Api::<Service>::namespaced(ctx.client.clone(), &ns),
+                ctx,
+                &svc,
+            )
+            .await?;
         }
         Step::RestartEngine => {
             // The Deployment brings up a new pod; the same job id resumes from its checkpoints.
             let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
             let list = pods
-                .list(&ListParams::default().labels(&format!("{LABEL_JOB}={name}")))
+                .list(&ListParams::default().labels(&format!(
+                    "{LABEL_JOB}={name},{}",
+                    match live {
+                        // Blue is also the engine of pods from before engines had colors.
+                        Color::Blue => format!("{LABEL_COLOR}!=green"),
+                        Color::Green => format!("{LABEL_COLOR}=green"),
+                    }
+                )))
                 .await?;
             for pod in list.items {
                 ctx.metrics.api_writes.with_label_values(&["delete"]).inc();

@@ -198,7 +198,7 @@ async fn apply_job(sj: &StatefulJob, ctx: &Context) -> Result<Action, Error> {
     let status = sj.status.clone().unwrap_or_default();
     let generation = sj.metadata.generation.unwrap_or(0);
 
-    let (view, observed) = observe::observe(sj, ctx, &status, now_s()).await?;
+    let (views, observed) = observe::observe(sj, ctx, &status, now_s()).await?;
     let plan = planner::plan(&sj.spec, generation, &status, &observed);
     let mut next = plan.status;
     let trigger_ended = matches!(
@@ -222,7 +222,7 @@ async fn apply_job(sj: &StatefulJob, ctx: &Context) -> Result<Action, Error> {
                 reason,
                 message,
             } => events.push((warning, reason, message)),
-            step => act(sj, ctx, &view, &mut next, step).await?,
+            step => act(sj, ctx, &views, &mut next, step).await?,
         }
     }
     if current.status.as_ref() != Some(&next) {

@@ -5,11 +5,12 @@
 use super::act::repair_rollout;
 use super::{Context, Error, FAILED_TRIGGER};
 use crate::operator::crd::{
-    Savepoint, SavepointState, StatefulJob, StatefulJobStatus, UpgradeStage,
+    Color, CutOverPosition, Savepoint, SavepointState, StatefulJob, StatefulJobStatus,
+    UpgradeStage,
 };
 use crate::operator::engine_client::{self, CheckpointInfo, ClientError, EngineClient};
-use crate::operator::planner::{EngineObs, Observed, SavepointObs, TriggerObs};
-use crate::operator::resources::{self, LABEL_JOB, LABEL_SPEC_HASH};
+use crate::operator::planner::{EngineObs, Observed, SavepointObs, SourcesObs, TriggerObs};
+use crate::operator::resources::{self, LABEL_COLOR, LABEL_JOB, LABEL_SPEC_HASH};
 use crate::savepoint::metadata::SnapshotMetadata;
 use crate::savepoint::store::Store;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -67,6 +68,7 @@ pub(super) async fn observe_engine(
     ctx: &Context,
     ns: &str,
     name: &str,
+    color: Color,
 ) -> Result<EngineView, Error> {
     let mut view = EngineView {
         obs: EngineObs::Absent,
@@ -76,7 +78,10 @@ pub(super) async fn observe_engine(
         deployed_hash: None,
     };
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
-    let Some(deploy) = deployments.get_opt(&resources::engine_name(name)).await? else {
+    let Some(deploy) = deployments
+        .get_opt(&resources::engine_name(name, color))
+        .await?
+    else {
         return Ok(view);
     };
     if deploy.metadata.deletion_timestamp.is_some() {
@@ -92,7 +97,12 @@ pub(super) async fn observe_engine(
         spec_hash: spec_hash.clone(),
     };
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let selector = format!("{LABEL_JOB}={name},{LABEL_SPEC_HASH}={spec_hash}");
+    // Blue is also the engine of pods from before engines had colors.
+    let color_term = match color {
+        Color::Blue => format!("{LABEL_COLOR}!=green"),
+        Color::Green => format!("{LABEL_COLOR}=green"),
+    };
+    let selector = format!("{LABEL_JOB}={name},{LABEL_SPEC_HASH}={spec_hash},{color_term}");
     let list = pods.list(&ListParams::default().labels(&selector)).await?;
     let Some(pod) = list
         .items
@@ -219,6 +229,9 @@ pub(super) async fn observe_trigger(
         (Some(u), _) if u.stage == UpgradeStage::Savepointing => {
             (u.trigger_id.clone(), u.stage_started.clone())
         }
+        (Some(u), _) if u.stage == UpgradeStage::Switching && u.trigger_id.is_some() => {
+            (u.trigger_id.clone(), u.stage_started.clone())
+        }
         (Some(_), _) => return None,
         (None, Some(p)) => (Some(p.trigger_id.clone()), p.started.clone()),
         (None, None) => return None,
@@ -307,33 +320,93 @@ pub(super) async fn list_savepoints(
         .collect())
 }
 
-/// Everything the planner needs about `sj`, and the engine as seen (to act on it). Repairs a
-/// rollout an operator restart interrupted first, so the engine observed is the stage's.
+/// The job's engines as seen: the live one, and a blue-green candidate.
+pub(super) struct Views {
+    pub(super) live: EngineView,
+    pub(super) candidate: Option<EngineView>,
+}
+
+/// Everything the planner needs about `sj`, and the engines as seen (to act on them). Repairs
+/// a rollout an operator restart interrupted first, so the engine observed is the stage's.
 pub(super) async fn observe(
     sj: &StatefulJob,
     ctx: &Context,
     status: &StatefulJobStatus,
     now_s: i64,
-) -> Result<(EngineView, Observed), Error> {
+) -> Result<(Views, Observed), Error> {
     let ns = sj.namespace().unwrap_or_else(|| "default".into());
     let name = sj.name_any();
-    let mut view = observe_engine(ctx, &ns, &name).await?;
-    repair_rollout(sj, ctx, status, &mut view).await?;
-    let trigger = observe_trigger(status, &view).await;
-    let preflight = preflight(sj, ctx, status, &view).await;
+    let live_color = status.live.unwrap_or_default();
+    let mut views = Views {
+        live: observe_engine(ctx, &ns, &name, live_color).await?,
+        candidate: match &status.candidate {
+            Some(c) => Some(observe_engine(ctx, &ns, &name, c.color).await?),
+            None => None,
+        },
+    };
+    repair_rollout(sj, ctx, status, &mut views).await?;
+    let switching = status.upgrade.as_ref().is_some_and(|u| {
+        matches!(u.stage, UpgradeStage::CatchingUp | UpgradeStage::Switching)
+    });
+    let (live_sources, candidate_sources) = if switching {
+        (
+            sources(&views.live).await,
+            match &views.candidate {
+                Some(v) => sources(v).await,
+                None => None,
+            },
+        )
+    } else {
+        (None, None)
+    };
+    let trigger = observe_trigger(status, &views.live).await;
+    let preflight = preflight(sj, ctx, status, &views.live).await;
     let savepoints = list_savepoints(ctx, &ns, &name).await?;
     let observed = Observed {
         now_s,
-        engine: view.obs.clone(),
+        engine: views.live.obs.clone(),
+        candidate: views
+            .candidate
+            .as_ref()
+            .map_or(EngineObs::Absent, |v| v.obs.clone()),
+        live_sources,
+        candidate_sources,
         trigger,
         preflight,
-        latest_checkpoint: view
+        latest_checkpoint: views
+            .live
             .checkpoints
             .as_ref()
             .and_then(|c| c.latest_completed.clone()),
         savepoints: savepoints.iter().filter_map(completed_savepoint).collect(),
     };
-    Ok((view, observed))
+    Ok((views, observed))
+}
+
+/// An engine's sources, if it answers.
+async fn sources(view: &EngineView) -> Option<SourcesObs> {
+    let (Some(client), Some(job_id)) = (&view.client, &view.job_id) else {
+        return None;
+    };
+    match client.sources(job_id).await {
+        Ok(s) => Some(SourcesObs {
+            holding: s.holding,
+            shadow: s.shadow,
+            positions: s
+                .positions
+                .into_iter()
+                .map(|p| CutOverPosition {
+                    split: p.split,
+                    position: p.position,
+                })
+                .collect(),
+            overrun: s.overrun,
+        }),
+        Err(e) => {
+            tracing::debug!(error = %e, "sources unknown for now");
+            None
+        }
+    }
 }
 
 /// A completed Savepoint object as retention sees it.

@@ -5,7 +5,9 @@
 use super::observe::{observe_engine, snapshot_bytes, snapshot_time_ms};
 use super::status::publish;
 use super::{Context, Error, finalizer_error, rfc3339_now};
-use crate::operator::crd::{SAVEPOINT_FINALIZER, Savepoint, SavepointStatus, StatefulJob};
+use crate::operator::crd::{
+    Color, SAVEPOINT_FINALIZER, Savepoint, SavepointStatus, StatefulJob,
+};
 use crate::operator::engine_client::{self, ClientError};
 use crate::operator::planner::{self, EngineObs, Reason, RequestObs, SavepointNeed, TriggerObs};
 use crate::operator::resources;
@@ -70,7 +72,8 @@ pub(super) async fn take_requested_savepoint(
             RequestObs::Registered(found)
         }
         SavepointNeed::Trigger => {
-            let view = observe_engine(ctx, &ns, &sp.spec.job_ref).await?;
+            let color = live_color(ctx, &ns, &sp.spec.job_ref).await?;
+            let view = observe_engine(ctx, &ns, &sp.spec.job_ref, color).await?;
             match (&view.client, &view.job_id, &view.obs) {
                 (Some(client), Some(job_id), EngineObs::Running { .. }) => {
                     let jobs: Api<StatefulJob> = Api::namespaced(ctx.client.clone(), &ns);
@@ -91,7 +94,8 @@ pub(super) async fn take_requested_savepoint(
             }
         }
         SavepointNeed::Poll { job_id, trigger } => {
-            let view = observe_engine(ctx, &ns, &sp.spec.job_ref).await?;
+            let color = live_color(ctx, &ns, &sp.spec.job_ref).await?;
+            let view = observe_engine(ctx, &ns, &sp.spec.job_ref, color).await?;
             let outcome = match &view.client {
                 None => None,
                 Some(client) => match client.savepoint_status(&job_id, &trigger).await {
@@ -130,6 +134,16 @@ pub(super) async fn take_requested_savepoint(
     })
 }
 
+/// The color of the job's serving engine (blue when the job is gone or never switched).
+async fn live_color(ctx: &Context, ns: &str, job: &str) -> Result<Color, Error> {
+    let jobs: Api<StatefulJob> = Api::namespaced(ctx.client.clone(), ns);
+    Ok(jobs
+        .get_opt(job)
+        .await?
+        .and_then(|sj| sj.status?.live)
+        .unwrap_or_default())
+}
+
 /// Deletes a savepoint's files before its object goes, unless its job still needs them: then
 /// the object stays (deleting, with its finalizer) until the job no longer does.
 pub(super) async fn dispose_savepoint(sp: &Savepoint, ctx: &Context) -> Result<Action, Error> {
@@ -144,7 +158,8 @@ pub(super) async fn dispose_savepoint(sp: &Savepoint, ctx: &Context) -> Result<A
     let ns = sp.namespace().unwrap_or_else(|| "default".into());
     let jobs: Api<StatefulJob> = Api::namespaced(ctx.client.clone(), &ns);
     if let Some(sj) = jobs.get_opt(&sp.spec.job_ref).await? {
-        let view = observe_engine(ctx, &ns, &sp.spec.job_ref).await?;
+        let color = sj.status.as_ref().and_then(|s| s.live).unwrap_or_default();
+        let view = observe_engine(ctx, &ns, &sp.spec.job_ref, color).await?;
         let has_checkpoint = view
             .checkpoints
             .as_ref()

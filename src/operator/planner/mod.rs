@@ -6,7 +6,7 @@
 //! so an operator restarted in the middle of an upgrade picks it up where it was.
 
 use super::crd::{
-    DesiredState, Phase, SavepointTrigger, StatefulJobSpec, StatefulJobStatus, UpgradeStage,
+    Color, CutOverPosition, DesiredState, Phase, SavepointTrigger, StatefulJobSpec, StatefulJobStatus, UpgradeStage,
     UpgradeStatus,
 };
 use crate::engine::graph::JobGraph;
@@ -59,12 +59,31 @@ pub struct SavepointObs {
     pub completed_s: i64,
 }
 
+/// An engine's sources, as a blue-green switch needs them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SourcesObs {
+    /// Every source subtask holds at the newest hold's bound (or is out of input).
+    pub holding: bool,
+    /// Its sinks write nothing until a cut-over.
+    pub shadow: bool,
+    pub positions: Vec<CutOverPosition>,
+    /// Splits already past the newest hold's bound.
+    pub overrun: Vec<String>,
+}
+
 /// Everything the controller observed, besides the StatefulJob itself.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Observed {
     /// Seconds since the epoch.
     pub now_s: i64,
+    /// The live engine.
     pub engine: EngineObs,
+    /// Blue-green: the candidate engine (the color not live).
+    pub candidate: EngineObs,
+    /// Blue-green, while catching up and switching: the sources of the live engine and of
+    /// the candidate.
+    pub live_sources: Option<SourcesObs>,
+    pub candidate_sources: Option<SourcesObs>,
     /// The trigger in `status.upgrade.triggerId`, or the pending manual/periodic one.
     pub trigger: Option<TriggerObs>,
     /// When a preflight was asked for: the problems found (empty: it restores).
@@ -85,6 +104,29 @@ pub enum Action {
     },
     /// Delete the engine.
     RemoveEngine,
+    /// Blue-green: start the candidate engine for this spec from the savepoint, in shadow
+    /// mode (its sinks write nothing until the cut-over).
+    DeployCandidate {
+        spec: Box<StatefulJobSpec>,
+        spec_hash: String,
+        restore_from: String,
+        color: Color,
+    },
+    /// Blue-green: delete the engine of this color.
+    RemoveColor { color: Color },
+    /// Take a savepoint of the live job without stopping it; the controller records the
+    /// trigger id in `status.upgrade.triggerId`.
+    SavepointLive,
+    /// Hold the sources of the live engine (or the candidate) at `at` (None: where they are).
+    HoldSources {
+        candidate: bool,
+        at: Option<Vec<CutOverPosition>>,
+    },
+    /// Let the sources of the live engine (or the candidate) read on; `cut_over` first sends
+    /// the cut-over marker (the candidate's sinks write from it on).
+    ReleaseSources { candidate: bool, cut_over: bool },
+    /// Blue-green: the REST Service selects the engine of this color.
+    Serve { color: Color },
     /// Restart the engine's pods (they resume from their newest checkpoint).
     RestartEngine,
     /// Check the desired job graph against this snapshot; the result comes back as
@@ -349,6 +391,8 @@ impl Planner<'_> {
             stage_started: String::new(),
             attempts: 0,
             last_error: None,
+            blue_green: false,
+            cut_over: None,
         });
         u.stage = stage;
         u.target_spec_hash = self.desired.clone();
@@ -622,6 +666,7 @@ impl Planner<'_> {
     }
 }
 
+mod blue_green;
 mod conditions;
 mod savepoints;
 #[cfg(test)]

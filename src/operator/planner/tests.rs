@@ -1,5 +1,5 @@
 use super::*;
-use crate::operator::crd::{SavepointRef, StatefulJobStatus, UpgradeMode};
+use crate::operator::crd::{CutOverPosition, SavepointRef, StatefulJobStatus, UpgradeMode};
 
 const T0: i64 = 1_800_000_000;
 
@@ -17,6 +17,8 @@ fn a_deleted_savepoint_is_kept_while_an_upgrade_or_a_restart_needs_it() {
         stage_started: String::new(),
         attempts: 0,
         last_error: None,
+        blue_green: false,
+        cut_over: None,
     });
     let why = disposal_blocker("/sp/a", Some(&st), &EngineObs::Absent, true).unwrap();
     assert!(why.contains("RollingBack"), "{why}");
@@ -60,6 +62,9 @@ fn obs(engine: EngineObs) -> Observed {
     Observed {
         now_s: T0,
         engine,
+        candidate: EngineObs::Absent,
+        live_sources: None,
+        candidate_sources: None,
         trigger: None,
         preflight: None,
         latest_checkpoint: None,
@@ -784,4 +789,161 @@ fn a_requested_savepoint_is_taken_registered_or_failed() {
             .unwrap()
             .contains("spec.path: /sp/old")
     );
+}
+
+fn sources(holding: bool, shadow: bool, p: &[(&str, i64)]) -> SourcesObs {
+    SourcesObs {
+        holding,
+        shadow,
+        positions: p
+            .iter()
+            .map(|(s, n)| CutOverPosition {
+                split: (*s).to_owned(),
+                position: *n,
+            })
+            .collect(),
+        overrun: vec![],
+    }
+}
+
+#[test]
+fn a_blue_green_upgrade_catches_up_cuts_over_and_never_stops_blue_early() {
+    use crate::operator::crd::{Color, UpgradeStrategy};
+    let mut spec = v2();
+    spec.upgrade.strategy = UpgradeStrategy::BlueGreen;
+    let blue = running(&v1(), None);
+    // Preflight passes: a savepoint of the running job, without stopping it.
+    let p = plan(&spec, 2, &stable(&v1()), &obs(blue.clone()));
+    assert!(p.status.upgrade.as_ref().unwrap().blue_green);
+    let mut o = obs(blue.clone());
+    o.preflight = Some(vec![]);
+    let p = plan(&spec, 2, &p.status, &o);
+    assert!(p.actions.contains(&Action::SavepointLive), "{:?}", p.actions);
+    assert!(!p.actions.contains(&Action::StopWithSavepoint));
+    let mut st = p.status;
+    st.upgrade.as_mut().unwrap().trigger_id = Some("t1".into());
+    // The savepoint completes: green starts from it in shadow mode; blue is untouched.
+    let mut o = obs(blue.clone());
+    o.trigger = Some(TriggerObs::Completed {
+        path: "/sp/savepoint-1".into(),
+    });
+    let p = plan(&spec, 2, &st, &o);
+    assert!(p.actions.iter().any(|a| matches!(a,
+        Action::DeployCandidate { color: Color::Green, restore_from, .. } if restore_from == "/sp/savepoint-1")));
+    assert!(!p.actions.iter().any(|a| matches!(a, Action::Deploy { .. } | Action::RemoveEngine)));
+    assert_eq!(p.status.candidate.as_ref().unwrap().color, Color::Green);
+    // Green runs, restored from it: catching up.
+    let mut o = obs(blue.clone());
+    o.candidate = EngineObs::Running {
+        spec_hash: spec_hash(&spec),
+        job_id: "green-job".into(),
+        restored_from: Some("/sp/savepoint-1".into()),
+    };
+    let p = plan(&spec, 2, &p.status, &o);
+    assert_eq!(
+        p.status.upgrade.as_ref().unwrap().stage,
+        UpgradeStage::CatchingUp
+    );
+    // Behind by more than maxLag: no switch yet.
+    let mut o2 = o.clone();
+    o2.live_sources = Some(sources(false, false, &[("0", 50_000)]));
+    o2.candidate_sources = Some(sources(false, true, &[("0", 10)]));
+    let behind = plan(&spec, 2, &p.status, &o2);
+    assert_eq!(
+        behind.status.upgrade.as_ref().unwrap().stage,
+        UpgradeStage::CatchingUp
+    );
+    assert_eq!(behind.status.candidate.as_ref().unwrap().lag, Some(49_990));
+    // Caught up: both hold where they are.
+    o2.candidate_sources = Some(sources(false, true, &[("0", 49_990)]));
+    let p = plan(&spec, 2, &p.status, &o2);
+    assert_eq!(
+        p.status.upgrade.as_ref().unwrap().stage,
+        UpgradeStage::Switching
+    );
+    assert_eq!(
+        p.actions
+            .iter()
+            .filter(|a| matches!(a, Action::HoldSources { at: None, .. }))
+            .count(),
+        2
+    );
+    // Both hold: the cut-over is the further position; both are held there.
+    o2.live_sources = Some(sources(true, false, &[("0", 50_000)]));
+    o2.candidate_sources = Some(sources(true, true, &[("0", 49_990)]));
+    let p = plan(&spec, 2, &p.status, &o2);
+    let cut = p.status.upgrade.as_ref().unwrap().cut_over.clone().unwrap();
+    assert_eq!(cut[0].position, 50_000);
+    assert!(!p.actions.contains(&Action::StopWithSavepoint));
+    // Both hold exactly there: blue stops with a savepoint.
+    o2.candidate_sources = Some(sources(true, true, &[("0", 50_000)]));
+    let p = plan(&spec, 2, &p.status, &o2);
+    assert!(p.actions.contains(&Action::StopWithSavepoint));
+    // Blue ended: green is released with the cut-over.
+    let mut st = p.status;
+    st.upgrade.as_mut().unwrap().trigger_id = Some("t2".into());
+    let mut o3 = o2.clone();
+    o3.engine = EngineObs::Ended {
+        spec_hash: spec_hash(&v1()),
+    };
+    o3.trigger = Some(TriggerObs::Completed {
+        path: "/sp/savepoint-2".into(),
+    });
+    let p = plan(&spec, 2, &st, &o3);
+    assert!(p.actions.contains(&Action::ReleaseSources {
+        candidate: true,
+        cut_over: true
+    }));
+    assert_eq!(
+        p.status.last_savepoint.as_ref().unwrap().path,
+        "/sp/savepoint-2"
+    );
+    // Green writes: it is live; blue goes.
+    o3.candidate_sources = Some(sources(false, false, &[("0", 50_100)]));
+    let p = plan(&spec, 2, &p.status, &o3);
+    assert_eq!(p.status.live, Some(Color::Green));
+    assert!(p.status.upgrade.is_none() && p.status.candidate.is_none());
+    assert!(p.actions.contains(&Action::Serve {
+        color: Color::Green
+    }));
+    assert!(p.actions.contains(&Action::RemoveColor { color: Color::Blue }));
+    assert_eq!(p.status.job_id.as_deref(), Some("green-job"));
+}
+
+#[test]
+fn a_failing_candidate_is_removed_and_blue_never_stopped() {
+    use crate::operator::crd::{CandidateStatus, Color, UpgradeStrategy};
+    let mut spec = v2();
+    spec.upgrade.strategy = UpgradeStrategy::BlueGreen;
+    let mut st = stable(&v1());
+    st.upgrade = Some(UpgradeStatus {
+        stage: UpgradeStage::CatchingUp,
+        target_spec_hash: spec_hash(&spec),
+        trigger_id: None,
+        savepoint: Some("/sp/savepoint-1".into()),
+        stage_started: String::new(),
+        attempts: 0,
+        last_error: None,
+        blue_green: true,
+        cut_over: None,
+    });
+    st.candidate = Some(CandidateStatus {
+        color: Color::Green,
+        job_id: None,
+        lag: None,
+    });
+    let mut o = obs(running(&v1(), None));
+    o.candidate = EngineObs::Broken {
+        spec_hash: spec_hash(&spec),
+        reason: "restarted 3 times".into(),
+    };
+    let p = plan(&spec, 2, &st, &o);
+    assert!(p.actions.contains(&Action::RemoveColor { color: Color::Green }));
+    assert!(!p.actions.iter().any(|a| matches!(a,
+        Action::StopWithSavepoint | Action::RemoveEngine | Action::Deploy { .. })));
+    assert!(p.status.upgrade.is_none() && p.status.candidate.is_none());
+    assert_eq!(p.status.rejected_spec_hash, Some(spec_hash(&spec)));
+    let (on, reason, msg) = condition(&p.status, "Degraded");
+    assert_eq!((on, reason), ("True", "UpgradeFailed"));
+    assert!(msg.contains("restarted 3 times") && msg.contains("never stopped"), "{msg}");
 }

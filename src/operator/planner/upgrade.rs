@@ -2,7 +2,9 @@
 //! savepoint, verification of the new version, rollback.
 
 use super::{Action, ConditionType, EngineObs, Planner, Reason, TriggerObs, seconds};
-use crate::operator::crd::{DesiredState, Phase, SavepointTrigger, UpgradeMode, UpgradeStage};
+use crate::operator::crd::{
+    DesiredState, Phase, SavepointTrigger, UpgradeMode, UpgradeStage, UpgradeStrategy,
+};
 
 impl Planner<'_> {
     pub(super) fn begin_upgrade(&mut self) {
@@ -16,6 +18,10 @@ impl Planner<'_> {
         match self.spec.upgrade.mode {
             UpgradeMode::Savepoint => {
                 self.start_stage(UpgradeStage::Preflight);
+                let blue_green = self.spec.upgrade.strategy == UpgradeStrategy::BlueGreen;
+                if let Some(u) = self.status.upgrade.as_mut() {
+                    u.blue_green = blue_green;
+                }
                 self.requeue_ms = 250;
                 match self.newest_snapshot() {
                     Some(snapshot) => self.actions.push(Action::Preflight { snapshot }),
@@ -94,7 +100,7 @@ impl Planner<'_> {
                             "the running job has no checkpoint or savepoint to check the new job graph against; stopping it with a savepoint unchecked",
                         );
                         self.start_stage(UpgradeStage::Savepointing);
-                        self.actions.push(Action::StopWithSavepoint);
+                        self.actions.push(self.upgrade_savepoint());
                         self.requeue_ms = 250;
                     }
                     None => {
@@ -109,7 +115,7 @@ impl Planner<'_> {
                 },
                 Some(problems) if problems.is_empty() => {
                     self.start_stage(UpgradeStage::Savepointing);
-                    self.actions.push(Action::StopWithSavepoint);
+                    self.actions.push(self.upgrade_savepoint());
                     self.requeue_ms = 250;
                 }
                 Some(problems) => {
@@ -137,7 +143,20 @@ impl Planner<'_> {
                 }
             },
             UpgradeStage::Savepointing => self.savepointing(suspending),
+            UpgradeStage::Deploying
+            | UpgradeStage::Verifying
+            | UpgradeStage::CatchingUp
+            | UpgradeStage::Switching
+                if self.is_blue_green() =>
+            {
+                self.continue_blue_green(stage)
+            }
             UpgradeStage::Deploying | UpgradeStage::Verifying => self.verifying(),
+            UpgradeStage::CatchingUp | UpgradeStage::Switching => {
+                // Only blue-green upgrades have these stages.
+                self.status.upgrade = None;
+                self.requeue_ms = 250;
+            }
             UpgradeStage::RollingBack => self.rolling_back(),
         }
     }
@@ -169,7 +188,12 @@ impl Planner<'_> {
                     .unwrap_or(0);
                 let backoff = (5i64 << attempts.min(6)).min(300);
                 if attempts == 0 || self.stage_elapsed() >= backoff {
-                    self.actions.push(Action::StopWithSavepoint);
+                    let action = if suspending {
+                        Action::StopWithSavepoint
+                    } else {
+                        self.upgrade_savepoint()
+                    };
+                    self.actions.push(action);
                 }
                 self.requeue_ms = 250;
                 return;
@@ -202,6 +226,7 @@ impl Planner<'_> {
                 self.event(true, Reason::SavepointFailed, msg);
                 self.requeue_ms = (5u64 << attempts.min(6)).min(300) * 1000;
             }
+            Some(Ok(path)) if !suspending && self.is_blue_green() => self.start_candidate(&path),
             Some(Ok(path)) => {
                 let trigger = if suspending {
                     SavepointTrigger::Suspend
@@ -232,6 +257,20 @@ impl Planner<'_> {
                 self.event(false, Reason::Upgrading, format!("old version stopped with savepoint {path}; starting the new version from it"));
                 self.requeue_ms = 250;
             }
+        }
+    }
+
+    /// Whether the upgrade in flight is blue-green.
+    pub(super) fn is_blue_green(&self) -> bool {
+        self.status.upgrade.as_ref().is_some_and(|u| u.blue_green)
+    }
+
+    /// The savepoint an upgrade takes: blue-green keeps the old version running.
+    fn upgrade_savepoint(&self) -> Action {
+        if self.is_blue_green() {
+            Action::SavepointLive
+        } else {
+            Action::StopWithSavepoint
         }
     }
 
