@@ -674,8 +674,16 @@ fn check_network_policy(what: &str, policy: &Value, operator: &Value, operator_n
     )
     .unwrap();
     let settings = EngineSettings::default();
-    let (_, engine, _) =
-        resources::engine_objects(&sj, &sj.spec, "h", None, None, resources::Instance::default(), &settings).unwrap();
+    let (_, engine, _) = resources::engine_objects(
+        &sj,
+        &sj.spec,
+        "h",
+        None,
+        None,
+        resources::Instance::default(),
+        &settings,
+    )
+    .unwrap();
     let engine = serde_json::to_value(engine).unwrap();
     let engine_pod = &engine["spec"]["template"]["metadata"]["labels"];
     let operator_pod = &operator["spec"]["template"]["metadata"]["labels"];

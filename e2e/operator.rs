@@ -1764,11 +1764,17 @@ async fn a_failing_green_is_deleted_and_blue_never_stops() {
         })
         .await;
     let (status, reason, message) = condition(&sj, "Degraded").unwrap();
-    assert_eq!((status.as_str(), reason.as_str()), ("True", "UpgradeFailed"));
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "UpgradeFailed")
+    );
     assert!(message.contains("never stopped"), "{message}");
     // Blue is the job that ran from the start: never stopped, never restarted.
     assert_eq!(job_id(&sj), first);
-    assert_ne!(sj.status.as_ref().unwrap().live, Some(sjob::operator::crd::Color::Green));
+    assert_ne!(
+        sj.status.as_ref().unwrap().live,
+        Some(sjob::operator::crd::Color::Green)
+    );
     let deployments: Api<Deployment> = Api::namespaced(env.cluster().client(), "default");
     let deadline = Instant::now() + Duration::from_secs(30);
     while deployments

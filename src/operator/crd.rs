@@ -112,8 +112,8 @@ pub enum UpgradeStrategy {
     /// Stop the old version, then start the new one.
     #[default]
     Recreate,
-    /// Start the new version beside the old one, switch when it is ready (for now rolled out
-    /// as `recreate`).
+    /// Start the new version beside the old one from a savepoint taken without stopping it,
+    /// switch at a source position both agree on once it has caught up (README "Blue-green").
     BlueGreen,
 }
 
@@ -134,8 +134,7 @@ pub struct UpgradeSpec {
     #[serde(default = "default_ready_timeout")]
     #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
     pub ready_timeout: String,
-    /// `recreate` (default) or `blue-green`. `blue-green` is accepted and, until the
-    /// operator's blue-green switch lands, rolled out as `recreate`.
+    /// `recreate` (default) or `blue-green` (needs `mode: savepoint`).
     #[serde(default)]
     pub strategy: UpgradeStrategy,
     /// How a blue-green upgrade's new version takes over.

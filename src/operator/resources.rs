@@ -287,7 +287,13 @@ pub fn engine_objects(
     }
     let labels = json!({ LABEL_JOB: name });
     let color = instance.color.as_str();
-    let selector = json!({ LABEL_JOB: name, LABEL_COLOR: color });
+    // A Deployment's selector cannot change: blue keeps the one of the engines from before
+    // colors (green's pods carry another pod-template-hash, so blue's ReplicaSets never
+    // match them); green's names its color.
+    let selector = match instance.color {
+        Color::Blue => labels.clone(),
+        Color::Green => json!({ LABEL_JOB: name, LABEL_COLOR: color }),
+    };
     let cm = json!({
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -303,7 +309,7 @@ pub fn engine_objects(
         "kind": "Deployment",
         "metadata": {
             "name": engine_name(&name, instance.color),
-            "labels": selector,
+            "labels": {LABEL_JOB: name, LABEL_COLOR: color},
             "annotations": {
                 LABEL_SPEC_HASH: spec_hash,
                 ANNOTATION_RESTORE_FROM: restore_from.unwrap_or(""),

@@ -43,7 +43,15 @@ pub(super) async fn repair_rollout(
                 color: c.color,
                 shadow: true,
             };
-            deploy(sj, ctx, &sj.spec, &u.target_spec_hash, Some(savepoint), instance).await?;
+            deploy(
+                sj,
+                ctx,
+                &sj.spec,
+                &u.target_spec_hash,
+                Some(savepoint),
+                instance,
+            )
+            .await?;
             view.obs = EngineObs::Starting {
                 spec_hash: u.target_spec_hash.clone(),
             };
@@ -68,7 +76,15 @@ pub(super) async fn repair_rollout(
         color: status.live.unwrap_or_default(),
         shadow: false,
     };
-    deploy(sj, ctx, &spec, &u.target_spec_hash, u.savepoint.as_deref(), instance).await?;
+    deploy(
+        sj,
+        ctx,
+        &spec,
+        &u.target_spec_hash,
+        u.savepoint.as_deref(),
+        instance,
+    )
+    .await?;
     view.obs = EngineObs::Starting {
         spec_hash: u.target_spec_hash.clone(),
     };
@@ -200,7 +216,15 @@ pub(super) async fn act(
                 color: live,
                 shadow: false,
             };
-            deploy(sj, ctx, &spec, &spec_hash, restore_from.as_deref(), instance).await?
+            deploy(
+                sj,
+                ctx,
+                &spec,
+                &spec_hash,
+                restore_from.as_deref(),
+                instance,
+            )
+            .await?
         }
         Step::RemoveEngine => remove_engine(ctx, &ns, &name, live).await?,
         Step::DeployCandidate {
@@ -229,7 +253,11 @@ pub(super) async fn act(
             }
         }
         Step::HoldSources { candidate, at } => {
-            let target = if candidate { views.candidate.as_ref() } else { Some(view) };
+            let target = if candidate {
+                views.candidate.as_ref()
+            } else {
+                Some(view)
+            };
             if let Some(EngineView {
                 client: Some(c),
                 job_id: Some(job),
@@ -254,7 +282,11 @@ pub(super) async fn act(
             candidate,
             cut_over,
         } => {
-            let target = if candidate { views.candidate.as_ref() } else { Some(view) };
+            let target = if candidate {
+                views.candidate.as_ref()
+            } else {
+                Some(view)
+            };
             if let Some(EngineView {
                 client: Some(c),
                 job_id: Some(job),

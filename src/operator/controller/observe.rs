@@ -5,8 +5,7 @@
 use super::act::repair_rollout;
 use super::{Context, Error, FAILED_TRIGGER};
 use crate::operator::crd::{
-    Color, CutOverPosition, Savepoint, SavepointState, StatefulJob, StatefulJobStatus,
-    UpgradeStage,
+    Color, CutOverPosition, Savepoint, SavepointState, StatefulJob, StatefulJobStatus, UpgradeStage,
 };
 use crate::operator::engine_client::{self, CheckpointInfo, ClientError, EngineClient};
 use crate::operator::planner::{EngineObs, Observed, SavepointObs, SourcesObs, TriggerObs};
@@ -345,9 +344,10 @@ pub(super) async fn observe(
         },
     };
     repair_rollout(sj, ctx, status, &mut views).await?;
-    let switching = status.upgrade.as_ref().is_some_and(|u| {
-        matches!(u.stage, UpgradeStage::CatchingUp | UpgradeStage::Switching)
-    });
+    let switching = status
+        .upgrade
+        .as_ref()
+        .is_some_and(|u| matches!(u.stage, UpgradeStage::CatchingUp | UpgradeStage::Switching));
     let (live_sources, candidate_sources) = if switching {
         (
             sources(&views.live).await,

@@ -5,9 +5,7 @@
 use super::observe::{observe_engine, snapshot_bytes, snapshot_time_ms};
 use super::status::publish;
 use super::{Context, Error, finalizer_error, rfc3339_now};
-use crate::operator::crd::{
-    Color, SAVEPOINT_FINALIZER, Savepoint, SavepointStatus, StatefulJob,
-};
+use crate::operator::crd::{Color, SAVEPOINT_FINALIZER, Savepoint, SavepointStatus, StatefulJob};
 use crate::operator::engine_client::{self, ClientError};
 use crate::operator::planner::{self, EngineObs, Reason, RequestObs, SavepointNeed, TriggerObs};
 use crate::operator::resources;

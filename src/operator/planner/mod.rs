@@ -6,8 +6,8 @@
 //! so an operator restarted in the middle of an upgrade picks it up where it was.
 
 use super::crd::{
-    Color, CutOverPosition, DesiredState, Phase, SavepointTrigger, StatefulJobSpec, StatefulJobStatus, UpgradeStage,
-    UpgradeStatus,
+    Color, CutOverPosition, DesiredState, Phase, SavepointTrigger, StatefulJobSpec,
+    StatefulJobStatus, UpgradeStage, UpgradeStatus,
 };
 use crate::engine::graph::JobGraph;
 pub use conditions::{ConditionType, Reason};

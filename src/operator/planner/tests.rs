@@ -818,7 +818,11 @@ fn a_blue_green_upgrade_catches_up_cuts_over_and_never_stops_blue_early() {
     let mut o = obs(blue.clone());
     o.preflight = Some(vec![]);
     let p = plan(&spec, 2, &p.status, &o);
-    assert!(p.actions.contains(&Action::SavepointLive), "{:?}", p.actions);
+    assert!(
+        p.actions.contains(&Action::SavepointLive),
+        "{:?}",
+        p.actions
+    );
     assert!(!p.actions.contains(&Action::StopWithSavepoint));
     let mut st = p.status;
     st.upgrade.as_mut().unwrap().trigger_id = Some("t1".into());
@@ -830,7 +834,11 @@ fn a_blue_green_upgrade_catches_up_cuts_over_and_never_stops_blue_early() {
     let p = plan(&spec, 2, &st, &o);
     assert!(p.actions.iter().any(|a| matches!(a,
         Action::DeployCandidate { color: Color::Green, restore_from, .. } if restore_from == "/sp/savepoint-1")));
-    assert!(!p.actions.iter().any(|a| matches!(a, Action::Deploy { .. } | Action::RemoveEngine)));
+    assert!(
+        !p.actions
+            .iter()
+            .any(|a| matches!(a, Action::Deploy { .. } | Action::RemoveEngine))
+    );
     assert_eq!(p.status.candidate.as_ref().unwrap().color, Color::Green);
     // Green runs, restored from it: catching up.
     let mut o = obs(blue.clone());
@@ -906,7 +914,10 @@ fn a_blue_green_upgrade_catches_up_cuts_over_and_never_stops_blue_early() {
     assert!(p.actions.contains(&Action::Serve {
         color: Color::Green
     }));
-    assert!(p.actions.contains(&Action::RemoveColor { color: Color::Blue }));
+    assert!(
+        p.actions
+            .contains(&Action::RemoveColor { color: Color::Blue })
+    );
     assert_eq!(p.status.job_id.as_deref(), Some("green-job"));
 }
 
@@ -938,12 +949,19 @@ fn a_failing_candidate_is_removed_and_blue_never_stopped() {
         reason: "restarted 3 times".into(),
     };
     let p = plan(&spec, 2, &st, &o);
-    assert!(p.actions.contains(&Action::RemoveColor { color: Color::Green }));
-    assert!(!p.actions.iter().any(|a| matches!(a,
-        Action::StopWithSavepoint | Action::RemoveEngine | Action::Deploy { .. })));
+    assert!(p.actions.contains(&Action::RemoveColor {
+        color: Color::Green
+    }));
+    assert!(!p.actions.iter().any(|a| matches!(
+        a,
+        Action::StopWithSavepoint | Action::RemoveEngine | Action::Deploy { .. }
+    )));
     assert!(p.status.upgrade.is_none() && p.status.candidate.is_none());
     assert_eq!(p.status.rejected_spec_hash, Some(spec_hash(&spec)));
     let (on, reason, msg) = condition(&p.status, "Degraded");
     assert_eq!((on, reason), ("True", "UpgradeFailed"));
-    assert!(msg.contains("restarted 3 times") && msg.contains("never stopped"), "{msg}");
+    assert!(
+        msg.contains("restarted 3 times") && msg.contains("never stopped"),
+        "{msg}"
+    );
 }
