@@ -158,9 +158,10 @@ pub struct BlueGreenSpec {
     /// `auto` (default) or `manual`.
     #[serde(default)]
     pub promotion: Promotion,
-    /// Caught up: the new version's sources are behind the old one's by at most this much,
-    /// summed over splits, in the sources' position units (generator: record indexes;
-    /// fileSource: bytes).
+    /// Caught up: no source split of the new version is further behind the old one's than
+    /// this, in the sources' position units (generator: record index; fileSource: bytes).
+    /// It bounds the pause at the switch: the old version holds at the cut-over until the
+    /// new one has read up to it.
     #[serde(default = "default_max_lag")]
     #[schemars(range(min = 0))]
     pub max_lag: i64,
@@ -351,7 +352,7 @@ pub struct CandidateStatus {
     /// Its job id, once it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
-    /// How far its sources are behind the live version's (summed over splits).
+    /// How far its furthest-behind source split is behind the live version's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<i64>,
 }

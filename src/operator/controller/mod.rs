@@ -210,12 +210,22 @@ async fn apply_job(sj: &StatefulJob, ctx: &Context) -> Result<Action, Error> {
         // been recorded by the planner.
         next.pending_savepoint = None;
     }
+    // A savepoint is recorded before the status that moves past it is written: an operator
+    // stopped in between derives the same record again (its name comes from the path, so
+    // recording twice is one object); the other way round the record would be lost.
+    let (records, steps): (Vec<Step>, Vec<Step>) = plan
+        .actions
+        .into_iter()
+        .partition(|s| matches!(s, Step::RecordSavepoint { .. }));
+    for step in records {
+        act(sj, ctx, &views, &mut next, step).await?;
+    }
     let mut current = sj.clone();
     if next != status {
         current = write_status(&api, ctx, current, &next).await?;
     }
     let mut events = Vec::new();
-    for step in plan.actions {
+    for step in steps {
         match step {
             Step::Event {
                 warning,

@@ -30,7 +30,9 @@ pub fn furthest(a: &[CutOverPosition], b: &[CutOverPosition]) -> Vec<CutOverPosi
         .collect()
 }
 
-/// How far `behind` is behind `ahead`, summed over splits.
+/// How far `behind` is behind `ahead`: the largest gap of any split. (Not the sum: a
+/// generator's positions are record indexes of the whole source, so each split's gap is
+/// already the source's.)
 pub fn lag(ahead: &[CutOverPosition], behind: &[CutOverPosition]) -> i64 {
     ahead
         .iter()
@@ -41,7 +43,8 @@ pub fn lag(ahead: &[CutOverPosition], behind: &[CutOverPosition]) -> i64 {
                 .map_or(0, |b| b.position);
             (a.position - b).max(0)
         })
-        .sum()
+        .max()
+        .unwrap_or(0)
 }
 
 fn same_positions(a: &[CutOverPosition], b: &[CutOverPosition]) -> bool {
@@ -91,6 +94,15 @@ impl Planner<'_> {
     pub(super) fn continue_blue_green(&mut self, stage: UpgradeStage) {
         if let EngineObs::Broken { reason, .. } = &self.obs.candidate {
             return self.abandon_switch(format!("the new version fails: {reason}"));
+        }
+        let stopping_at_cut_over = stage == UpgradeStage::Switching
+            && self
+                .status
+                .upgrade
+                .as_ref()
+                .is_some_and(|u| u.trigger_id.is_some());
+        if matches!(self.obs.engine, EngineObs::Ended { .. }) && !stopping_at_cut_over {
+            return self.live_finished();
         }
         match stage {
             UpgradeStage::Deploying | UpgradeStage::Verifying => self.candidate_starting(),
@@ -356,6 +368,21 @@ impl Planner<'_> {
         self.requeue_ms = 1000;
     }
 
+    /// The live version ended on its own (its input is bounded and all read) before a
+    /// cut-over: it wrote everything, so the candidate has nothing left to write and goes.
+    fn live_finished(&mut self) {
+        if let Some(c) = self.status.candidate.take() {
+            self.actions.push(Action::RemoveColor { color: c.color });
+        }
+        self.status.upgrade = None;
+        self.event(
+            false,
+            Reason::Ended,
+            "the live version read all its input and ended before the switch: it wrote everything; the new version is removed",
+        );
+        self.requeue_ms = 250;
+    }
+
     /// Gives the switch up before the cut-over: the candidate goes, the live version (never
     /// stopped) reads on.
     pub(super) fn abandon_switch(&mut self, reason: String) {
@@ -405,11 +432,15 @@ mod tests {
 
     #[test]
     fn cut_over_is_the_further_position_and_lag_counts_what_is_behind() {
-        let live = at(&[("0", 100), ("1", 50)]);
-        let cand = at(&[("0", 90), ("1", 60)]);
-        assert_eq!(furthest(&live, &cand), at(&[("0", 100), ("1", 60)]));
-        assert_eq!(lag(&live, &cand), 10);
+        let live = at(&[("0", 100), ("1", 50), ("2", 80)]);
+        let cand = at(&[("0", 90), ("1", 60), ("2", 60)]);
+        assert_eq!(
+            furthest(&live, &cand),
+            at(&[("0", 100), ("1", 60), ("2", 80)])
+        );
+        assert_eq!(lag(&live, &cand), 20);
         assert_eq!(lag(&cand, &live), 10);
+        assert_eq!(lag(&live, &[]), 100, "a split not read yet is at 0");
         assert!(same_positions(
             &at(&[("1", 60), ("0", 100)]),
             &at(&[("0", 100), ("1", 60)])
