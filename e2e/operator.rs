@@ -1733,6 +1733,16 @@ async fn a_blue_green_upgrade_takes_over_without_a_stop_and_counts_every_record_
             .unwrap()
             .is_some()
     );
+    // The REST Service selects green's pods.
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(env.cluster().client(), "default");
+    let svc = services.get("counting-rest").await.unwrap();
+    let selector = svc.spec.and_then(|s| s.selector).unwrap_or_default();
+    assert_eq!(
+        selector.get("sjob.dev/color").map(String::as_str),
+        Some("green"),
+        "{selector:?}"
+    );
     let recorded = savepoint_objects(&env, "Upgrade").await;
     assert_eq!(
         recorded.len(),

@@ -137,11 +137,20 @@ const DEMO_KEYS: i64 = 20;
 const DEMO_RECORDS: i64 = 600_000;
 
 /// Applies the demo StatefulJob, as `kubectl apply --server-side` would.
-async fn apply_demo(api: &Api<StatefulJob>, sink: &Path, with_map: bool) -> Result<()> {
+/// Version 0 counts; 1 adds a map (rolled out as recreate); 2 changes the map and is rolled
+/// out blue-green.
+async fn apply_demo(api: &Api<StatefulJob>, sink: &Path, version: u8) -> Result<()> {
+    let strategy = if version >= 2 {
+        "blue-green"
+    } else {
+        "recreate"
+    };
     let manifest = serde_json::json!({
         "apiVersion": "sjob.dev/v1alpha1", "kind": "StatefulJob",
         "metadata": {"name": "demo", "namespace": "default"},
-        "spec": {"job": demo_job(sink, with_map), "savepoints": {"retention": {"maxCount": 3}}},
+        "spec": {"job": demo_job(sink, version),
+                 "upgrade": {"strategy": strategy, "blueGreen": {"maxLag": 100_000}},
+                 "savepoints": {"retention": {"maxCount": 4}}},
     });
     api.patch(
         "demo",
@@ -153,16 +162,20 @@ async fn apply_demo(api: &Api<StatefulJob>, sink: &Path, with_map: bool) -> Resu
     Ok(())
 }
 
-fn demo_job(sink: &Path, with_map: bool) -> serde_json::Value {
+fn demo_job(sink: &Path, version: u8) -> serde_json::Value {
     let mut ops = vec![
         serde_json::json!({"kind": "generator", "uid": "source", "keys": DEMO_KEYS, "keyPrefix": "user-", "count": DEMO_RECORDS, "rate": 20000}),
         serde_json::json!({"kind": "keyBy", "field": "key"}),
         serde_json::json!({"kind": "count", "uid": "counter"}),
     ];
-    if with_map {
-        ops.push(
+    match version {
+        0 => {}
+        1 => ops.push(
             serde_json::json!({"kind": "map", "set": [{"field": "doubled", "expr": "count * 2"}]}),
-        );
+        ),
+        _ => ops.push(
+            serde_json::json!({"kind": "map", "set": [{"field": "tripled", "expr": "count * 3"}]}),
+        ),
     }
     ops.push(serde_json::json!({"kind": "fileSink", "uid": "out", "path": sink}));
     serde_json::json!({"name": "demo", "parallelism": 2, "operators": ops})
@@ -226,7 +239,7 @@ async fn demo(cluster: &ControlPlane) -> Result<ExitCode> {
         "1. deploying StatefulJob 'demo': {DEMO_RECORDS} clicks over {DEMO_KEYS} users, counted per user, written exactly once to {}",
         sink.display()
     );
-    apply_demo(&api, &sink, false).await?;
+    apply_demo(&api, &sink, 0).await?;
     let sj = wait_phase(&api, "demo", Duration::from_secs(60), |sj| {
         sj.status.as_ref().and_then(|s| s.phase) == Some(Phase::Running)
     })
@@ -237,7 +250,7 @@ async fn demo(cluster: &ControlPlane) -> Result<ExitCode> {
     tokio::time::sleep(Duration::from_secs(8)).await;
     println!("3. changing the pipeline: a map after the count (kubectl apply of the new spec)");
     let asked = Instant::now();
-    apply_demo(&api, &sink, true).await?;
+    apply_demo(&api, &sink, 1).await?;
     let sj = wait_phase(&api, "demo", Duration::from_secs(60), |sj| {
         let st = sj.status.as_ref();
         st.and_then(|s| s.phase) == Some(Phase::Running)
@@ -250,12 +263,40 @@ async fn demo(cluster: &ControlPlane) -> Result<ExitCode> {
     println!(
         "   upgraded in {:.1}s: the new job {} restored from {savepoint}",
         asked.elapsed().as_secs_f64(),
-        st.job_id.unwrap_or_default()
+        st.job_id.as_deref().unwrap_or_default()
     );
     // The stop-with-savepoint committed the old job's output up to the savepoint: the sink
     // shows the per-key state the savepoint holds.
     let before = CountLog::read(&sink).map_err(anyhow::Error::msg)?.latest();
-    println!("4. waiting for the job to finish its {DEMO_RECORDS} records");
+    println!(
+        "4. changing it again, blue-green this time: the new version starts beside the running one, catches up without writing, and takes over at a source position both hold at"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let second_job = st.job_id.clone().unwrap_or_default();
+    let asked = Instant::now();
+    apply_demo(&api, &sink, 2).await?;
+    let sj = wait_phase(&api, "demo", Duration::from_secs(60), |sj| {
+        let st = sj.status.as_ref();
+        let ended = st.and_then(|s| s.phase) == Some(Phase::Suspended);
+        ended
+            || (st.and_then(|s| s.phase) == Some(Phase::Running)
+                && st.and_then(|s| s.job_id.as_deref()) != Some(second_job.as_str())
+                && st.is_some_and(|s| s.upgrade.is_none()))
+    })
+    .await?;
+    let st = sj.status.clone().unwrap_or_default();
+    match st.live {
+        Some(color) if st.phase == Some(Phase::Running) => println!(
+            "   switched in {:.1}s: the {} engine (job {}) writes from the cut-over on; the old one wrote up to it, never stopped before",
+            asked.elapsed().as_secs_f64(),
+            color.as_str(),
+            st.job_id.unwrap_or_default()
+        ),
+        _ => println!(
+            "   the job read all its input before the switch; the old version wrote it all"
+        ),
+    }
+    println!("5. waiting for the job to finish its {DEMO_RECORDS} records");
     wait_phase(&api, "demo", Duration::from_secs(90), |sj| {
         sj.status.as_ref().and_then(|s| s.phase) == Some(Phase::Suspended)
     })
@@ -275,7 +316,7 @@ async fn demo(cluster: &ControlPlane) -> Result<ExitCode> {
         bail!("state was lost or doubled:\n  {}", problems.join("\n  "));
     }
     println!(
-        "5. every user's count went on from the savepoint: 1..{} written exactly once per user, nothing lost, nothing twice ({:.0}s in all)",
+        "6. every user's count went on from the savepoint and across the switch: 1..{} written exactly once per user, nothing lost, nothing twice ({:.0}s in all)",
         DEMO_RECORDS / DEMO_KEYS,
         started.elapsed().as_secs_f64()
     );

@@ -965,3 +965,46 @@ fn a_failing_candidate_is_removed_and_blue_never_stopped() {
         "{msg}"
     );
 }
+
+#[test]
+fn a_live_version_that_ends_on_its_own_before_the_cut_over_ends_the_switch() {
+    use crate::operator::crd::{CandidateStatus, Color, UpgradeStrategy};
+    let mut spec = v2();
+    spec.upgrade.strategy = UpgradeStrategy::BlueGreen;
+    let mut st = stable(&v1());
+    st.upgrade = Some(UpgradeStatus {
+        stage: UpgradeStage::Switching,
+        target_spec_hash: spec_hash(&spec),
+        trigger_id: None,
+        savepoint: Some("/sp/savepoint-1".into()),
+        stage_started: String::new(),
+        attempts: 0,
+        last_error: None,
+        blue_green: true,
+        cut_over: None,
+    });
+    st.candidate = Some(CandidateStatus {
+        color: Color::Green,
+        job_id: Some("j2".into()),
+        lag: Some(10),
+    });
+    let mut o = obs(EngineObs::Ended {
+        spec_hash: spec_hash(&v1()),
+    });
+    o.candidate = running(&spec, Some("/sp/savepoint-1"));
+    let p = plan(&spec, 2, &st, &o);
+    // The candidate would write again what the live version wrote: it goes, unreleased.
+    assert!(p.actions.contains(&Action::RemoveColor {
+        color: Color::Green
+    }));
+    assert!(!p.actions.iter().any(|a| matches!(
+        a,
+        Action::ReleaseSources { .. } | Action::Serve { .. } | Action::StopWithSavepoint
+    )));
+    assert!(p.status.upgrade.is_none() && p.status.candidate.is_none());
+    assert_eq!(p.status.live, None, "blue stays the live color");
+    assert_eq!(
+        p.status.rejected_spec_hash, None,
+        "the new spec is not at fault"
+    );
+}
