@@ -360,7 +360,9 @@ pub struct CandidateStatus {
 /// A source split's position: where a blue-green switch cuts over.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct CutOverPosition {
+    /// The split (generator: its index; fileSource: the file).
     pub split: String,
+    /// Its position (generator: record index; fileSource: byte offset).
     pub position: i64,
 }
 
