@@ -33,6 +33,8 @@ struct Env {
     cluster: Option<ControlPlane>,
     root: tempfile::TempDir,
     operators: Vec<Child>,
+    /// Environment of operators spawned from now on.
+    operator_env: Vec<(&'static str, String)>,
 }
 
 impl Env {
@@ -58,6 +60,7 @@ impl Env {
             cluster: Some(cluster),
             root,
             operators: Vec::new(),
+            operator_env: Vec::new(),
         }
     }
 
@@ -77,6 +80,7 @@ impl Env {
             .operator_command(Path::new(SJOB), "127.0.0.1:0")
             .args(extra)
             .env("SJOB_LOG", "info,sjob=debug")
+            .envs(self.operator_env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -2089,4 +2093,88 @@ async fn an_operator_killed_in_each_blue_green_stage_finishes_the_switch_once() 
         env.operator_log()
     );
     env.finishes_exactly_once(&sink, keys, records, 150).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_and_retention_with_savepoints_and_checkpoints_on_s3() {
+    use k8s_openapi::api::core::v1::Secret;
+    use sjob::local::s3_server::{S3Server, SECRET_KEY};
+    let mut env = Env::without_operator().await;
+    let s3 = S3Server::start(&env.path("s3-server"), &["bkt"]).unwrap_or_else(|e| panic!("{e}"));
+    // The engines' credentials: a Secret in the job's namespace, taken as environment.
+    let secrets: Api<Secret> = Api::namespaced(env.cluster().client(), "default");
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("s3-credentials".into()),
+            ..Default::default()
+        },
+        data: Some(
+            s3.env(SECRET_KEY)
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), k8s_openapi::ByteString(v.into_bytes())))
+                .collect(),
+        ),
+        ..Default::default()
+    };
+    secrets
+        .create(&kube::api::PostParams::default(), &secret)
+        .await
+        .unwrap();
+    env.operator_env = s3.env(SECRET_KEY);
+    env.spawn_operator(&["--engine-storage-secret", "s3-credentials"]);
+
+    let sink = env.path("out");
+    let (records, keys) = (300_000, 20);
+    let spec = |n: i64| {
+        let extra = (0..n)
+            .map(|i| json!({"kind": "map", "set": [{"field": format!("f{i}"), "expr": "count * 2"}]}))
+            .collect();
+        json!({"job": counting_job(&sink, records, keys, 10_000, extra),
+               "savepoints": {"dir": "s3://bkt/sp", "retention": {"maxCount": 2}}})
+    };
+    let mut sj = env.apply_running("counting", spec(0)).await;
+    for n in 1..=3 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        env.apply("counting", spec(n)).await;
+        sj = env
+            .wait("counting", "upgraded", 90, upgraded_from(job_id(&sj)))
+            .await;
+        let restored = sj.status.as_ref().and_then(|s| s.restored_from.clone());
+        assert!(
+            restored
+                .as_deref()
+                .is_some_and(|r| r.starts_with("s3://bkt/sp/savepoint-")),
+            "{restored:?}"
+        );
+    }
+    // Retention: the Savepoint objects and the objects in the bucket agree, at most 2.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let objects = savepoint_objects(&env, "Upgrade").await;
+        let mut recorded: Vec<String> = objects
+            .iter()
+            .filter_map(|s| s.status.as_ref().and_then(|s| s.path.clone()))
+            .filter_map(|p| p.rsplit('/').next().map(str::to_owned))
+            .collect();
+        let mut in_bucket: Vec<String> = std::fs::read_dir(s3.bucket_dir("bkt").join("sp"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("savepoint-"))
+            .collect();
+        recorded.sort();
+        in_bucket.sort();
+        if recorded.len() == 2 && recorded == in_bucket {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "recorded {recorded:?}, in the bucket {in_bucket:?}\n{}",
+            env.operator_log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Checkpoints went to the bucket too (next to the savepoints).
+    assert!(s3.bucket_dir("bkt").join("sp/checkpoints").is_dir());
+    env.finishes_exactly_once(&sink, keys, records, 90).await;
 }

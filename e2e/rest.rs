@@ -277,7 +277,7 @@ async fn conformance_against_sjob() {
 async fn errors_have_flinks_shape() {
     let dir = tempfile::tempdir().unwrap();
     let (engine, _, id) = start_count_engine(dir.path()).await;
-    let http = reqwest::Client::new();
+    let http = http_client();
     let cases = [
         (
             reqwest::Method::GET,
@@ -591,7 +591,7 @@ async fn conformance_against_flink() {
         }
     }
     let _stop = Stop;
-    let http = reqwest::Client::new();
+    let http = http_client();
     let client = EngineClient::new(&url);
     for j in client
         .list_jobs()
@@ -607,7 +607,7 @@ async fn conformance_against_flink() {
     let dir = tempfile::tempdir().unwrap();
     let url2 = url.clone();
     conformance(&client, dir.path(), move |sp| async move {
-        let http = reqwest::Client::new();
+        let http = http_client();
         let id = flink_run(&http, &url2, &jar, Some(&sp)).await;
         (EngineClient::new(&url2), id)
     })
@@ -710,7 +710,7 @@ async fn a_locked_down_engine_takes_savepoints_only_under_its_roots_and_only_wit
         ],
     );
     let url = engine.url();
-    let http = reqwest::Client::new();
+    let http = http_client();
     // Open: health, readiness, metrics and the overview (what probes and scrapers read).
     for path in ["/healthz", "/overview", "/metrics", "/config"] {
         let r = http.get(format!("{url}{path}")).send().await.unwrap();
@@ -983,4 +983,9 @@ async fn a_cut_over_between_two_versions_writes_every_count_once() {
     );
     println!("cut-over at {cut:?}, switch took {switched:?}");
     drop((blue, green));
+}
+
+fn http_client() -> reqwest::Client {
+    sjob::install_tls_provider();
+    reqwest::Client::new()
 }

@@ -612,6 +612,7 @@ fn savepoints(cmd: SavepointsCommand) -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    sjob::install_tls_provider();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {

@@ -31,6 +31,12 @@ pub struct OperatorArgs {
     /// the Secret `<job>-rest-token` (`--engine-rest-token=false`: no token).
     #[arg(long, env = "SJOB_ENGINE_REST_TOKEN", default_value_t = true, action = clap::ArgAction::Set)]
     engine_rest_token: bool,
+    /// A Secret in each job's namespace whose keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    /// AWS_REGION, AWS_ENDPOINT_URL, …) engine pods get as environment: the credentials of
+    /// s3:// savepoint and checkpoint locations. The operator reads snapshots with its own
+    /// environment (the chart gives it the same Secret).
+    #[arg(long, env = "SJOB_ENGINE_STORAGE_SECRET")]
+    engine_storage_secret: Option<String>,
     /// This replica's name (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -94,6 +100,7 @@ pub fn run(args: OperatorArgs) -> Result<ExitCode> {
                 default_savepoint_dir: args.default_savepoint_dir,
                 port: args.engine_port,
                 rest_token: args.engine_rest_token,
+                storage_secret: args.engine_storage_secret,
             },
             identity,
             leader_election: args.leader_elect.then_some(LeaderElection {

@@ -100,7 +100,10 @@ impl Bench {
             cluster,
             operator,
             metrics_url: format!("http://127.0.0.1:{port}/metrics"),
-            http: reqwest::Client::new(),
+            http: {
+                sjob::install_tls_provider();
+                reqwest::Client::new()
+            },
             _root: root,
         };
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -32,13 +32,48 @@ pub enum AccessError {
 #[derive(Clone, Debug, Default)]
 pub struct SavepointRoots {
     roots: Vec<PathBuf>,
+    /// Object store roots, as `s3://bucket/prefix` without a trailing `/`.
+    urls: Vec<String>,
+}
+
+/// An object store URL (`s3://`, `s3a://`) in one spelling: `s3://bucket/a/b`. `None` for
+/// anything else; an error for `.`, `..` or empty segments.
+fn object_url(target: &str) -> Option<Result<String, String>> {
+    let rest = target
+        .strip_prefix("s3://")
+        .or_else(|| target.strip_prefix("s3a://"))?;
+    let rest = rest.trim_end_matches('/');
+    if rest
+        .split('/')
+        .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        return Some(Err(format!(
+            "savepoint target '{target}' has an empty, '.' or '..' segment"
+        )));
+    }
+    Some(Ok(format!("s3://{rest}")))
 }
 
 impl SavepointRoots {
-    /// Roots are absolute paths or `file:` URLs; symbolic links in them are resolved.
+    /// Roots are absolute paths, `file:` URLs or `s3://bucket/prefix`; symbolic links in
+    /// local ones are resolved.
     pub fn new(roots: &[String]) -> Result<SavepointRoots, AccessError> {
-        let roots = roots
-            .iter()
+        let mut urls = Vec::new();
+        let mut local = Vec::new();
+        for r in roots {
+            match object_url(r) {
+                Some(Ok(url)) => urls.push(url),
+                Some(Err(reason)) => {
+                    return Err(AccessError::Root {
+                        root: r.clone(),
+                        reason,
+                    });
+                }
+                None => local.push(r),
+            }
+        }
+        let roots = local
+            .into_iter()
             .map(|r| {
                 let path = local_path(r);
                 if !path.is_absolute() {
@@ -50,16 +85,41 @@ impl SavepointRoots {
                 Ok(resolve(&path))
             })
             .collect::<Result<_, _>>()?;
-        Ok(SavepointRoots { roots })
+        Ok(SavepointRoots { roots, urls })
     }
 
     pub fn is_restricted(&self) -> bool {
-        !self.roots.is_empty()
+        !self.roots.is_empty() || !self.urls.is_empty()
+    }
+
+    fn allowed(&self) -> String {
+        self.roots
+            .iter()
+            .map(|r| r.display().to_string())
+            .chain(self.urls.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// The target as the engine will write it, or why it is refused. `..` cannot climb out of
     /// a root and a symbolic link inside a root that leads out of it is followed first.
     pub fn check(&self, target: &str) -> Result<String, String> {
+        if let Some(url) = object_url(target) {
+            let url = url?;
+            if !self.is_restricted()
+                || self
+                    .urls
+                    .iter()
+                    .any(|r| url == *r || url.starts_with(&format!("{r}/")))
+            {
+                return Ok(url);
+            }
+            return Err(format!(
+                "savepoint target '{target}' is outside the engine's savepoint roots ({}); \
+                 allowed roots are set with --savepoint-root",
+                self.allowed()
+            ));
+        }
         let path = local_path(target);
         if !self.is_restricted() {
             return Ok(path.to_string_lossy().into_owned());
@@ -74,11 +134,10 @@ impl SavepointRoots {
         if self.roots.iter().any(|root| resolved.starts_with(root)) {
             return Ok(path.to_string_lossy().into_owned());
         }
-        let roots: Vec<String> = self.roots.iter().map(|r| r.display().to_string()).collect();
         Err(format!(
             "savepoint target '{target}' is outside the engine's savepoint roots ({}); \
              allowed roots are set with --savepoint-root",
-            roots.join(", ")
+            self.allowed()
         ))
     }
 }
@@ -226,6 +285,26 @@ mod tests {
         assert_eq!(open.check("file:///anywhere").unwrap(), "/anywhere");
         assert_eq!(open.check("relative").unwrap(), "relative");
         assert!(SavepointRoots::new(&["rel".into()]).is_err());
+    }
+
+    #[test]
+    fn object_store_targets_stay_under_their_url_roots() {
+        let roots = SavepointRoots::new(&["s3://bkt/sp/".into(), "/data/sp".into()]).unwrap();
+        assert_eq!(roots.check("s3://bkt/sp").unwrap(), "s3://bkt/sp");
+        assert_eq!(roots.check("s3a://bkt/sp/x/").unwrap(), "s3://bkt/sp/x");
+        for bad in [
+            "s3://bkt/spx",
+            "s3://other/sp/x",
+            "s3://bkt/sp/../x",
+            "s3://bkt/sp//x",
+            "s3://bkt",
+        ] {
+            let e = roots.check(bad).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+        assert!(SavepointRoots::new(&["s3://bkt/../x".into()]).is_err());
+        let open = SavepointRoots::default();
+        assert_eq!(open.check("s3://b/any").unwrap(), "s3://b/any");
     }
 
     #[test]

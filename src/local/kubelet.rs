@@ -92,6 +92,7 @@ impl Kubelet {
                 }
             }
         });
+        crate::install_tls_provider();
         let task = tokio::spawn(async move {
             let mut state = State {
                 client,
@@ -621,8 +622,11 @@ impl State {
             .and_then(|s| s.containers.first())
             .cloned();
         let configmaps = match &container {
-            Some(_) => self.volumes(pod).await,
-            None => Ok(Vec::new()),
+            Some(c) => match self.env_from(pod, c).await {
+                Ok(env) => self.volumes(pod).await.map(|v| (v, env)),
+                Err(e) => Err(e),
+            },
+            None => Ok((Vec::new(), Vec::new())),
         };
         let Some(p) = self.procs.get_mut(uid) else {
             return;
@@ -663,7 +667,9 @@ impl State {
             let Some(container) = container else {
                 return;
             };
-            match configmaps.and_then(|vols| start_container(&exe, p, pod, &container, &vols)) {
+            match configmaps
+                .and_then(|(vols, env)| start_container(&exe, p, pod, &container, &vols, &env))
+            {
                 Ok(child) => {
                     p.child = Some(child);
                     p.started_at = Some(now_time().as_str().unwrap_or_default().to_owned());
@@ -707,6 +713,33 @@ impl State {
         if let Some(p) = self.procs.get_mut(uid) {
             p.ready = ready;
         }
+    }
+
+    /// The environment a container takes from Secrets (`envFrom: secretRef`), in order.
+    async fn env_from(&self, pod: &Pod, c: &Container) -> Result<Vec<(String, String)>, String> {
+        let ns = pod.namespace().unwrap_or_default();
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+        let mut out = Vec::new();
+        for from in c.env_from.clone().unwrap_or_default() {
+            let Some(r) = from.secret_ref else {
+                return Err(format!(
+                    "container {}: only envFrom secretRef is served",
+                    c.name
+                ));
+            };
+            let secret = match secrets.get_opt(&r.name).await {
+                Ok(Some(s)) => s,
+                Ok(None) if r.optional == Some(true) => continue,
+                Ok(None) => return Err(format!("envFrom: Secret {} not found", r.name)),
+                Err(e) => return Err(format!("envFrom: Secret {}: {e}", r.name)),
+            };
+            for (k, v) in secret.data.unwrap_or_default() {
+                let v = String::from_utf8(v.0)
+                    .map_err(|_| format!("envFrom: Secret {}: key {k} is not UTF-8", r.name))?;
+                out.push((format!("{}{k}", from.prefix.as_deref().unwrap_or("")), v));
+            }
+        }
+        Ok(out)
     }
 
     /// The pod's volumes this kubelet serves: ConfigMaps and Secrets as files, emptyDirs.
@@ -862,13 +895,14 @@ enum Volume {
 
 /// Starts a container as a local process: `sjob` is this machine's binary; volumes are
 /// directories under the pod's, mount paths in arguments and environment rewritten to them;
-/// the downward API gives the pod IP, name, namespace.
+/// the downward API gives the pod IP, name, namespace; `envFrom` Secrets their keys.
 fn start_container(
     exe: &Path,
     p: &Proc,
     pod: &Pod,
     c: &Container,
     volumes: &[(String, Volume)],
+    env_from: &[(String, String)],
 ) -> Result<Child, String> {
     let command = c.command.clone().unwrap_or_else(|| vec!["sjob".into()]);
     if command.first().map(String::as_str) != Some("sjob") {
@@ -914,6 +948,10 @@ fn start_container(
             .iter()
             .map(|a| rewrite(a)),
     );
+    // As in Kubernetes: `env` wins over `envFrom`.
+    for (k, v) in env_from {
+        cmd.env(k, v);
+    }
     for e in c.env.clone().unwrap_or_default() {
         let value = match (&e.value, &e.value_from) {
             (Some(v), _) => rewrite(v),

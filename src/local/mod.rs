@@ -5,4 +5,5 @@ pub mod cluster;
 pub mod control_plane;
 pub mod kubelet;
 pub mod real;
+pub mod s3_server;
 pub mod sink_check;

@@ -139,6 +139,7 @@ impl EngineClient {
 
     /// A client whose every request gives up after `timeout`.
     pub fn with_timeout(base: &str, timeout: Duration) -> EngineClient {
+        crate::install_tls_provider();
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(2)))

@@ -82,6 +82,9 @@ pub struct EngineSettings {
     /// Whether engines require a bearer token on their REST API (one Secret per StatefulJob,
     /// read by the operator, mounted in the engine pod).
     pub rest_token: bool,
+    /// A Secret in the job's namespace whose keys (`AWS_*`) engine pods get as environment:
+    /// the credentials of `s3://` savepoint and checkpoint locations.
+    pub storage_secret: Option<String>,
 }
 
 impl Default for EngineSettings {
@@ -91,6 +94,7 @@ impl Default for EngineSettings {
             default_savepoint_dir: None,
             port: 8081,
             rest_token: true,
+            storage_secret: None,
         }
     }
 }
@@ -348,6 +352,9 @@ pub fn engine_objects(
                              "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
                             {"name": "TMPDIR", "value": SCRATCH_MOUNT},
                         ],
+                        "envFrom": settings.storage_secret.iter()
+                            .map(|name| json!({"secretRef": {"name": name}}))
+                            .collect::<Vec<_>>(),
                         "securityContext": {
                             "allowPrivilegeEscalation": false,
                             "readOnlyRootFilesystem": true,

@@ -237,7 +237,8 @@ impl SnapshotMetadata {
             path: dir.location(),
             reason: format!("cannot encode metadata: {e}"),
         })?;
-        dir.put(METADATA_FILE, Bytes::from(bytes))?;
+        // The commit marker: written last, once (never over a complete snapshot).
+        dir.put_new(METADATA_FILE, Bytes::from(bytes))?;
         Ok(())
     }
 
@@ -248,7 +249,7 @@ impl SnapshotMetadata {
         match dir.get(METADATA_FILE) {
             Ok(bytes) => SnapshotMetadata::decode(&bytes, &path),
             Err(e) if e.is_not_found() => {
-                if std::path::Path::new(&dir.location()).exists() {
+                if dir.exists()? {
                     Err(MetadataError::Incomplete(dir.location()))
                 } else {
                     Err(MetadataError::NotFound(dir.location()))

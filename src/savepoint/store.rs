@@ -1,20 +1,42 @@
-//! Snapshot storage through `object_store`: local paths and `file://` URLs.
+//! Snapshot storage through `object_store`: local paths, `file://` URLs and S3
+//! (`s3://bucket/prefix`, configured by the `AWS_*` environment variables).
 //!
 //! All calls block; they run the object store on a small I/O runtime of their own, so engine
 //! threads (not async tasks) call them. Async callers use `spawn_blocking`.
+//!
+//! On S3 an object appears whole or not at all: a small one is one PUT, a large one a
+//! multipart upload that is completed last (and aborted when its writer is dropped), and a
+//! snapshot's `_metadata` is written with `If-None-Match: *`, so a complete snapshot is never
+//! overwritten.
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
+use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload, RetryConfig, WriteMultipart};
+use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+/// The part size of multipart uploads (S3 wants at least 5 MiB but for the last part).
+const PART_BYTES: usize = 8 << 20;
+/// Parts of one object uploaded at once.
+const PARTS_IN_FLIGHT: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("unsupported storage location '{0}': use a local path or a file:// URL")]
+    #[error(
+        "unsupported storage location '{0}': use a local path, a file:// URL or s3://bucket/prefix"
+    )]
     Unsupported(String),
+    #[error(
+        "{location}: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_WEB_IDENTITY_TOKEN_FILE with AWS_ROLE_ARN, or AWS_CONTAINER_CREDENTIALS_FULL_URI)"
+    )]
+    NoCredentials { location: String },
+    #[error("{location}: a complete snapshot is already there (written by another writer)")]
+    AlreadyExists { location: String },
     #[error("invalid storage location '{location}': {reason}")]
     Invalid { location: String, reason: String },
     #[error("{op} {location}: {source}")]
@@ -64,13 +86,98 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
     }
 }
 
+/// Which kind of store a location is in.
+#[derive(Clone, Debug)]
+enum Backend {
+    /// The local directory, for display and for operations object stores lack.
+    Local(std::path::PathBuf),
+    /// An S3 bucket.
+    S3 { bucket: String },
+}
+
 /// A directory-like location in an object store.
 #[derive(Clone)]
 pub struct Store {
     os: Arc<dyn ObjectStore>,
     base: Path,
-    /// The local directory, for display and for operations object stores lack.
-    local: std::path::PathBuf,
+    backend: Backend,
+}
+
+/// The S3 client of a bucket: one per process (clients pool connections and cache
+/// credentials), configured from the environment.
+fn s3_client(bucket: &str, location: &str) -> Result<Arc<dyn ObjectStore>, StoreError> {
+    static CLIENTS: OnceLock<Mutex<HashMap<String, Arc<dyn ObjectStore>>>> = OnceLock::new();
+    let clients = CLIENTS.get_or_init(Default::default);
+    let mut clients = clients.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = clients.get(bucket) {
+        return Ok(c.clone());
+    }
+    let set = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
+    // Without any of these object_store falls back to the EC2 instance metadata service:
+    // slow to fail anywhere else, so refuse with the variables to set instead.
+    if !(set("AWS_ACCESS_KEY_ID") && set("AWS_SECRET_ACCESS_KEY")
+        || set("AWS_WEB_IDENTITY_TOKEN_FILE")
+        || set("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+        || set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"))
+    {
+        return Err(StoreError::NoCredentials {
+            location: location.to_owned(),
+        });
+    }
+    crate::install_tls_provider();
+    let mut builder = AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_virtual_hosted_style_request(false)
+        .with_retry(RetryConfig {
+            max_retries: 5,
+            retry_timeout: Duration::from_secs(30),
+            ..Default::default()
+        });
+    let endpoint = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok());
+    if endpoint.is_some_and(|e| e.starts_with("http://")) {
+        // A custom endpoint named with http:// means plain HTTP (a server in the cluster).
+        builder = builder.with_allow_http(true);
+    }
+    let client: Arc<dyn ObjectStore> =
+        Arc::new(builder.build().map_err(|e| StoreError::Invalid {
+            location: location.to_owned(),
+            reason: e.to_string(),
+        })?);
+    clients.insert(bucket.to_owned(), client.clone());
+    Ok(client)
+}
+
+/// `s3://bucket/a/b` (or `s3a://`): the bucket and the key prefix, checked.
+fn parse_s3(location: &str) -> Option<Result<(String, Path), StoreError>> {
+    let rest = location
+        .strip_prefix("s3://")
+        .or_else(|| location.strip_prefix("s3a://"))?;
+    let invalid = |reason: &str| {
+        Some(Err(StoreError::Invalid {
+            location: location.to_owned(),
+            reason: reason.to_owned(),
+        }))
+    };
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return invalid("no bucket: write s3://bucket/prefix");
+    }
+    let segments: Vec<&str> = prefix.trim_end_matches('/').split('/').collect();
+    if prefix.trim_end_matches('/').is_empty() {
+        return Some(Ok((bucket.to_owned(), Path::default())));
+    }
+    if segments
+        .iter()
+        .any(|s| s.is_empty() || *s == "." || *s == "..")
+    {
+        return invalid("empty, '.' or '..' segments are not allowed in a key prefix");
+    }
+    match Path::parse(segments.join("/")) {
+        Ok(p) => Some(Ok((bucket.to_owned(), p))),
+        Err(e) => invalid(&e.to_string()),
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -83,6 +190,15 @@ impl Store {
     /// Opens a location: a local path (absolute or relative to the working directory) or a
     /// `file://` URL.
     pub fn open(location: &str) -> Result<Store, StoreError> {
+        if let Some(parsed) = parse_s3(location) {
+            let (bucket, base) = parsed?;
+            let os = s3_client(&bucket, location)?;
+            return Ok(Store {
+                os,
+                base,
+                backend: Backend::S3 { bucket },
+            });
+        }
         let path_text = if let Some(rest) = location.strip_prefix("file://") {
             rest.to_owned()
         } else if let Some(rest) = location.strip_prefix("file:") {
@@ -111,20 +227,32 @@ impl Store {
         Ok(Store {
             os: Arc::new(LocalFileSystem::new()),
             base,
-            local,
+            backend: Backend::Local(local),
         })
     }
 
     /// The location as users write it.
     pub fn location(&self) -> String {
-        self.local.display().to_string()
+        match &self.backend {
+            Backend::Local(local) => local.display().to_string(),
+            Backend::S3 { bucket } if self.base.as_ref().is_empty() => format!("s3://{bucket}"),
+            Backend::S3 { bucket } => format!("s3://{bucket}/{}", self.base),
+        }
+    }
+
+    /// Whether the location is on the local file system.
+    pub fn is_local(&self) -> bool {
+        matches!(self.backend, Backend::Local(_))
     }
 
     pub fn child(&self, name: &str) -> Store {
         Store {
             os: self.os.clone(),
             base: self.path(name),
-            local: self.local.join(name),
+            backend: match &self.backend {
+                Backend::Local(local) => Backend::Local(local.join(name)),
+                s3 => s3.clone(),
+            },
         }
     }
 
@@ -135,7 +263,69 @@ impl Store {
     }
 
     fn display(&self, rel: &str) -> String {
-        self.local.join(rel).display().to_string()
+        match &self.backend {
+            Backend::Local(local) => local.join(rel).display().to_string(),
+            Backend::S3 { .. } => format!("{}/{rel}", self.location()),
+        }
+    }
+
+    /// Writes an object that must not exist yet (a snapshot's commit marker): on S3 with
+    /// `If-None-Match: *`, so two writers never both complete the same snapshot.
+    pub fn put_new(&self, rel: &str, bytes: Bytes) -> Result<(), StoreError> {
+        let path = self.path(rel);
+        let payload = PutPayload::from(bytes.clone());
+        match block_on(self.os.put_opts(&path, payload, PutMode::Create.into())) {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. }) => Err(StoreError::AlreadyExists {
+                location: self.display(rel),
+            }),
+            Err(object_store::Error::NotImplemented { .. }) => {
+                // AWS_CONDITIONAL_PUT=disabled: a server without conditional writes.
+                tracing::warn!(location = %self.display(rel), "conditional writes are disabled: writing without If-None-Match");
+                self.put(rel, bytes)
+            }
+            Err(source) => Err(StoreError::Io {
+                op: "writing",
+                location: self.display(rel),
+                source,
+            }),
+        }
+    }
+
+    /// Whether anything is stored at or below this location.
+    pub fn exists(&self) -> Result<bool, StoreError> {
+        match &self.backend {
+            Backend::Local(local) => Ok(local.exists()),
+            Backend::S3 { .. } => {
+                let first = block_on(async { self.os.list(Some(&self.base)).next().await });
+                match first {
+                    None => Ok(false),
+                    Some(Ok(_)) => Ok(true),
+                    Some(Err(source)) => Err(StoreError::Io {
+                        op: "listing",
+                        location: self.location(),
+                        source,
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Whether this location is itself one object (a file), not a directory of them.
+    pub fn is_object(&self) -> Result<bool, StoreError> {
+        match &self.backend {
+            Backend::Local(local) => Ok(local.is_file()),
+            Backend::S3 { .. } if self.base.as_ref().is_empty() => Ok(false),
+            Backend::S3 { .. } => match block_on(self.os.head(&self.base)) {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::NotFound { .. }) => Ok(false),
+                Err(source) => Err(StoreError::Io {
+                    op: "reading",
+                    location: self.location(),
+                    source,
+                }),
+            },
+        }
     }
 
     /// Writes an object atomically: readers see all of it or nothing.
@@ -186,7 +376,9 @@ impl Store {
 
     /// Relative paths of every object below this location.
     pub fn list(&self) -> Result<Vec<String>, StoreError> {
-        if !self.local.exists() {
+        if let Backend::Local(local) = &self.backend
+            && !local.exists()
+        {
             return Ok(Vec::new());
         }
         let prefix = self.base.clone();
@@ -213,7 +405,9 @@ impl Store {
 
     /// Names of the immediate sub-directories (common prefixes).
     pub fn list_dirs(&self) -> Result<Vec<String>, StoreError> {
-        if !self.local.exists() {
+        if let Backend::Local(local) = &self.backend
+            && !local.exists()
+        {
             return Ok(Vec::new());
         }
         let prefix = self.base.clone();
@@ -233,7 +427,36 @@ impl Store {
 
     /// Deletes everything below this location, and the directory itself.
     pub fn delete_all(&self) -> Result<(), StoreError> {
-        match std::fs::remove_dir_all(&self.local) {
+        let local = match &self.backend {
+            Backend::Local(local) => local,
+            Backend::S3 { .. } => {
+                if self.base.as_ref().is_empty() {
+                    return Err(StoreError::Invalid {
+                        location: self.location(),
+                        reason: "refusing to delete a whole bucket".into(),
+                    });
+                }
+                // Bulk deletes (DeleteObjects, 1,000 keys a request) of everything listed.
+                let os = self.os.clone();
+                let listed = os.list(Some(&self.base)).map_ok(|m| m.location).boxed();
+                let deleted: Result<Vec<Path>, _> = block_on(
+                    os.delete_stream(listed)
+                        .or_else(|e| async move {
+                            match e {
+                                object_store::Error::NotFound { path, .. } => Ok(Path::from(path)),
+                                e => Err(e),
+                            }
+                        })
+                        .try_collect(),
+                );
+                return deleted.map(|_| ()).map_err(|source| StoreError::Io {
+                    op: "deleting",
+                    location: self.location(),
+                    source,
+                });
+            }
+        };
+        match std::fs::remove_dir_all(local) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(source) => Err(StoreError::Local {
@@ -244,13 +467,28 @@ impl Store {
         }
     }
 
-    /// Makes sure the location can be written to, creating it if needed.
+    /// Makes sure the location can be written to, creating it if needed. On S3 a small
+    /// object is written and deleted, so a missing bucket or a denied write shows before a
+    /// snapshot starts.
     pub fn ensure_writable(&self) -> Result<(), StoreError> {
-        std::fs::create_dir_all(&self.local).map_err(|source| StoreError::Local {
-            op: "creating",
-            location: self.location(),
-            source,
-        })
+        match &self.backend {
+            Backend::Local(local) => {
+                std::fs::create_dir_all(local).map_err(|source| StoreError::Local {
+                    op: "creating",
+                    location: self.location(),
+                    source,
+                })
+            }
+            Backend::S3 { .. } => {
+                let probe = ".sjob-write-check";
+                self.put(probe, Bytes::new())?;
+                block_on(self.os.delete(&self.path(probe))).map_err(|source| StoreError::Io {
+                    op: "deleting",
+                    location: self.display(probe),
+                    source,
+                })
+            }
+        }
     }
 
     /// A streaming writer whose object appears only when `finish` succeeds.
@@ -259,7 +497,23 @@ impl Store {
     /// (what `object_store`'s local multipart upload does too, without its copies through the
     /// async runtime, which halve the write rate of large state files).
     pub fn writer(&self, rel: &str) -> StoreWriter {
-        let target = self.local.join(rel);
+        let local = match &self.backend {
+            Backend::Local(local) => local,
+            Backend::S3 { .. } => {
+                return StoreWriter {
+                    sink: Some(Sink::Remote {
+                        os: self.os.clone(),
+                        path: self.path(rel),
+                        buf: Vec::new(),
+                        upload: None,
+                    }),
+                    location: self.display(rel),
+                    crc: 0,
+                    written: 0,
+                };
+            }
+        };
+        let target = local.join(rel);
         let temp = target.with_file_name(format!(
             ".{}.{}.tmp",
             target
@@ -275,9 +529,11 @@ impl Store {
             .and_then(|_| std::fs::File::create(&temp))
             .map(|f| std::io::BufWriter::with_capacity(4 << 20, f));
         StoreWriter {
-            inner: Some(file),
-            temp,
-            target,
+            sink: Some(Sink::Local {
+                file: Some(file),
+                temp,
+                target,
+            }),
             location: self.display(rel),
             crc: 0,
             written: 0,
@@ -285,11 +541,28 @@ impl Store {
     }
 }
 
+/// Where a writer's bytes go.
+enum Sink {
+    /// A temporary file renamed into place.
+    Local {
+        file: Option<std::io::Result<std::io::BufWriter<std::fs::File>>>,
+        temp: std::path::PathBuf,
+        target: std::path::PathBuf,
+    },
+    /// Buffered up to a part; one PUT if it stays that small, else a multipart upload
+    /// started with the first full part.
+    Remote {
+        os: Arc<dyn ObjectStore>,
+        path: Path,
+        buf: Vec<u8>,
+        upload: Option<WriteMultipart>,
+    },
+}
+
 /// Writes one object in pieces, keeping its size and CRC-32C.
 pub struct StoreWriter {
-    inner: Option<std::io::Result<std::io::BufWriter<std::fs::File>>>,
-    temp: std::path::PathBuf,
-    target: std::path::PathBuf,
+    /// `None` once finished.
+    sink: Option<Sink>,
     location: String,
     crc: u32,
     written: u64,
@@ -304,16 +577,64 @@ impl StoreWriter {
         }
     }
 
-    pub fn write(&mut self, buf: &[u8]) -> Result<(), StoreError> {
+    fn remote_err(&self, source: object_store::Error) -> StoreError {
+        StoreError::Io {
+            op: "writing",
+            location: self.location.clone(),
+            source,
+        }
+    }
+
+    pub fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
         use std::io::Write;
-        let res = match self.inner.as_mut() {
-            Some(Ok(w)) => w.write_all(buf),
-            Some(Err(e)) => Err(std::io::Error::new(e.kind(), e.to_string())),
-            None => Err(std::io::Error::other("writer already finished")),
-        };
-        res.map_err(|e| self.err(e))?;
-        self.crc = crc32c::crc32c_append(self.crc, buf);
-        self.written += buf.len() as u64;
+        let location = self.location.clone();
+        match &mut self.sink {
+            None => return Err(self.err(std::io::Error::other("writer already finished"))),
+            Some(Sink::Local { file, .. }) => {
+                let res = match file.as_mut() {
+                    Some(Ok(w)) => w.write_all(data),
+                    Some(Err(e)) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                    None => Err(std::io::Error::other("writer already finished")),
+                };
+                res.map_err(|source| StoreError::Local {
+                    op: "writing",
+                    location,
+                    source,
+                })?;
+            }
+            Some(Sink::Remote {
+                os,
+                path,
+                buf,
+                upload,
+            }) => {
+                let remote_err = |source| StoreError::Io {
+                    op: "writing",
+                    location: location.clone(),
+                    source,
+                };
+                buf.extend_from_slice(data);
+                if buf.len() >= PART_BYTES {
+                    if upload.is_none() {
+                        let started = block_on(os.put_multipart(path));
+                        *upload = Some(WriteMultipart::new_with_chunk_size(
+                            started.map_err(remote_err)?,
+                            PART_BYTES,
+                        ));
+                    }
+                    if let Some(w) = upload.as_mut() {
+                        // Back-pressure: at most PARTS_IN_FLIGHT parts uploading at once.
+                        let waited = block_on(w.wait_for_capacity(PARTS_IN_FLIGHT));
+                        let full = Bytes::from(std::mem::take(buf));
+                        let _rt = io_runtime().enter();
+                        w.put(full);
+                        waited.map_err(remote_err)?;
+                    }
+                }
+            }
+        }
+        self.crc = crc32c::crc32c_append(self.crc, data);
+        self.written += data.len() as u64;
         Ok(())
     }
 
@@ -321,21 +642,51 @@ impl StoreWriter {
         self.written
     }
 
-    /// Completes the object (data synced, then renamed into place); returns its size and
-    /// CRC-32C.
+    /// Completes the object (locally: data synced, then renamed into place; on S3: one PUT,
+    /// or the multipart upload completed); returns its size and CRC-32C.
     pub fn finish(mut self) -> Result<(u64, u32), StoreError> {
-        let result = match self.inner.take() {
-            Some(Ok(w)) => w
-                .into_inner()
-                .map_err(|e| e.into_error())
-                .and_then(|f| f.sync_data())
-                .and_then(|_| std::fs::rename(&self.temp, &self.target)),
-            Some(Err(e)) => Err(e),
-            None => Err(std::io::Error::other("writer already finished")),
+        let Some(sink) = self.sink.take() else {
+            return Err(self.err(std::io::Error::other("writer already finished")));
         };
-        if let Err(e) = result {
-            let _ = std::fs::remove_file(&self.temp);
-            return Err(self.err(e));
+        match sink {
+            Sink::Local {
+                mut file,
+                temp,
+                target,
+            } => {
+                let result = match file.take() {
+                    Some(Ok(w)) => w
+                        .into_inner()
+                        .map_err(|e| e.into_error())
+                        .and_then(|f| f.sync_data())
+                        .and_then(|_| std::fs::rename(&temp, &target)),
+                    Some(Err(e)) => Err(e),
+                    None => Err(std::io::Error::other("writer already finished")),
+                };
+                if let Err(e) = result {
+                    let _ = std::fs::remove_file(&temp);
+                    return Err(self.err(e));
+                }
+            }
+            Sink::Remote {
+                os,
+                path,
+                buf,
+                upload,
+            } => {
+                let done = match upload {
+                    None => block_on(os.put(&path, PutPayload::from(buf))).map(|_| ()),
+                    Some(mut w) => {
+                        {
+                            let _rt = io_runtime().enter();
+                            w.put(Bytes::from(buf));
+                        }
+                        // Aborts the upload itself when a part failed.
+                        block_on(w.finish()).map(|_| ())
+                    }
+                };
+                done.map_err(|e| self.remote_err(e))?;
+            }
         }
         Ok((self.written, self.crc))
     }
@@ -343,8 +694,20 @@ impl StoreWriter {
 
 impl Drop for StoreWriter {
     fn drop(&mut self) {
-        if self.inner.take().is_some() {
-            let _ = std::fs::remove_file(&self.temp);
+        match &mut self.sink {
+            None => {}
+            // Never finished (finish takes the sink): the temporary file goes.
+            Some(Sink::Local { temp, .. }) => {
+                let _ = std::fs::remove_file(temp);
+            }
+            Some(Sink::Remote { upload, .. }) => {
+                // Never completed: abort, so no parts are left behind.
+                if let Some(w) = upload.take()
+                    && let Err(e) = block_on(w.abort())
+                {
+                    tracing::warn!(location = %self.location, error = %e, "cannot abort the multipart upload");
+                }
+            }
         }
     }
 }
@@ -375,6 +738,11 @@ mod tests {
         assert_eq!(store.list_dirs().unwrap(), vec!["a".to_owned()]);
         store.delete_all().unwrap();
         assert!(!dir.path().join("sp").exists());
-        assert!(Store::open("s3://bucket/x").is_err());
+        let e = Store::open("gs://bucket/x").unwrap_err().to_string();
+        assert!(e.contains("gs://bucket/x") && e.contains("s3://"), "{e}");
+        let e = Store::open("s3:///x").unwrap_err().to_string();
+        assert!(e.contains("no bucket"), "{e}");
+        let e = Store::open("s3://b/a//c").unwrap_err().to_string();
+        assert!(e.contains("empty"), "{e}");
     }
 }

@@ -122,7 +122,7 @@ pub enum DisposeError {
 
 /// Deletes a snapshot directory (complete or incomplete), refusing anything else.
 pub fn dispose(dir: &Store) -> Result<u64, DisposeError> {
-    if std::path::Path::new(&dir.location()).is_file() {
+    if dir.is_object()? {
         return Err(DisposeError::NotASnapshot(dir.location()));
     }
     let bytes = match SnapshotMetadata::read(dir) {

@@ -1,0 +1,369 @@
+//! Savepoints and checkpoints on a real S3 server (versitygw, built by `bash
+//! e2e/s3/install.sh`; `.ci/run` exports `SJOB_VERSITYGW_BIN`): the snapshot store's own
+//! guarantees, a job that savepoints, stops, rescales and survives a kill -9 with nothing but
+//! the bucket shared between its engine processes, and the errors users meet.
+
+use bytes::Bytes;
+use sjob::local::s3_server::{ACCESS_KEY, S3Server, SECRET_KEY};
+use sjob::local::sink_check::CountLog;
+use sjob::savepoint::store::Store;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const BUCKET: &str = "bkt";
+const SECRET: &str = SECRET_KEY;
+
+/// One S3 server for the whole test binary (tests use prefixes of their own).
+struct S3 {
+    server: S3Server,
+    _dir: tempfile::TempDir,
+}
+
+fn s3() -> &'static S3Server {
+    static SERVER: OnceLock<S3> = OnceLock::new();
+    &SERVER
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let server = S3Server::start(dir.path(), &[BUCKET]).unwrap_or_else(|e| panic!("{e}"));
+            // For the Store used in this process; child processes get theirs from `sjob`.
+            // SAFETY: set once, before this process reads them anywhere else.
+            unsafe {
+                for (k, v) in server.env(SECRET) {
+                    std::env::set_var(k, v);
+                }
+            }
+            S3 { server, _dir: dir }
+        })
+        .server
+}
+
+/// `sjob` in `dir` with the S3 environment (`secret` lets a test use a wrong one).
+fn sjob(dir: &Path, secret: Option<&str>) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sjob"));
+    c.current_dir(dir).env("SJOB_LOG", "warn");
+    for k in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_REGION",
+        "AWS_ENDPOINT_URL",
+    ] {
+        c.env_remove(k);
+    }
+    if let Some(secret) = secret {
+        c.envs(s3().env(secret));
+    }
+    c
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// ListMultipartUploads of the bucket, signed by curl: the keys of uploads not completed
+/// or aborted.
+fn open_multipart_uploads() -> Vec<String> {
+    let o = Command::new("curl")
+        .args([
+            "-sS",
+            "--fail-with-body",
+            "--aws-sigv4",
+            "aws:amz:us-east-1:s3",
+        ])
+        .args(["--user", &format!("{ACCESS_KEY}:{SECRET}")])
+        .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"])
+        .arg(format!("{}/{BUCKET}?uploads=", s3().endpoint()))
+        .output()
+        .expect("curl runs (apt-get install curl)");
+    let body = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "ListMultipartUploads: {}", text(&o));
+    assert!(body.contains("ListMultipartUploadsResult"), "{body}");
+    body.split("<Key>")
+        .skip(1)
+        .filter_map(|s| s.split("</Key>").next())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_store_writes_whole_objects_multipart_and_commit_markers_once() {
+    s3();
+    let store = Store::open(&format!("s3://{BUCKET}/store-test/")).unwrap();
+    assert_eq!(store.location(), "s3://bkt/store-test");
+    store.ensure_writable().unwrap();
+    store
+        .put("a/b.bin", Bytes::from_static(b"hello world"))
+        .unwrap();
+    assert_eq!(&store.get("a/b.bin").unwrap()[..], b"hello world");
+    assert_eq!(&store.get_range("a/b.bin", 6..11).unwrap()[..], b"world");
+    assert_eq!(store.size("a/b.bin").unwrap(), Some(11));
+    assert_eq!(store.size("nope").unwrap(), None);
+
+    // 20 MiB in 1 MiB writes: three parts, invisible until finished.
+    let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    let mut w = store.writer("big/state.bin");
+    let mut crc = 0;
+    for _ in 0..20 {
+        w.write(&chunk).unwrap();
+        crc = crc32c::crc32c_append(crc, &chunk);
+    }
+    assert_eq!(store.size("big/state.bin").unwrap(), None);
+    assert!(!open_multipart_uploads().is_empty(), "a multipart upload");
+    assert_eq!(w.finish().unwrap(), (20 << 20, crc));
+    assert_eq!(store.size("big/state.bin").unwrap(), Some(20 << 20));
+    let back = store
+        .get_range("big/state.bin", (19 << 20)..(20 << 20))
+        .unwrap();
+    assert_eq!(&back[..], &chunk[..]);
+
+    // A writer dropped unfinished (a cancelled snapshot) leaves no object and no upload.
+    let mut w = store.writer("big/cancelled.bin");
+    for _ in 0..12 {
+        w.write(&chunk).unwrap();
+    }
+    drop(w);
+    assert_eq!(store.size("big/cancelled.bin").unwrap(), None);
+    assert_eq!(open_multipart_uploads(), Vec::<String>::new());
+
+    // The commit marker is written once.
+    store
+        .put_new("_metadata", Bytes::from_static(b"1"))
+        .unwrap();
+    let e = store
+        .put_new("_metadata", Bytes::from_static(b"2"))
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("s3://bkt/store-test/_metadata"),
+        "{e}"
+    );
+    assert_eq!(&store.get("_metadata").unwrap()[..], b"1");
+
+    let mut names = store.list().unwrap();
+    names.sort();
+    assert_eq!(names, ["_metadata", "a/b.bin", "big/state.bin"]);
+    let mut dirs = store.list_dirs().unwrap();
+    dirs.sort();
+    assert_eq!(dirs, ["a", "big"]);
+    assert!(store.exists().unwrap() && !store.is_object().unwrap());
+    store.delete_all().unwrap();
+    assert!(store.list().unwrap().is_empty() && !store.exists().unwrap());
+    assert!(
+        !s3()
+            .bucket_dir(BUCKET)
+            .join("store-test/big/state.bin")
+            .exists()
+    );
+    let e = Store::open("s3://bkt/a/../b").unwrap_err();
+    assert!(e.to_string().contains("'..'"), "{e}");
+}
+
+fn count_job(out: &Path, prefix: &str, records: u64, rate: u64) -> String {
+    format!(
+        r#"
+name: s3counts
+parallelism: 2
+checkpoints:
+  interval: 500ms
+  dir: s3://{BUCKET}/{prefix}/ck
+operators:
+  - kind: generator
+    uid: source
+    keys: 10
+    count: {records}
+    rate: {rate}
+  - kind: keyBy
+    field: key
+  - kind: count
+    uid: counter
+  - kind: fileSink
+    uid: out
+    path: {}
+"#,
+        out.display()
+    )
+}
+
+/// Starts `sjob run -d` in `dir`; the job id and the REST URL.
+fn run_detached(dir: &Path, extra: &[&str]) -> (String, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let o = sjob(dir, Some(SECRET))
+        .args(["run", "-d", "--rest-port", &port])
+        .args(extra)
+        .arg("job.yaml")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let job_id = String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .find(|w| w.len() == 32 && w.chars().all(|c| c.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("no job id in: {}", text(&o)))
+        .to_owned();
+    (job_id, format!("http://127.0.0.1:{port}"))
+}
+
+fn savepoint_path(o: &Output) -> String {
+    assert!(o.status.success(), "{}", text(o));
+    text(o)
+        .lines()
+        .find_map(|l| l.strip_prefix("Savepoint completed. Path: "))
+        .unwrap_or_else(|| panic!("no savepoint path in: {}", text(o)))
+        .to_owned()
+}
+
+fn wait_exactly_once(out: &Path, records: u64, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let problems = CountLog::read(out)
+            .map(|l| l.exactly_once(10, (records / 10) as i64))
+            .unwrap_or_else(|e| vec![e]);
+        if problems.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{problems:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn a_job_savepoints_stops_rescales_and_survives_a_kill_through_s3_only() {
+    s3();
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let records = 150_000;
+    let job = count_job(&out, "job-test", records, 10_000);
+    // Each engine process has an empty working directory of its own.
+    let dirs: Vec<PathBuf> = (0..3)
+        .map(|i| {
+            let d = work.path().join(format!("engine-{i}"));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("job.yaml"), &job).unwrap();
+            d
+        })
+        .collect();
+
+    // 1. Parallelism 2, checkpoints on S3; a savepoint, then stop with one.
+    let (job_id, url) = run_detached(&dirs[0], &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    let sp_dir = format!("s3://{BUCKET}/job-test/sp");
+    let o = sjob(&dirs[0], Some(SECRET))
+        .args(["savepoint", &job_id, &sp_dir, "--url", &url])
+        .output()
+        .unwrap();
+    let first = savepoint_path(&o);
+    assert!(
+        first.starts_with(&format!("{sp_dir}/savepoint-")),
+        "{first}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let o = sjob(&dirs[0], Some(SECRET))
+        .args(["stop", "-p", &sp_dir, &job_id, "--url", &url])
+        .output()
+        .unwrap();
+    let stopped = savepoint_path(&o);
+    let o = sjob(&dirs[0], Some(SECRET))
+        .args(["savepoints", "inspect", &stopped])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success() && text(&o).contains("counter"),
+        "{}",
+        text(&o)
+    );
+
+    // 2. Rescaled to 3 from it, in another empty directory; killed -9 after a checkpoint.
+    let fixed_id = "0123456789abcdef0123456789abcdef";
+    let mut engine = sjob(&dirs[1], Some(SECRET))
+        .args(["run", "--rest-port", "0", "-p", "3", "--job-id", fixed_id])
+        .args(["-s", &stopped, "job.yaml"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let checkpoints = Store::open(&format!("s3://{BUCKET}/job-test/ck/{fixed_id}")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !checkpoints
+        .list()
+        .unwrap()
+        .iter()
+        .any(|f| f.ends_with("/_metadata"))
+    {
+        assert!(Instant::now() < deadline, "no checkpoint on S3");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    engine.kill().unwrap();
+    engine.wait().unwrap();
+
+    // 3. The same job id in a third directory resumes from its newest S3 checkpoint.
+    let o = sjob(&dirs[2], Some(SECRET))
+        .args([
+            "run",
+            "--rest-port",
+            "0",
+            "-p",
+            "3",
+            "--job-id",
+            fixed_id,
+            "job.yaml",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    wait_exactly_once(&out, records, 30);
+    assert!(
+        std::fs::read_dir(&dirs[2]).unwrap().all(|e| {
+            let name = e.unwrap().file_name();
+            name == "job.yaml" || name.to_string_lossy().ends_with(".log")
+        }),
+        "the engine wrote snapshots next to itself"
+    );
+    // 4. Disposed: nothing left under the savepoint's prefix.
+    let o = sjob(&dirs[0], Some(SECRET))
+        .args(["savepoints", "dispose", &first])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(Store::open(&first).unwrap().list().unwrap().is_empty());
+    assert_eq!(open_multipart_uploads(), Vec::<String>::new());
+}
+
+#[test]
+fn bad_credentials_a_missing_bucket_and_no_credentials_are_named() {
+    s3();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&format!("s3://{BUCKET}/cred-test/sp-1")).unwrap();
+    store.put("_metadata", Bytes::from_static(b"x")).unwrap();
+    let inspect = |secret: Option<&str>, path: &str| {
+        sjob(dir.path(), secret)
+            .args(["savepoints", "inspect", path])
+            .output()
+            .unwrap()
+    };
+    let o = inspect(Some("wrong-secret"), "s3://bkt/cred-test/sp-1");
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("s3://bkt/cred-test/sp-1/_metadata"), "{t}");
+    assert!(!t.contains(SECRET) && !t.contains("wrong-secret"), "{t}");
+    let o = inspect(None, "s3://bkt/cred-test/sp-1");
+    let t = text(&o);
+    assert!(
+        !o.status.success() && t.contains("no S3 credentials") && t.contains("AWS_ACCESS_KEY_ID"),
+        "{t}"
+    );
+    let o = inspect(Some(SECRET), "s3://no-such-bucket/sp-1");
+    let t = text(&o);
+    assert!(
+        !o.status.success() && t.contains("s3://no-such-bucket/sp-1"),
+        "{t}"
+    );
+}
