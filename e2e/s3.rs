@@ -367,3 +367,173 @@ fn bad_credentials_a_missing_bucket_and_no_credentials_are_named() {
         "{t}"
     );
 }
+
+/// A TCP proxy in front of the S3 server that can answer `503 SlowDown` (throttling) or
+/// drop every connection (the server gone).
+struct FaultProxy {
+    port: u16,
+    mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+const FORWARD: u8 = 0;
+const THROTTLE: u8 = 1;
+const DOWN: u8 = 2;
+
+impl FaultProxy {
+    fn start(upstream: &str) -> FaultProxy {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let upstream = upstream.trim_start_matches("http://").to_owned();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mode = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(FORWARD));
+        let open = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (m, o) = (mode.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                match m.load(Ordering::SeqCst) {
+                    THROTTLE => {
+                        let mut client = client;
+                        // Read the request head, answer as S3 does when throttling.
+                        let mut buf = [0u8; 4096];
+                        let _ = client.read(&mut buf);
+                        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+                        let _ = write!(
+                            client,
+                            "HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                    }
+                    DOWN => drop(client),
+                    _ => {
+                        let Ok(server) = std::net::TcpStream::connect(&upstream) else {
+                            continue;
+                        };
+                        let (mut c_in, mut s_in) =
+                            (client.try_clone().unwrap(), server.try_clone().unwrap());
+                        let (mut c_out, mut s_out) = (client, server);
+                        {
+                            let mut open = o.lock().unwrap();
+                            open.push(c_in.try_clone().unwrap());
+                            open.push(s_in.try_clone().unwrap());
+                        }
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut c_in, &mut s_out);
+                            let _ = s_out.shutdown(std::net::Shutdown::Both);
+                        });
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut s_in, &mut c_out);
+                            let _ = c_out.shutdown(std::net::Shutdown::Both);
+                        });
+                    }
+                }
+            }
+        });
+        FaultProxy { port, mode, open }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, std::sync::atomic::Ordering::SeqCst);
+        if mode != FORWARD {
+            // Connections in flight (uploads in the middle) break, as when a server dies.
+            for s in self.open.lock().unwrap().drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+#[test]
+fn throttling_is_retried_and_an_outage_fails_checkpoints_while_the_job_runs_on() {
+    use sjob::operator::engine_client::EngineClient;
+    s3();
+    let proxy = FaultProxy::start(s3().endpoint());
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let records = 200_000;
+    std::fs::write(
+        work.path().join("job.yaml"),
+        count_job(&out, "fault-test", records, 10_000),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let job_id = "fedcba9876543210fedcba9876543210";
+    let mut engine = sjob(work.path(), Some(SECRET))
+        .env("AWS_ENDPOINT_URL", proxy.endpoint())
+        .args(["run", "--rest-port", &port.to_string(), "--job-id", job_id])
+        .arg("job.yaml")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = EngineClient::new(&format!("http://127.0.0.1:{port}"));
+    let counts = || {
+        rt.block_on(client.checkpoints(job_id))
+            .map(|c| (c.completed, c.failed))
+            .unwrap_or((0, 0))
+    };
+    let wait_for = |what: &str, pred: &dyn Fn((u64, u64)) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let c = counts();
+            if pred(c) {
+                return c;
+            }
+            assert!(Instant::now() < deadline, "{what}: checkpoints {c:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for("a first checkpoint", &|(ok, _)| ok >= 1);
+
+    // Throttled for 2 s: requests are retried with back-off, checkpoints still complete.
+    proxy.set(THROTTLE);
+    std::thread::sleep(Duration::from_secs(2));
+    proxy.set(FORWARD);
+    let (ok, failed_before) = wait_for("checkpoints after throttling", &|(ok, _)| ok >= 3);
+    let why = rt.block_on(async {
+        sjob::install_tls_provider();
+        reqwest::get(format!("http://127.0.0.1:{port}/jobs/{job_id}/checkpoints"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    assert_eq!(
+        failed_before, 0,
+        "a checkpoint failed while throttled: {why}"
+    );
+
+    // The server gone for longer than the retries last: checkpoints fail, the job runs on.
+    proxy.set(DOWN);
+    let (_, failed) = wait_for("a failed checkpoint", &|(_, f)| f > failed_before);
+    assert!(failed > failed_before);
+    assert!(
+        engine.try_wait().unwrap().is_none(),
+        "the engine exited while the server was down"
+    );
+    proxy.set(FORWARD);
+    wait_for("checkpoints after the outage", &|(o, _)| o > ok + 1);
+    let status = engine.wait().unwrap();
+    assert!(status.success(), "the job did not finish");
+    wait_exactly_once(&out, records, 10);
+    // Failed checkpoints left no snapshot behind that a restore could mistake for one.
+    let checkpoints = Store::open(&format!("s3://{BUCKET}/fault-test/ck/{job_id}")).unwrap();
+    for dir in checkpoints.list_dirs().unwrap() {
+        let files = checkpoints.child(&dir).list().unwrap();
+        assert!(
+            files.is_empty() || files.iter().any(|f| f == "_metadata"),
+            "{dir}: {files:?}"
+        );
+    }
+}

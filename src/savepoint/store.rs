@@ -14,7 +14,9 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload, RetryConfig, WriteMultipart};
+use object_store::{
+    BackoffConfig, ObjectStore, ObjectStoreExt, PutMode, PutPayload, RetryConfig, WriteMultipart,
+};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -128,10 +130,17 @@ fn s3_client(bucket: &str, location: &str) -> Result<Arc<dyn ObjectStore>, Store
     let mut builder = AmazonS3Builder::from_env()
         .with_bucket_name(bucket)
         .with_virtual_hosted_style_request(false)
+        // Throttling (503 SlowDown) and dropped connections are retried with back-off for
+        // about 13 s (0.1 s doubling to 2 s, 10 times): a throttled burst is ridden out, a
+        // server that is gone fails the snapshot in bounded time.
         .with_retry(RetryConfig {
-            max_retries: 5,
-            retry_timeout: Duration::from_secs(30),
-            ..Default::default()
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(2),
+                base: 2.0,
+            },
+            max_retries: 10,
+            retry_timeout: Duration::from_secs(20),
         });
     let endpoint = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
         .iter()
