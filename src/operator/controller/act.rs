@@ -253,17 +253,7 @@ pub(super) async fn act(
             }
         }
         Step::HoldSources { candidate, at } => {
-            let target = if candidate {
-                views.candidate.as_ref()
-            } else {
-                Some(view)
-            };
-            if let Some(EngineView {
-                client: Some(c),
-                job_id: Some(job),
-                ..
-            }) = target
-            {
+            if let Some((c, job)) = views.job(candidate) {
                 let at: Option<Vec<SplitPosition>> = at.map(|at| {
                     at.into_iter()
                         .map(|p| SplitPosition {
@@ -282,16 +272,7 @@ pub(super) async fn act(
             candidate,
             cut_over,
         } => {
-            let target = if candidate {
-                views.candidate.as_ref()
-            } else {
-                Some(view)
-            };
-            if let Some(EngineView {
-                client: Some(c),
-                job_id: Some(job),
-                ..
-            }) = target
+            if let Some((c, job)) = views.job(candidate)
                 && let Err(e) = c.release_sources(job, cut_over).await
             {
                 tracing::warn!(job = %key(sj), candidate, cut_over, error = %e, "cannot release the sources");

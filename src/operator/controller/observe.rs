@@ -325,6 +325,18 @@ pub(super) struct Views {
     pub(super) candidate: Option<EngineView>,
 }
 
+impl Views {
+    /// The client and job id of the candidate's engine (or the live one's), if it runs one.
+    pub(super) fn job(&self, candidate: bool) -> Option<(&EngineClient, &str)> {
+        let view = if candidate {
+            self.candidate.as_ref()?
+        } else {
+            &self.live
+        };
+        Some((view.client.as_ref()?, view.job_id.as_deref()?))
+    }
+}
+
 /// Everything the planner needs about `sj`, and the engines as seen (to act on them). Repairs
 /// a rollout an operator restart interrupted first, so the engine observed is the stage's.
 pub(super) async fn observe(

@@ -117,17 +117,8 @@ impl Planner<'_> {
     }
 
     fn candidate_starting(&mut self) {
-        let savepoint = self
-            .status
-            .upgrade
-            .as_ref()
-            .and_then(|u| u.savepoint.clone());
-        let target = self
-            .status
-            .upgrade
-            .as_ref()
-            .map(|u| u.target_spec_hash.clone())
-            .unwrap_or_default();
+        let savepoint = self.upgrade_savepoint_path();
+        let target = self.upgrade_target();
         match &self.obs.candidate {
             EngineObs::Running {
                 spec_hash,
@@ -315,17 +306,8 @@ impl Planner<'_> {
             return;
         };
         let old = self.status.live.unwrap_or_default();
-        let savepoint = self
-            .status
-            .upgrade
-            .as_ref()
-            .and_then(|u| u.savepoint.clone());
-        let target = self
-            .status
-            .upgrade
-            .as_ref()
-            .map(|u| u.target_spec_hash.clone())
-            .unwrap_or_default();
+        let savepoint = self.upgrade_savepoint_path();
+        let target = self.upgrade_target();
         self.actions.push(Action::Serve {
             color: candidate.color,
         });

@@ -71,12 +71,7 @@ impl Planner<'_> {
 
     pub(super) fn continue_upgrade(&mut self, stage: UpgradeStage) {
         let suspending = self.spec.state == DesiredState::Suspended;
-        let target = self
-            .status
-            .upgrade
-            .as_ref()
-            .map(|u| u.target_spec_hash.clone())
-            .unwrap_or_default();
+        let target = self.upgrade_target();
         if target != self.desired && matches!(stage, UpgradeStage::Preflight) {
             // The spec changed again before anything was touched: start over.
             self.status.upgrade = None;
@@ -260,6 +255,23 @@ impl Planner<'_> {
         }
     }
 
+    /// The savepoint the upgrade in flight starts the new version from.
+    pub(super) fn upgrade_savepoint_path(&self) -> Option<String> {
+        self.status
+            .upgrade
+            .as_ref()
+            .and_then(|u| u.savepoint.clone())
+    }
+
+    /// The spec hash the upgrade in flight rolls out.
+    pub(super) fn upgrade_target(&self) -> String {
+        self.status
+            .upgrade
+            .as_ref()
+            .map(|u| u.target_spec_hash.clone())
+            .unwrap_or_default()
+    }
+
     /// Whether the upgrade in flight is blue-green.
     pub(super) fn is_blue_green(&self) -> bool {
         self.status.upgrade.as_ref().is_some_and(|u| u.blue_green)
@@ -276,17 +288,8 @@ impl Planner<'_> {
 
     fn verifying(&mut self) {
         let timeout = seconds(&self.spec.upgrade.ready_timeout, 120) as i64;
-        let savepoint = self
-            .status
-            .upgrade
-            .as_ref()
-            .and_then(|u| u.savepoint.clone());
-        let target = self
-            .status
-            .upgrade
-            .as_ref()
-            .map(|u| u.target_spec_hash.clone())
-            .unwrap_or_default();
+        let savepoint = self.upgrade_savepoint_path();
+        let target = self.upgrade_target();
         match &self.obs.engine {
             EngineObs::Running {
                 spec_hash,
@@ -334,11 +337,7 @@ impl Planner<'_> {
     }
 
     fn begin_rollback(&mut self, reason: String) {
-        let savepoint = self
-            .status
-            .upgrade
-            .as_ref()
-            .and_then(|u| u.savepoint.clone());
+        let savepoint = self.upgrade_savepoint_path();
         let target = self.desired.clone();
         self.status.rejected_spec_hash = Some(target);
         self.condition(
@@ -387,12 +386,7 @@ impl Planner<'_> {
     }
 
     fn rolling_back(&mut self) {
-        let target = self
-            .status
-            .upgrade
-            .as_ref()
-            .map(|u| u.target_spec_hash.clone())
-            .unwrap_or_default();
+        let target = self.upgrade_target();
         match &self.obs.engine {
             EngineObs::Running {
                 spec_hash,
