@@ -483,7 +483,8 @@ fn throttling_is_retried_and_an_outage_fails_checkpoints_while_the_job_runs_on()
             .unwrap_or((0, 0))
     };
     let wait_for = |what: &str, pred: &dyn Fn((u64, u64)) -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Longer than the store's retries (at most 20 s) last.
+        let deadline = Instant::now() + Duration::from_secs(45);
         loop {
             let c = counts();
             if pred(c) {

@@ -130,12 +130,12 @@ fn s3_client(bucket: &str, location: &str) -> Result<Arc<dyn ObjectStore>, Store
     let mut builder = AmazonS3Builder::from_env()
         .with_bucket_name(bucket)
         .with_virtual_hosted_style_request(false)
-        // Throttling (503 SlowDown) and dropped connections are retried with back-off for
-        // about 13 s (0.1 s doubling to 2 s, 10 times): a throttled burst is ridden out, a
-        // server that is gone fails the snapshot in bounded time.
+        // Throttling (503 SlowDown) and dropped connections are retried 10 times, 0.5 to 2 s
+        // apart (jittered: 5 to 20 s in all): a throttled burst is ridden out, a server that
+        // is gone fails the snapshot in bounded time.
         .with_retry(RetryConfig {
             backoff: BackoffConfig {
-                init_backoff: Duration::from_millis(100),
+                init_backoff: Duration::from_millis(500),
                 max_backoff: Duration::from_secs(2),
                 base: 2.0,
             },
