@@ -313,40 +313,17 @@ impl Planner<'_> {
         });
         self.actions.push(Action::RemoveColor { color: old });
         self.status.live = Some(candidate.color);
-        self.status.upgrade = None;
-        self.status.rejected_spec_hash = None;
-        self.status.job_id = candidate.job_id.clone();
-        self.status.restored_from = savepoint;
         self.status.running_spec_hash = Some(target.clone());
-        self.status.last_stable_spec = Some(Box::new(self.spec.clone()));
-        self.status.last_stable_spec_hash = Some(target.clone());
-        self.status.phase = Some(Phase::Running);
-        self.condition(
-            ConditionType::Ready,
-            true,
-            Reason::Running,
-            format!(
-                "job {} ({}) is running",
-                candidate.job_id.unwrap_or_default(),
-                candidate.color.as_str()
-            ),
+        let color = candidate.color.as_str();
+        let running = format!(
+            "job {} ({color}) is running",
+            candidate.job_id.as_deref().unwrap_or_default()
         );
-        self.condition(
-            ConditionType::Progressing,
-            false,
-            Reason::UpgradeComplete,
-            format!("spec {target} is running"),
+        let event = format!(
+            "the new version ({color}) writes from the cut-over on; the old one ({}) stopped there and is removed",
+            old.as_str()
         );
-        self.condition(ConditionType::Degraded, false, Reason::Healthy, "");
-        self.event(
-            false,
-            Reason::UpgradeComplete,
-            format!(
-                "the new version ({}) writes from the cut-over on; the old one ({}) stopped there and is removed",
-                candidate.color.as_str(),
-                old.as_str()
-            ),
-        );
+        self.upgrade_done(&target, candidate.job_id, savepoint, running, event);
         self.requeue_ms = 1000;
     }
 

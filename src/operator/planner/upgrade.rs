@@ -296,34 +296,13 @@ impl Planner<'_> {
                 job_id,
                 restored_from,
             } if *spec_hash == target && (savepoint.is_none() || *restored_from == savepoint) => {
-                self.status.upgrade = None;
-                self.status.rejected_spec_hash = None;
-                self.status.job_id = Some(job_id.clone());
-                self.status.restored_from = restored_from.clone();
-                self.status.last_stable_spec = Some(Box::new(self.spec.clone()));
-                self.status.last_stable_spec_hash = Some(target.clone());
-                self.status.phase = Some(Phase::Running);
-                self.condition(
-                    ConditionType::Ready,
-                    true,
-                    Reason::Running,
-                    format!("job {job_id} is running"),
-                );
-                self.condition(
-                    ConditionType::Progressing,
-                    false,
-                    Reason::UpgradeComplete,
-                    format!("spec {target} is running"),
-                );
-                self.condition(ConditionType::Degraded, false, Reason::Healthy, "");
-                self.event(
-                    false,
-                    Reason::UpgradeComplete,
-                    match restored_from {
-                        Some(r) => format!("spec {target} runs, restored from {r}"),
-                        None => format!("spec {target} runs"),
-                    },
-                );
+                let event = match restored_from {
+                    Some(r) => format!("spec {target} runs, restored from {r}"),
+                    None => format!("spec {target} runs"),
+                };
+                let running = format!("job {job_id} is running");
+                let (job_id, restored_from) = (Some(job_id.clone()), restored_from.clone());
+                self.upgrade_done(&target, job_id, restored_from, running, event);
             }
             EngineObs::Broken { reason, .. } => {
                 self.begin_rollback(format!("the new version fails: {reason}"))
@@ -334,6 +313,33 @@ impl Planner<'_> {
             )),
             _ => self.requeue_ms = 2,
         }
+    }
+
+    /// The new version runs (restored): it is the stable one now and the upgrade ends.
+    pub(super) fn upgrade_done(
+        &mut self,
+        target: &str,
+        job_id: Option<String>,
+        restored_from: Option<String>,
+        running: String,
+        event: String,
+    ) {
+        self.status.upgrade = None;
+        self.status.rejected_spec_hash = None;
+        self.status.job_id = job_id;
+        self.status.restored_from = restored_from;
+        self.status.last_stable_spec = Some(Box::new(self.spec.clone()));
+        self.status.last_stable_spec_hash = Some(target.to_owned());
+        self.status.phase = Some(Phase::Running);
+        self.condition(ConditionType::Ready, true, Reason::Running, running);
+        self.condition(
+            ConditionType::Progressing,
+            false,
+            Reason::UpgradeComplete,
+            format!("spec {target} is running"),
+        );
+        self.condition(ConditionType::Degraded, false, Reason::Healthy, "");
+        self.event(false, Reason::UpgradeComplete, event);
     }
 
     fn begin_rollback(&mut self, reason: String) {
