@@ -155,15 +155,30 @@ pub(super) async fn dispose_savepoint(sp: &Savepoint, ctx: &Context) -> Result<A
     };
     let ns = sp.namespace().unwrap_or_else(|| "default".into());
     let jobs: Api<StatefulJob> = Api::namespaced(ctx.client.clone(), &ns);
-    if let Some(sj) = jobs.get_opt(&sp.spec.job_ref).await? {
+    // A job being deleted restarts from nothing: its savepoints go with it (disposeOnDelete).
+    let job = jobs
+        .get_opt(&sp.spec.job_ref)
+        .await?
+        .filter(|sj| sj.metadata.deletion_timestamp.is_none());
+    if let Some(sj) = job {
         let color = sj.status.as_ref().and_then(|s| s.live).unwrap_or_default();
         let view = observe_engine(ctx, &ns, &sp.spec.job_ref, color).await?;
         let has_checkpoint = view
             .checkpoints
             .as_ref()
             .is_some_and(|c| c.latest_completed.is_some());
+        let deleted = planner::DeletedSavepoint {
+            path: &path,
+            trigger: sp.spec.trigger,
+            completed_s: sp
+                .status
+                .as_ref()
+                .and_then(|s| s.completed.as_deref())
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                .map(|t| t.as_second()),
+        };
         if let Some(reason) =
-            planner::disposal_blocker(&path, sj.status.as_ref(), &view.obs, has_checkpoint)
+            planner::disposal_blocker(&deleted, sj.status.as_ref(), &view.obs, has_checkpoint)
         {
             publish(
                 ctx,

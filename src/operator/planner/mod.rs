@@ -674,6 +674,6 @@ mod tests;
 mod upgrade;
 
 pub use savepoints::{
-    RequestObs, SavepointDecision, SavepointNeed, disposal_blocker, retention, savepoint_decision,
-    savepoint_need,
+    DeletedSavepoint, RequestObs, SavepointDecision, SavepointNeed, disposal_blocker, retention,
+    savepoint_decision, savepoint_need,
 };

@@ -3,7 +3,7 @@
 
 use super::{EngineObs, SavepointObs, TriggerObs};
 use crate::operator::crd::{
-    Phase, SavepointSpec, SavepointState, SavepointStatus, StatefulJobStatus,
+    Phase, SavepointSpec, SavepointState, SavepointStatus, SavepointTrigger, StatefulJobStatus,
 };
 
 /// The Savepoint objects retention deletes: beyond the `max_count` newest, or older than
@@ -40,25 +40,50 @@ pub fn retention(
     doomed
 }
 
-/// Why the files of a deleted Savepoint at `path` must stay for now, if they must: an upgrade
-/// in flight starts the new version (or the rollback) from them; the engine was started from
-/// them and has no checkpoint of its own yet (a restart would need them); or the job is
-/// suspended and resumes from them.
+/// A deleted Savepoint object, as far as deciding whether its files may go.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeletedSavepoint<'a> {
+    pub path: &'a str,
+    pub trigger: SavepointTrigger,
+    /// When the operator recorded it completed (None: it is being recorded right now).
+    pub completed_s: Option<i64>,
+}
+
+/// Why the files of a deleted Savepoint must stay for now, if they must: an upgrade in flight
+/// starts the new version (or the rollback) from them, or took them and has not written that
+/// down yet (the Savepoint object is made before the job's status names it, so a savepoint is
+/// never unrecorded); the engine was started from them and has no checkpoint of its own yet (a
+/// restart would need them); or the job is suspending or suspended and resumes from them.
 pub fn disposal_blocker(
-    path: &str,
+    sp: &DeletedSavepoint,
     status: Option<&StatefulJobStatus>,
     engine: &EngineObs,
     engine_has_checkpoint: bool,
 ) -> Option<String> {
     let status = status?;
+    let path = sp.path;
     let same = |p: &str| p.trim_end_matches('/') == path.trim_end_matches('/');
-    if let Some(u) = &status.upgrade
-        && u.savepoint.as_deref().is_some_and(same)
-    {
-        return Some(format!(
-            "the upgrade in flight (stage {:?}) starts from {path}; its files are disposed once it no longer needs them",
-            u.stage
-        ));
+    if let Some(u) = &status.upgrade {
+        if u.savepoint.as_deref().is_some_and(same) {
+            return Some(format!(
+                "the upgrade in flight (stage {:?}) starts from {path}; its files are disposed once it no longer needs them",
+                u.stage
+            ));
+        }
+        let taken_by_upgrade = matches!(
+            sp.trigger,
+            SavepointTrigger::Upgrade | SavepointTrigger::Suspend
+        );
+        let since_stage = match (sp.completed_s, super::parse_time(&u.stage_started)) {
+            (Some(done), Some(started)) => done >= started,
+            _ => true,
+        };
+        if taken_by_upgrade && since_stage {
+            return Some(format!(
+                "the upgrade in flight (stage {:?}) took {path} and has not yet recorded it; its files are disposed once it no longer needs them",
+                u.stage
+            ));
+        }
     }
     let engine_may_restart = matches!(
         engine,
@@ -72,13 +97,13 @@ pub fn disposal_blocker(
             "the running job was restored from {path} and has no checkpoint of its own yet; its files are disposed after the first one"
         ));
     }
-    if *engine == EngineObs::Absent
-        && status.phase == Some(Phase::Suspended)
-        && status
-            .last_savepoint
-            .as_ref()
-            .is_some_and(|s| same(&s.path))
-    {
+    let resumes_from_it = status
+        .last_savepoint
+        .as_ref()
+        .is_some_and(|s| same(&s.path));
+    let suspending = status.phase == Some(Phase::Suspending);
+    let suspended = status.phase == Some(Phase::Suspended) && *engine == EngineObs::Absent;
+    if resumes_from_it && (suspending || suspended) {
         return Some(format!(
             "the suspended job resumes from {path}; its files are disposed once it has resumed"
         ));

@@ -3,35 +3,44 @@ use crate::operator::crd::{CutOverPosition, SavepointRef, StatefulJobStatus, Upg
 
 const T0: i64 = 1_800_000_000;
 
+fn deleted(path: &str) -> DeletedSavepoint<'_> {
+    DeletedSavepoint {
+        path,
+        trigger: SavepointTrigger::Manual,
+        completed_s: Some(T0),
+    }
+}
+
 #[test]
 fn a_deleted_savepoint_is_kept_while_an_upgrade_or_a_restart_needs_it() {
     let running = running(&spec_with(""), Some("/sp/a"));
+    let (a, b) = (deleted("/sp/a"), deleted("/sp/b"));
     let mut st = StatefulJobStatus::default();
-    assert_eq!(disposal_blocker("/sp/a", Some(&st), &running, false), None);
-    assert_eq!(disposal_blocker("/sp/a", None, &running, false), None);
+    assert_eq!(disposal_blocker(&a, Some(&st), &running, false), None);
+    assert_eq!(disposal_blocker(&a, None, &running, false), None);
     st.upgrade = Some(UpgradeStatus {
         stage: UpgradeStage::RollingBack,
         target_spec_hash: "h".into(),
         trigger_id: None,
         savepoint: Some("/sp/a/".into()),
-        stage_started: String::new(),
+        stage_started: rfc3339(T0 - 10),
         attempts: 0,
         last_error: None,
         blue_green: false,
         cut_over: None,
     });
-    let why = disposal_blocker("/sp/a", Some(&st), &EngineObs::Absent, true).unwrap();
+    let why = disposal_blocker(&a, Some(&st), &EngineObs::Absent, true).unwrap();
     assert!(why.contains("RollingBack"), "{why}");
-    assert_eq!(disposal_blocker("/sp/b", Some(&st), &running, false), None);
+    assert_eq!(disposal_blocker(&b, Some(&st), &running, false), None);
     // Restored from it: needed until the job's first checkpoint, or once it has ended.
     st.upgrade = None;
     st.restored_from = Some("/sp/a".into());
-    assert!(disposal_blocker("/sp/a", Some(&st), &running, false).is_some());
-    assert_eq!(disposal_blocker("/sp/a", Some(&st), &running, true), None);
+    assert!(disposal_blocker(&a, Some(&st), &running, false).is_some());
+    assert_eq!(disposal_blocker(&a, Some(&st), &running, true), None);
     let ended = EngineObs::Ended {
         spec_hash: "h".into(),
     };
-    assert_eq!(disposal_blocker("/sp/a", Some(&st), &ended, false), None);
+    assert_eq!(disposal_blocker(&a, Some(&st), &ended, false), None);
     // Suspended: the resume starts from the last savepoint.
     st.phase = Some(Phase::Suspended);
     st.last_savepoint = Some(SavepointRef {
@@ -39,8 +48,64 @@ fn a_deleted_savepoint_is_kept_while_an_upgrade_or_a_restart_needs_it() {
         path: "/sp/a".into(),
         time: String::new(),
     });
-    assert!(disposal_blocker("/sp/a", Some(&st), &EngineObs::Absent, false).is_some());
-    assert_eq!(disposal_blocker("/sp/a", Some(&st), &ended, false), None);
+    assert!(disposal_blocker(&a, Some(&st), &EngineObs::Absent, false).is_some());
+    assert_eq!(disposal_blocker(&a, Some(&st), &ended, false), None);
+    // Suspending: the engine is still being removed, and the resume starts from it.
+    st.phase = Some(Phase::Suspending);
+    assert!(disposal_blocker(&a, Some(&st), &ended, false).is_some());
+}
+
+#[test]
+fn a_savepoint_the_upgrade_took_but_has_not_recorded_is_kept() {
+    // The Savepoint object is made before the status names it: deleted in between, the
+    // upgrade still starts from it.
+    let mut st = StatefulJobStatus {
+        upgrade: Some(UpgradeStatus {
+            stage: UpgradeStage::Savepointing,
+            target_spec_hash: "h".into(),
+            trigger_id: Some("t".into()),
+            savepoint: None,
+            stage_started: rfc3339(T0),
+            attempts: 0,
+            last_error: None,
+            blue_green: false,
+            cut_over: None,
+        }),
+        ..Default::default()
+    };
+    let running = running(&spec_with(""), None);
+    for trigger in [SavepointTrigger::Upgrade, SavepointTrigger::Suspend] {
+        for completed_s in [Some(T0), Some(T0 + 3), None] {
+            let sp = DeletedSavepoint {
+                path: "/sp/new",
+                trigger,
+                completed_s,
+            };
+            let why = disposal_blocker(&sp, Some(&st), &running, true).unwrap();
+            assert!(why.contains("not yet recorded"), "{why}");
+        }
+    }
+    // One taken before this upgrade began, or asked for by hand, may go.
+    let older = DeletedSavepoint {
+        path: "/sp/old",
+        trigger: SavepointTrigger::Upgrade,
+        completed_s: Some(T0 - 60),
+    };
+    assert_eq!(disposal_blocker(&older, Some(&st), &running, true), None);
+    let manual = DeletedSavepoint {
+        path: "/sp/manual",
+        trigger: SavepointTrigger::Manual,
+        completed_s: Some(T0 + 3),
+    };
+    assert_eq!(disposal_blocker(&manual, Some(&st), &running, true), None);
+    // Once no upgrade is in flight, nothing is waiting to record it.
+    st.upgrade = None;
+    let sp = DeletedSavepoint {
+        path: "/sp/new",
+        trigger: SavepointTrigger::Upgrade,
+        completed_s: Some(T0 + 3),
+    };
+    assert_eq!(disposal_blocker(&sp, Some(&st), &running, true), None);
 }
 
 fn spec_with(extra_op: &str) -> StatefulJobSpec {

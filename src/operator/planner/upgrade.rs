@@ -26,7 +26,7 @@ impl Planner<'_> {
                 match self.newest_snapshot() {
                     Some(snapshot) => self.actions.push(Action::Preflight { snapshot }),
                     // Nothing to check against yet: wait for the running job's first checkpoint.
-                    None => self.requeue_ms = 2,
+                    None => self.requeue_ms = 250,
                 }
             }
             UpgradeMode::LastState => {
@@ -195,7 +195,7 @@ impl Planner<'_> {
             }
         };
         match outcome {
-            None => self.requeue_ms = 2,
+            None => self.requeue_ms = 250,
             Some(Err(cause)) => {
                 // The old job keeps running (a failed stop-with-savepoint leaves it running).
                 let attempts = self
@@ -311,7 +311,7 @@ impl Planner<'_> {
                 "the new version did not run and restore within {}",
                 self.spec.upgrade.ready_timeout
             )),
-            _ => self.requeue_ms = 2,
+            _ => self.requeue_ms = 250,
         }
     }
 
@@ -426,7 +426,7 @@ impl Planner<'_> {
                 );
                 self.requeue_ms = 15_000;
             }
-            _ => self.requeue_ms = 2,
+            _ => self.requeue_ms = 250,
         }
     }
 }
