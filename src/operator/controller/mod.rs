@@ -51,6 +51,9 @@ pub struct Context {
     pub recorder: Recorder,
     /// Timeout of each call to an engine.
     pub engine_timeout: Duration,
+    /// Jobs whose cached copy was found behind the API server (a status write conflicted with
+    /// a newer status): read afresh on each reconcile until the cache has caught up.
+    stale: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Context {
@@ -73,7 +76,46 @@ impl Context {
             metrics,
             recorder,
             engine_timeout: Duration::from_secs(5),
+            stale: Default::default(),
         }
+    }
+
+    fn stale(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.stale.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The backoff of the controllers' watches after an error: 0.5 s doubling to at most 5 s, from
+/// the start again after a minute without errors. (kube's default grows to 30 s and resets only
+/// after 2 minutes, so an API server away for half a minute left the cache that long behind.)
+struct WatchBackoff {
+    next: Duration,
+}
+
+impl WatchBackoff {
+    const FIRST: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn policy() -> kube::runtime::utils::ResetTimerBackoff<WatchBackoff> {
+        kube::runtime::utils::ResetTimerBackoff::new(
+            WatchBackoff { next: Self::FIRST },
+            Duration::from_secs(60),
+        )
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let now = self.next;
+        self.next = (now * 2).min(Self::MAX);
+        Some(now)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
     }
 }
 
@@ -121,6 +163,7 @@ pub async fn run(
     let config = || controller::Config::default().concurrency(RECONCILE_CONCURRENCY);
     let job_controller = Controller::new(jobs, watcher::Config::default())
         .with_config(config())
+        .trigger_backoff(WatchBackoff::policy())
         .owns(deployments, watcher::Config::default())
         .graceful_shutdown_on(stopped(stop_rx.clone()))
         .run(reconcile_job, job_error_policy, ctx.clone())
@@ -131,6 +174,7 @@ pub async fn run(
         });
     let savepoint_controller = Controller::new(savepoints, watcher::Config::default())
         .with_config(config())
+        .trigger_backoff(WatchBackoff::policy())
         .graceful_shutdown_on(stopped(stop_rx))
         .run(reconcile_savepoint, savepoint_error_policy, ctx.clone())
         .for_each(|r| async move {
@@ -172,6 +216,11 @@ async fn reconcile_job(sj: Arc<StatefulJob>, ctx: Arc<Context>) -> Result<Action
     ctx.metrics.reconciles.inc();
     let ns = sj.namespace().unwrap_or_else(|| "default".into());
     let api: Api<StatefulJob> = Api::namespaced(ctx.client.clone(), &ns);
+    let sj = match fresh_if_stale(&api, &ctx, sj).await {
+        Ok(Some(sj)) => sj,
+        Ok(None) => return Ok(Action::await_change()),
+        Err(e) => return Err(e),
+    };
     let result = finalizer(&api, JOB_FINALIZER, sj, |event| async {
         match event {
             Finalize::Apply(sj) => apply_job(&sj, &ctx).await,
@@ -184,6 +233,27 @@ async fn reconcile_job(sj: Arc<StatefulJob>, ctx: Arc<Context>) -> Result<Action
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
     result
+}
+
+/// The object to reconcile: the cached one, or, while the cache is known to be behind (see
+/// `Context::stale`), the one the API server has now (None: it is gone).
+async fn fresh_if_stale(
+    api: &Api<StatefulJob>,
+    ctx: &Context,
+    cached: Arc<StatefulJob>,
+) -> Result<Option<Arc<StatefulJob>>, Error> {
+    let k = key(&cached);
+    if !ctx.stale().contains(&k) {
+        return Ok(Some(cached));
+    }
+    let Some(fresh) = api.get_opt(&cached.name_any()).await? else {
+        ctx.stale().remove(&k);
+        return Ok(None);
+    };
+    if fresh.metadata.resource_version == cached.metadata.resource_version {
+        ctx.stale().remove(&k);
+    }
+    Ok(Some(Arc::new(fresh)))
 }
 
 fn key(sj: &StatefulJob) -> String {

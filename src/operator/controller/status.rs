@@ -33,6 +33,10 @@ pub(super) async fn write_status(
             Err(kube::Error::Api(e)) if e.code == 409 => {
                 let fresh = api.get(&current.name_any()).await?;
                 if (fresh.metadata.generation, fresh.status.clone()) != planned_from {
+                    // Planned from an older object than there is (a spec change, or a status
+                    // written before that the cache has not caught up with): plan again from
+                    // the object as the API server has it.
+                    ctx.stale().insert(key(&current));
                     return Err(kube::Error::Api(e).into());
                 }
                 tracing::debug!(job = %key(&current), "status write met a metadata-only change; writing again");
