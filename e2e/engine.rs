@@ -756,3 +756,63 @@ fn savepoints_check_agrees_with_a_real_restore() {
         }
     }
 }
+
+#[test]
+fn a_complete_checkpoint_of_an_earlier_run_is_never_written_into() {
+    let dir = tempfile::tempdir().unwrap();
+    let chk = dir.path().join("checkpoints");
+    let sps = dir.path().join("savepoints");
+    let job_id = "0123456789abcdef0123456789abcdef";
+    let with_checkpoints = |out: &str| {
+        format!(
+            "{}checkpoints:\n  interval: 600s\n  dir: {}\n  retained: 10\n",
+            count_job(&dir.path().join(out), 50_000_000, 50, 20_000, 2, ""),
+            chk.display()
+        )
+    };
+    let run = |out: &str, savepoint: Option<String>| {
+        let opts = JobOptions {
+            job_id: Some(job_id.into()),
+            savepoint,
+            ..Default::default()
+        };
+        engine::start(&spec(&with_checkpoints(out)), opts).unwrap()
+    };
+    // An earlier run of the job leaves complete checkpoints 1 to 4.
+    let job = run("earlier", None);
+    wait_for_progress(&job, "counter", 1_000);
+    for _ in 0..4 {
+        job.trigger_checkpoint().recv().unwrap().unwrap();
+    }
+    job.cancel();
+    job.wait();
+    let earlier: Vec<(std::path::PathBuf, Vec<u8>)> = (1..=4)
+        .map(|n| {
+            let meta = chk.join(job_id).join(format!("chk-{n}")).join("_metadata");
+            let bytes = std::fs::read(&meta).unwrap_or_else(|e| panic!("{}: {e}", meta.display()));
+            (meta, bytes)
+        })
+        .collect();
+    // A newer savepoint of another run (snapshot id 1): the job restarts from it, so its
+    // next checkpoint id (2) names one the earlier run completed.
+    let other = spec(&count_job(
+        &dir.path().join("out"),
+        50_000_000,
+        50,
+        20_000,
+        2,
+        "",
+    ));
+    let sp = run_and_savepoint(&other, None, None, "counter", 1_000, &sps);
+    let job = run("out", Some(sp.clone()));
+    assert_eq!(job.restored_from(), Some(sp.as_str()));
+    let location = job.trigger_checkpoint().recv().unwrap().unwrap();
+    assert!(location.ends_with("/chk-5"), "{location}");
+    for (meta, bytes) in &earlier {
+        let now = std::fs::read(meta).unwrap_or_else(|e| panic!("{}: {e}", meta.display()));
+        assert_eq!(&now, bytes, "{} was rewritten", meta.display());
+    }
+    assert_eq!(job.snapshot_stats().failed, 0);
+    job.cancel();
+    job.wait();
+}

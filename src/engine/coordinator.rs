@@ -353,6 +353,26 @@ impl Coordinator {
         if self.shared.cancel.load(Ordering::SeqCst) {
             return self.refuse(req, "the job is being cancelled".into());
         }
+        if req.kind == SnapshotKind::Checkpoint
+            && let Some(c) = &self.checkpoints
+        {
+            // A complete chk-N left by an earlier run of this job (one restored from an older
+            // snapshot) is never written into, nor deleted by a failure: the ids move past it.
+            for _ in 0..1000 {
+                let taken = paths::checkpoint(&c.dir, &self.job_id, self.next_id)
+                    .child(crate::savepoint::metadata::METADATA_FILE)
+                    .is_object();
+                match taken {
+                    Ok(true) => {
+                        tracing::warn!(job = %self.job_id, id = self.next_id,
+                            "checkpoint id already taken by a complete checkpoint; skipping it");
+                        self.next_id += 1;
+                    }
+                    Ok(false) => break,
+                    Err(e) => return self.refuse(req, format!("the target is not readable: {e}")),
+                }
+            }
+        }
         let id = self.next_id;
         let dir = match req.kind {
             SnapshotKind::Savepoint => match Store::open(&req.target) {
