@@ -142,6 +142,12 @@ fn s3_client(bucket: &str, location: &str) -> Result<Arc<dyn ObjectStore>, Store
             max_retries: 10,
             retry_timeout: Duration::from_secs(20),
         });
+    if std::env::var_os("AWS_UNSIGNED_PAYLOAD").is_none() {
+        // Bodies are not hashed for the signature (a second pass over every byte, on both
+        // sides): state files and `_metadata` carry their own CRC32C, checked on restore, and
+        // TLS guards them on the way. AWS_UNSIGNED_PAYLOAD=false signs them too.
+        builder = builder.with_unsigned_payload(true);
+    }
     let endpoint = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
         .iter()
         .find_map(|k| std::env::var(k).ok());
