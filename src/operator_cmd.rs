@@ -32,8 +32,8 @@ pub struct OperatorArgs {
     #[arg(long, env = "SJOB_ENGINE_REST_TOKEN", default_value_t = true, action = clap::ArgAction::Set)]
     engine_rest_token: bool,
     /// A Secret in each job's namespace whose keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-    /// AWS_REGION, AWS_ENDPOINT_URL, …) engine pods get as environment: the credentials of
-    /// s3:// savepoint and checkpoint locations. The operator reads snapshots with its own
+    /// AWS_REGION, AWS_ENDPOINT_URL, …; AZURE_STORAGE_ACCOUNT_NAME, …) engine pods get as
+    /// environment: the credentials of s3:// and az:// savepoint and checkpoint locations. The operator reads snapshots with its own
     /// environment (the chart gives it the same Secret).
     #[arg(long, env = "SJOB_ENGINE_STORAGE_SECRET")]
     engine_storage_secret: Option<String>,

@@ -32,16 +32,23 @@ pub enum AccessError {
 #[derive(Clone, Debug, Default)]
 pub struct SavepointRoots {
     roots: Vec<PathBuf>,
-    /// Object store roots, as `s3://bucket/prefix` without a trailing `/`.
+    /// Object store roots, as `s3://bucket/prefix` (`az://container/prefix`) without a
+    /// trailing `/`.
     urls: Vec<String>,
 }
 
-/// An object store URL (`s3://`, `s3a://`) in one spelling: `s3://bucket/a/b`. `None` for
-/// anything else; an error for `.`, `..` or empty segments.
+/// An object store URL (`s3://`, `s3a://`, `az://`, `azure://`) in one spelling:
+/// `s3://bucket/a/b`, `az://container/a/b`. `None` for anything else; an error for `.`, `..`
+/// or empty segments.
 fn object_url(target: &str) -> Option<Result<String, String>> {
-    let rest = target
-        .strip_prefix("s3://")
-        .or_else(|| target.strip_prefix("s3a://"))?;
+    let (scheme, rest) = [
+        ("s3://", "s3"),
+        ("s3a://", "s3"),
+        ("az://", "az"),
+        ("azure://", "az"),
+    ]
+    .into_iter()
+    .find_map(|(prefix, scheme)| target.strip_prefix(prefix).map(|rest| (scheme, rest)))?;
     let rest = rest.trim_end_matches('/');
     if rest
         .split('/')
@@ -51,7 +58,7 @@ fn object_url(target: &str) -> Option<Result<String, String>> {
             "savepoint target '{target}' has an empty, '.' or '..' segment"
         )));
     }
-    Some(Ok(format!("s3://{rest}")))
+    Some(Ok(format!("{scheme}://{rest}")))
 }
 
 impl SavepointRoots {
@@ -292,6 +299,12 @@ mod tests {
         let roots = SavepointRoots::new(&["s3://bkt/sp/".into(), "/data/sp".into()]).unwrap();
         assert_eq!(roots.check("s3://bkt/sp").unwrap(), "s3://bkt/sp");
         assert_eq!(roots.check("s3a://bkt/sp/x/").unwrap(), "s3://bkt/sp/x");
+        assert!(
+            roots.check("az://bkt/sp/x").is_err(),
+            "another store, same names"
+        );
+        let azure = SavepointRoots::new(&["az://c/sp".into()]).unwrap();
+        assert_eq!(azure.check("azure://c/sp/x").unwrap(), "az://c/sp/x");
         for bad in [
             "s3://bkt/spx",
             "s3://other/sp/x",

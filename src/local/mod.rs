@@ -1,6 +1,7 @@
 //! The local control plane: what `sjob local` and the end-to-end tests run the operator against.
 
 pub mod apiserver;
+pub mod azure_server;
 pub mod cluster;
 pub mod control_plane;
 pub mod kubelet;

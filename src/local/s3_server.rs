@@ -5,6 +5,7 @@
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
 /// The access key of the test server.
@@ -48,6 +49,7 @@ impl S3Server {
             .stderr(err)
             .spawn()
             .map_err(|e| format!("starting {bin}: {e}"))?;
+        kill_at_exit(&child);
         let mut server = S3Server {
             endpoint: format!("http://127.0.0.1:{port}"),
             root,
@@ -92,7 +94,41 @@ impl S3Server {
 
 impl Drop for S3Server {
     fn drop(&mut self) {
+        reaped(&self.child);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Servers to kill when this process exits.
+static AT_EXIT: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+
+/// Kills `child` when this process exits, if nothing did before: a test binary keeps its
+/// servers in statics, which are never dropped.
+pub(crate) fn kill_at_exit(child: &Child) {
+    static HOOK: Once = Once::new();
+    extern "C" fn kill_all() {
+        for &pid in AT_EXIT.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            // SAFETY: kill(2) on a child this process started and has not reaped.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+    if let Ok(pid) = i32::try_from(child.id()) {
+        AT_EXIT.lock().unwrap_or_else(|e| e.into_inner()).push(pid);
+    }
+    // SAFETY: registers a plain function with no captured state.
+    HOOK.call_once(|| unsafe {
+        libc::atexit(kill_all);
+    });
+}
+
+/// Takes `child` off the exit list before it is reaped (its pid may be reused after).
+pub(crate) fn reaped(child: &Child) {
+    let pid = i32::try_from(child.id()).unwrap_or(-1);
+    AT_EXIT
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|&p| p != pid);
 }

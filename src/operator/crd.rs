@@ -75,7 +75,7 @@ pub struct StatefulJobSpec {
     /// Where savepoints go, how long they are kept, how often they are taken.
     #[serde(default)]
     pub savepoints: SavepointsSpec,
-    /// The savepoint the first deployment starts from (a path or an s3:// URL).
+    /// The savepoint the first deployment starts from (a path, an s3:// or an az:// URL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_from: Option<String>,
     /// Change it to take a savepoint now.
@@ -216,8 +216,9 @@ impl Default for UpgradeSpec {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SavepointsSpec {
-    /// Where savepoints go: a path the engine pods can write, a file:// URL, or
-    /// s3://bucket/prefix (credentials from the operator's --engine-storage-secret).
+    /// Where savepoints go: a path the engine pods can write, a file:// URL,
+    /// s3://bucket/prefix or az://container/prefix (credentials from the operator's
+    /// --engine-storage-secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dir: Option<String>,
     /// Which completed savepoints are kept.

@@ -82,8 +82,8 @@ pub struct EngineSettings {
     /// Whether engines require a bearer token on their REST API (one Secret per StatefulJob,
     /// read by the operator, mounted in the engine pod).
     pub rest_token: bool,
-    /// A Secret in the job's namespace whose keys (`AWS_*`) engine pods get as environment:
-    /// the credentials of `s3://` savepoint and checkpoint locations.
+    /// A Secret in the job's namespace whose keys (`AWS_*`, `AZURE_*`) engine pods get as
+    /// environment: the credentials of `s3://` and `az://` savepoint and checkpoint locations.
     pub storage_secret: Option<String>,
 }
 

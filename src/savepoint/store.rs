@@ -1,17 +1,19 @@
-//! Snapshot storage through `object_store`: local paths, `file://` URLs and S3
-//! (`s3://bucket/prefix`, configured by the `AWS_*` environment variables).
+//! Snapshot storage through `object_store`: local paths, `file://` URLs, S3
+//! (`s3://bucket/prefix`, configured by the `AWS_*` environment variables) and Azure Blob
+//! Storage (`az://container/prefix`, configured by the `AZURE_*` ones).
 //!
 //! All calls block; they run the object store on a small I/O runtime of their own, so engine
 //! threads (not async tasks) call them. Async callers use `spawn_blocking`.
 //!
-//! On S3 an object appears whole or not at all: a small one is one PUT, a large one a
-//! multipart upload that is completed last (and aborted when its writer is dropped), and a
-//! snapshot's `_metadata` is written with `If-None-Match: *`, so a complete snapshot is never
-//! overwritten.
+//! In an object store an object appears whole or not at all: a small one is one PUT, a large
+//! one a multipart upload (on Azure: staged blocks) that is completed last (and aborted when its
+//! writer is dropped), and a snapshot's `_metadata` is written with `If-None-Match: *`, so a
+//! complete snapshot is never overwritten.
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{
@@ -30,13 +32,15 @@ const PARTS_IN_FLIGHT: usize = 4;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
-        "unsupported storage location '{0}': use a local path, a file:// URL or s3://bucket/prefix"
+        "unsupported storage location '{0}': use a local path, a file:// URL, s3://bucket/prefix or az://container/prefix"
     )]
     Unsupported(String),
-    #[error(
-        "{location}: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_WEB_IDENTITY_TOKEN_FILE with AWS_ROLE_ARN, or AWS_CONTAINER_CREDENTIALS_FULL_URI)"
-    )]
-    NoCredentials { location: String },
+    #[error("{location}: no {cloud} credentials: set {variables}")]
+    NoCredentials {
+        location: String,
+        cloud: &'static str,
+        variables: &'static str,
+    },
     #[error("{location}: a complete snapshot is already there (written by another writer)")]
     AlreadyExists { location: String },
     #[error("invalid storage location '{location}': {reason}")]
@@ -93,8 +97,77 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 enum Backend {
     /// The local directory, for display and for operations object stores lack.
     Local(std::path::PathBuf),
-    /// An S3 bucket.
-    S3 { bucket: String },
+    /// A bucket (an Azure container) of an object store.
+    Remote { cloud: Cloud, bucket: String },
+}
+
+/// The object stores served besides the local file system.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Cloud {
+    S3,
+    Azure,
+}
+
+impl Cloud {
+    /// The URL scheme locations are written with (and its other spellings).
+    fn schemes(self) -> &'static [&'static str] {
+        match self {
+            Cloud::S3 => &["s3", "s3a"],
+            Cloud::Azure => &["az", "azure"],
+        }
+    }
+
+    fn bucket_word(self) -> &'static str {
+        match self {
+            Cloud::S3 => "bucket",
+            Cloud::Azure => "container",
+        }
+    }
+}
+
+/// Throttling (503 SlowDown, 429) and dropped connections are retried 10 times, 0.5 to 2 s
+/// apart (jittered: 5 to 20 s in all): a throttled burst is ridden out, a server that is gone
+/// fails the snapshot in bounded time.
+fn retry_config() -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(2),
+            base: 2.0,
+        },
+        max_retries: 10,
+        retry_timeout: Duration::from_secs(20),
+    }
+}
+
+/// The client of a bucket: one per process (clients pool connections and cache
+/// credentials), configured from the environment.
+fn client(cloud: Cloud, bucket: &str, location: &str) -> Result<Arc<dyn ObjectStore>, StoreError> {
+    type Clients = Mutex<HashMap<(Cloud, String), Arc<dyn ObjectStore>>>;
+    static CLIENTS: OnceLock<Clients> = OnceLock::new();
+    let clients = CLIENTS.get_or_init(Default::default);
+    let mut clients = clients.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = clients.get(&(cloud, bucket.to_owned())) {
+        return Ok(c.clone());
+    }
+    crate::install_tls_provider();
+    let client = match cloud {
+        Cloud::S3 => s3_client(bucket, location)?,
+        Cloud::Azure => azure_client(bucket, location)?,
+    };
+    clients.insert((cloud, bucket.to_owned()), client.clone());
+    Ok(client)
+}
+
+fn env_set(k: &str) -> bool {
+    std::env::var_os(k).is_some_and(|v| !v.is_empty())
+}
+
+fn build_err(location: &str, e: object_store::Error) -> StoreError {
+    StoreError::Invalid {
+        location: location.to_owned(),
+        reason: e.to_string(),
+    }
 }
 
 /// A directory-like location in an object store.
@@ -105,43 +178,24 @@ pub struct Store {
     backend: Backend,
 }
 
-/// The S3 client of a bucket: one per process (clients pool connections and cache
-/// credentials), configured from the environment.
 fn s3_client(bucket: &str, location: &str) -> Result<Arc<dyn ObjectStore>, StoreError> {
-    static CLIENTS: OnceLock<Mutex<HashMap<String, Arc<dyn ObjectStore>>>> = OnceLock::new();
-    let clients = CLIENTS.get_or_init(Default::default);
-    let mut clients = clients.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(c) = clients.get(bucket) {
-        return Ok(c.clone());
-    }
-    let set = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
     // Without any of these object_store falls back to the EC2 instance metadata service:
     // slow to fail anywhere else, so refuse with the variables to set instead.
-    if !(set("AWS_ACCESS_KEY_ID") && set("AWS_SECRET_ACCESS_KEY")
-        || set("AWS_WEB_IDENTITY_TOKEN_FILE")
-        || set("AWS_CONTAINER_CREDENTIALS_FULL_URI")
-        || set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"))
+    if !(env_set("AWS_ACCESS_KEY_ID") && env_set("AWS_SECRET_ACCESS_KEY")
+        || env_set("AWS_WEB_IDENTITY_TOKEN_FILE")
+        || env_set("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+        || env_set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"))
     {
         return Err(StoreError::NoCredentials {
             location: location.to_owned(),
+            cloud: "S3",
+            variables: "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_WEB_IDENTITY_TOKEN_FILE with AWS_ROLE_ARN, or AWS_CONTAINER_CREDENTIALS_FULL_URI)",
         });
     }
-    crate::install_tls_provider();
     let mut builder = AmazonS3Builder::from_env()
         .with_bucket_name(bucket)
         .with_virtual_hosted_style_request(false)
-        // Throttling (503 SlowDown) and dropped connections are retried 10 times, 0.5 to 2 s
-        // apart (jittered: 5 to 20 s in all): a throttled burst is ridden out, a server that
-        // is gone fails the snapshot in bounded time.
-        .with_retry(RetryConfig {
-            backoff: BackoffConfig {
-                init_backoff: Duration::from_millis(500),
-                max_backoff: Duration::from_secs(2),
-                base: 2.0,
-            },
-            max_retries: 10,
-            retry_timeout: Duration::from_secs(20),
-        });
+        .with_retry(retry_config());
     if std::env::var_os("AWS_UNSIGNED_PAYLOAD").is_none() {
         // Bodies are not hashed for the signature (a second pass over every byte, on both
         // sides): state files and `_metadata` carry their own CRC32C, checked on restore, and
@@ -155,20 +209,62 @@ fn s3_client(bucket: &str, location: &str) -> Result<Arc<dyn ObjectStore>, Store
         // A custom endpoint named with http:// means plain HTTP (a server in the cluster).
         builder = builder.with_allow_http(true);
     }
-    let client: Arc<dyn ObjectStore> =
-        Arc::new(builder.build().map_err(|e| StoreError::Invalid {
-            location: location.to_owned(),
-            reason: e.to_string(),
-        })?);
-    clients.insert(bucket.to_owned(), client.clone());
-    Ok(client)
+    Ok(Arc::new(
+        builder.build().map_err(|e| build_err(location, e))?,
+    ))
 }
 
-/// `s3://bucket/a/b` (or `s3a://`): the bucket and the key prefix, checked.
-fn parse_s3(location: &str) -> Option<Result<(String, Path), StoreError>> {
-    let rest = location
-        .strip_prefix("s3://")
-        .or_else(|| location.strip_prefix("s3a://"))?;
+fn azure_client(container: &str, location: &str) -> Result<Arc<dyn ObjectStore>, StoreError> {
+    // Without any of these object_store falls back to the Azure instance metadata service
+    // (managed identity): slow to fail anywhere else. AZURE_MSI_ENDPOINT opts into it.
+    let emulator = std::env::var("AZURE_STORAGE_USE_EMULATOR").is_ok_and(|v| v == "true");
+    let key = ["AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_ACCESS_KEY"]
+        .iter()
+        .any(|k| env_set(k));
+    let sas = [
+        "AZURE_STORAGE_SAS_KEY",
+        "AZURE_STORAGE_SAS_TOKEN",
+        "AZURE_STORAGE_TOKEN",
+    ]
+    .iter()
+    .any(|k| env_set(k));
+    let identity = [
+        "AZURE_CLIENT_SECRET",
+        "AZURE_FEDERATED_TOKEN_FILE",
+        "AZURE_MSI_ENDPOINT",
+    ]
+    .iter()
+    .any(|k| env_set(k));
+    if !(emulator || identity || (env_set("AZURE_STORAGE_ACCOUNT_NAME") && (key || sas))) {
+        return Err(StoreError::NoCredentials {
+            location: location.to_owned(),
+            cloud: "Azure",
+            variables: "AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN (or AZURE_CLIENT_ID, AZURE_TENANT_ID and AZURE_CLIENT_SECRET or AZURE_FEDERATED_TOKEN_FILE; AZURE_STORAGE_USE_EMULATOR=true for Azurite)",
+        });
+    }
+    let mut builder = MicrosoftAzureBuilder::from_env()
+        .with_container_name(container)
+        .with_retry(retry_config());
+    if emulator {
+        // Azurite speaks plain HTTP on loopback (AZURITE_BLOB_STORAGE_URL).
+        builder = builder.with_allow_http(true);
+    }
+    Ok(Arc::new(
+        builder.build().map_err(|e| build_err(location, e))?,
+    ))
+}
+
+/// `s3://bucket/a/b` (or `s3a://`), `az://container/a/b` (or `azure://`): the store, the
+/// bucket and the key prefix, checked.
+fn parse_remote(location: &str) -> Option<Result<(Cloud, String, Path), StoreError>> {
+    let (cloud, rest) = [Cloud::S3, Cloud::Azure].into_iter().find_map(|cloud| {
+        cloud.schemes().iter().find_map(|scheme| {
+            location
+                .strip_prefix(scheme)
+                .and_then(|r| r.strip_prefix("://"))
+                .map(|rest| (cloud, rest))
+        })
+    })?;
     let invalid = |reason: &str| {
         Some(Err(StoreError::Invalid {
             location: location.to_owned(),
@@ -177,11 +273,12 @@ fn parse_s3(location: &str) -> Option<Result<(String, Path), StoreError>> {
     };
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     if bucket.is_empty() {
-        return invalid("no bucket: write s3://bucket/prefix");
+        let (word, scheme) = (cloud.bucket_word(), cloud.schemes()[0]);
+        return invalid(&format!("no {word}: write {scheme}://{word}/prefix"));
     }
     let segments: Vec<&str> = prefix.trim_end_matches('/').split('/').collect();
     if prefix.trim_end_matches('/').is_empty() {
-        return Some(Ok((bucket.to_owned(), Path::default())));
+        return Some(Ok((cloud, bucket.to_owned(), Path::default())));
     }
     if segments
         .iter()
@@ -190,7 +287,7 @@ fn parse_s3(location: &str) -> Option<Result<(String, Path), StoreError>> {
         return invalid("empty, '.' or '..' segments are not allowed in a key prefix");
     }
     match Path::parse(segments.join("/")) {
-        Ok(p) => Some(Ok((bucket.to_owned(), p))),
+        Ok(p) => Some(Ok((cloud, bucket.to_owned(), p))),
         Err(e) => invalid(&e.to_string()),
     }
 }
@@ -205,13 +302,13 @@ impl Store {
     /// Opens a location: a local path (absolute or relative to the working directory) or a
     /// `file://` URL.
     pub fn open(location: &str) -> Result<Store, StoreError> {
-        if let Some(parsed) = parse_s3(location) {
-            let (bucket, base) = parsed?;
-            let os = s3_client(&bucket, location)?;
+        if let Some(parsed) = parse_remote(location) {
+            let (cloud, bucket, base) = parsed?;
+            let os = client(cloud, &bucket, location)?;
             return Ok(Store {
                 os,
                 base,
-                backend: Backend::S3 { bucket },
+                backend: Backend::Remote { cloud, bucket },
             });
         }
         let path_text = if let Some(rest) = location.strip_prefix("file://") {
@@ -250,8 +347,12 @@ impl Store {
     pub fn location(&self) -> String {
         match &self.backend {
             Backend::Local(local) => local.display().to_string(),
-            Backend::S3 { bucket } if self.base.as_ref().is_empty() => format!("s3://{bucket}"),
-            Backend::S3 { bucket } => format!("s3://{bucket}/{}", self.base),
+            Backend::Remote { cloud, bucket } if self.base.as_ref().is_empty() => {
+                format!("{}://{bucket}", cloud.schemes()[0])
+            }
+            Backend::Remote { cloud, bucket } => {
+                format!("{}://{bucket}/{}", cloud.schemes()[0], self.base)
+            }
         }
     }
 
@@ -266,7 +367,7 @@ impl Store {
             base: self.path(name),
             backend: match &self.backend {
                 Backend::Local(local) => Backend::Local(local.join(name)),
-                s3 => s3.clone(),
+                remote => remote.clone(),
             },
         }
     }
@@ -280,7 +381,7 @@ impl Store {
     fn display(&self, rel: &str) -> String {
         match &self.backend {
             Backend::Local(local) => local.join(rel).display().to_string(),
-            Backend::S3 { .. } => format!("{}/{rel}", self.location()),
+            Backend::Remote { .. } => format!("{}/{rel}", self.location()),
         }
     }
 
@@ -311,7 +412,7 @@ impl Store {
     pub fn exists(&self) -> Result<bool, StoreError> {
         match &self.backend {
             Backend::Local(local) => Ok(local.exists()),
-            Backend::S3 { .. } => {
+            Backend::Remote { .. } => {
                 let first = block_on(async { self.os.list(Some(&self.base)).next().await });
                 match first {
                     None => Ok(false),
@@ -330,8 +431,8 @@ impl Store {
     pub fn is_object(&self) -> Result<bool, StoreError> {
         match &self.backend {
             Backend::Local(local) => Ok(local.is_file()),
-            Backend::S3 { .. } if self.base.as_ref().is_empty() => Ok(false),
-            Backend::S3 { .. } => match block_on(self.os.head(&self.base)) {
+            Backend::Remote { .. } if self.base.as_ref().is_empty() => Ok(false),
+            Backend::Remote { .. } => match block_on(self.os.head(&self.base)) {
                 Ok(_) => Ok(true),
                 Err(object_store::Error::NotFound { .. }) => Ok(false),
                 Err(source) => Err(StoreError::Io {
@@ -444,11 +545,11 @@ impl Store {
     pub fn delete_all(&self) -> Result<(), StoreError> {
         let local = match &self.backend {
             Backend::Local(local) => local,
-            Backend::S3 { .. } => {
+            Backend::Remote { .. } => {
                 if self.base.as_ref().is_empty() {
                     return Err(StoreError::Invalid {
                         location: self.location(),
-                        reason: "refusing to delete a whole bucket".into(),
+                        reason: "refusing to delete a whole bucket (container)".into(),
                     });
                 }
                 // Bulk deletes (DeleteObjects, 1,000 keys a request) of everything listed.
@@ -494,7 +595,7 @@ impl Store {
                     source,
                 })
             }
-            Backend::S3 { .. } => {
+            Backend::Remote { .. } => {
                 let probe = ".sjob-write-check";
                 self.put(probe, Bytes::new())?;
                 block_on(self.os.delete(&self.path(probe))).map_err(|source| StoreError::Io {
@@ -514,7 +615,7 @@ impl Store {
     pub fn writer(&self, rel: &str) -> StoreWriter {
         let local = match &self.backend {
             Backend::Local(local) => local,
-            Backend::S3 { .. } => {
+            Backend::Remote { .. } => {
                 return StoreWriter {
                     sink: Some(Sink::Remote {
                         os: self.os.clone(),
