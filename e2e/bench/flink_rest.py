@@ -37,7 +37,11 @@ def savepoint(rest, job, path, body):
 
 
 def local_path(location):
-    """The directory of a savepoint location on this machine's file system (file:...)."""
+    """The directory of a savepoint location on this machine's file system: file:..., or
+    s3://bucket/key under S3_ROOT (the local S3 server's bucket root)."""
+    for scheme in ("s3://", "s3a://", "s3p://"):
+        if location.startswith(scheme):
+            return os.path.join(os.environ["S3_ROOT"], location.removeprefix(scheme))
     return location.removeprefix("file:").removeprefix("//")
 
 

@@ -3,7 +3,11 @@
 per key in heap state, parallelism 2) on a session cluster until every key was seen, take a
 savepoint, stop with a savepoint, restore from it, over REST. Prints one JSON line.
 
-  flink_savepoint.py REST JAR [KEYS] [PAYLOAD]
+  flink_savepoint.py REST JAR [KEYS] [PAYLOAD] [TARGET]
+
+TARGET: where the savepoints go (default: the cluster's state.savepoints.dir); an s3://bucket/
+prefix needs the cluster started with FLINK_S3_ENDPOINT (flink-local.sh) and S3_ROOT set to the
+directory the S3 server keeps its buckets in (versitygw's posix root), to measure and delete them.
 
 - savepoint_s: POST /jobs/:id/savepoints until the trigger reads COMPLETED (polled every 20 ms);
   savepoint_flink_s is Flink's own figure (trigger to last acknowledgement).
@@ -30,6 +34,9 @@ REST = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8081"
 JAR = sys.argv[2]
 KEYS = int(sys.argv[3]) if len(sys.argv) > 3 else 4000000
 PAYLOAD = int(sys.argv[4]) if len(sys.argv) > 4 else 240
+TARGET = sys.argv[5] if len(sys.argv) > 5 else None
+if TARGET and TARGET.startswith("s3://") and not os.environ.get("S3_ROOT"):
+    raise SystemExit("flink_savepoint.py: an s3:// TARGET needs S3_ROOT (the S3 server's bucket root)")
 P = 2
 
 
@@ -54,6 +61,8 @@ def keyed_records(job):
 
 
 def savepoint(job, path, body):
+    if TARGET:
+        body = {**body, "target-directory": TARGET}
     return flink_rest.savepoint(REST, job, path, body)
 
 
@@ -124,7 +133,7 @@ try:
 
     print(json.dumps({
         "bench": "savepoint", "engine": "flink", "keys": KEYS, "payload_bytes": PAYLOAD, "parallelism": P,
-        "state_backend": "hashmap", "savepoint_format": fmt, "state_mb": round(mb, 1),
+        "target": TARGET or "file", "state_backend": "hashmap", "savepoint_format": fmt, "state_mb": round(mb, 1),
         "fill_s": round(fill_s, 1),
         "savepoint_s": round(sp_s, 3), "savepoint_flink_s": sp_flink_s, "savepoint_mb_per_s": round(mb / sp_s),
         "stop_savepoint_s": round(stop_s, 3), "stop_savepoint_mb_per_s": round(mb / stop_s),
