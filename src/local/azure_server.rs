@@ -3,11 +3,12 @@
 //! loopback port, with its files under a directory of the test's. It checks Shared Key
 //! signatures, stages and commits blocks, and honours conditional writes.
 
+use super::server_process::ServerProcess;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 /// The emulator's well-known account and key (public; Azurite accepts nothing else).
 pub const ACCOUNT: &str = "devstoreaccount1";
@@ -17,7 +18,7 @@ pub const ACCOUNT_KEY: &str =
 pub struct AzureServer {
     endpoint: String,
     port: u16,
-    child: Child,
+    _process: ServerProcess,
 }
 
 impl AzureServer {
@@ -30,45 +31,22 @@ impl AzureServer {
         })?;
         let data = dir.join("azurite");
         std::fs::create_dir_all(&data).map_err(|e| format!("{}: {e}", data.display()))?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("a free port: {e}"))?
-            .port();
-        let log_path = dir.join("azurite.log");
-        let log =
-            std::fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
-        let err = log
-            .try_clone()
-            .map_err(|e| format!("{}: {e}", log_path.display()))?;
-        let child = Command::new("node")
-            .arg(&main)
-            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
-            .arg("--location")
-            .arg(&data)
-            .args(["--silent", "--skipApiVersionCheck", "--disableTelemetry"])
-            .stdout(log)
-            .stderr(err)
-            .spawn()
-            .map_err(|e| format!("starting node {main}: {e} (apt-get install -y nodejs)"))?;
-        super::s3_server::kill_at_exit(&child);
-        let mut server = AzureServer {
+        let process = ServerProcess::start("azurite", dir, Duration::from_secs(30), |port| {
+            let mut c = Command::new("node");
+            c.arg(&main)
+                .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+                .arg("--location")
+                .arg(&data)
+                .args(["--silent", "--skipApiVersionCheck", "--disableTelemetry"]);
+            c
+        })
+        .map_err(|e| format!("{e} (Azurite runs on node: apt-get install -y nodejs)"))?;
+        let port = process.port;
+        let server = AzureServer {
             endpoint: format!("http://127.0.0.1:{port}/{ACCOUNT}"),
             port,
-            child,
+            _process: process,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = server.child.try_wait() {
-                return Err(format!(
-                    "azurite exited ({status}); see {}",
-                    log_path.display()
-                ));
-            }
-            if Instant::now() > deadline {
-                return Err(format!("azurite did not listen on {port} within 30 s"));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
         for c in containers {
             server.create_container(c)?;
         }
@@ -176,13 +154,5 @@ impl AzureServer {
             .map(|(_, b)| b.to_owned())
             .unwrap_or_default();
         Ok((status, body))
-    }
-}
-
-impl Drop for AzureServer {
-    fn drop(&mut self) {
-        super::s3_server::reaped(&self.child);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

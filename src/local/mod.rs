@@ -7,4 +7,5 @@ pub mod control_plane;
 pub mod kubelet;
 pub mod real;
 pub mod s3_server;
+mod server_process;
 pub mod sink_check;
