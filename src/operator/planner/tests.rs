@@ -3,6 +3,21 @@ use crate::operator::crd::{CutOverPosition, SavepointRef, StatefulJobStatus, Upg
 
 const T0: i64 = 1_800_000_000;
 
+/// An upgrade in `stage` towards `target`, nothing else set.
+fn upgrade_at(stage: UpgradeStage, target: impl Into<String>) -> UpgradeStatus {
+    UpgradeStatus {
+        stage,
+        target_spec_hash: target.into(),
+        trigger_id: None,
+        savepoint: None,
+        stage_started: String::new(),
+        attempts: 0,
+        last_error: None,
+        blue_green: false,
+        cut_over: None,
+    }
+}
+
 fn deleted(path: &str) -> DeletedSavepoint<'_> {
     DeletedSavepoint {
         path,
@@ -19,15 +34,9 @@ fn a_deleted_savepoint_is_kept_while_an_upgrade_or_a_restart_needs_it() {
     assert_eq!(disposal_blocker(&a, Some(&st), &running, false), None);
     assert_eq!(disposal_blocker(&a, None, &running, false), None);
     st.upgrade = Some(UpgradeStatus {
-        stage: UpgradeStage::RollingBack,
-        target_spec_hash: "h".into(),
-        trigger_id: None,
         savepoint: Some("/sp/a/".into()),
         stage_started: rfc3339(T0 - 10),
-        attempts: 0,
-        last_error: None,
-        blue_green: false,
-        cut_over: None,
+        ..upgrade_at(UpgradeStage::RollingBack, "h")
     });
     let why = disposal_blocker(&a, Some(&st), &EngineObs::Absent, true).unwrap();
     assert!(why.contains("RollingBack"), "{why}");
@@ -61,15 +70,9 @@ fn a_savepoint_the_upgrade_took_but_has_not_recorded_is_kept() {
     // upgrade still starts from it.
     let mut st = StatefulJobStatus {
         upgrade: Some(UpgradeStatus {
-            stage: UpgradeStage::Savepointing,
-            target_spec_hash: "h".into(),
             trigger_id: Some("t".into()),
-            savepoint: None,
             stage_started: rfc3339(T0),
-            attempts: 0,
-            last_error: None,
-            blue_green: false,
-            cut_over: None,
+            ..upgrade_at(UpgradeStage::Savepointing, "h")
         }),
         ..Default::default()
     };
@@ -993,15 +996,9 @@ fn a_failing_candidate_is_removed_and_blue_never_stopped() {
     spec.upgrade.strategy = UpgradeStrategy::BlueGreen;
     let mut st = stable(&v1());
     st.upgrade = Some(UpgradeStatus {
-        stage: UpgradeStage::CatchingUp,
-        target_spec_hash: spec_hash(&spec),
-        trigger_id: None,
         savepoint: Some("/sp/savepoint-1".into()),
-        stage_started: String::new(),
-        attempts: 0,
-        last_error: None,
         blue_green: true,
-        cut_over: None,
+        ..upgrade_at(UpgradeStage::CatchingUp, spec_hash(&spec))
     });
     st.candidate = Some(CandidateStatus {
         color: Color::Green,
@@ -1038,15 +1035,9 @@ fn a_live_version_that_ends_on_its_own_before_the_cut_over_ends_the_switch() {
     spec.upgrade.strategy = UpgradeStrategy::BlueGreen;
     let mut st = stable(&v1());
     st.upgrade = Some(UpgradeStatus {
-        stage: UpgradeStage::Switching,
-        target_spec_hash: spec_hash(&spec),
-        trigger_id: None,
         savepoint: Some("/sp/savepoint-1".into()),
-        stage_started: String::new(),
-        attempts: 0,
-        last_error: None,
         blue_green: true,
-        cut_over: None,
+        ..upgrade_at(UpgradeStage::Switching, spec_hash(&spec))
     });
     st.candidate = Some(CandidateStatus {
         color: Color::Green,
