@@ -43,7 +43,7 @@ impl Node {
     pub fn is_source(&self) -> bool {
         matches!(
             self.spec,
-            OperatorSpec::Generator(_) | OperatorSpec::FileSource(_)
+            OperatorSpec::Generator(_) | OperatorSpec::FileSource(_) | OperatorSpec::KafkaSource(_)
         )
     }
 }
@@ -78,6 +78,8 @@ fn kind_name(s: &OperatorSpec) -> &'static str {
     match s {
         OperatorSpec::Generator(_) => "generator",
         OperatorSpec::FileSource(_) => "fileSource",
+        OperatorSpec::KafkaSource(_) => "kafkaSource",
+        OperatorSpec::KafkaSink(_) => "kafkaSink",
         OperatorSpec::Map(_) => "map",
         OperatorSpec::Filter(_) => "filter",
         OperatorSpec::KeyBy(_) => "keyBy",
@@ -142,6 +144,37 @@ fn declared_state(spec: &OperatorSpec) -> (Vec<KeyedStateMeta>, Vec<OperatorStat
             split_list(
                 "files",
                 &[("file", FieldType::String), ("offset", FieldType::Int)],
+            ),
+        ),
+        OperatorSpec::KafkaSource(_) => (
+            vec![],
+            vec![OperatorStateMeta {
+                name: "partitions".to_owned(),
+                distribution: Distribution::Union,
+                schema: StateSchema {
+                    fields: [
+                        ("topic", FieldType::String),
+                        ("partition", FieldType::Int),
+                        ("next", FieldType::Int),
+                    ]
+                    .iter()
+                    .map(|(n, t)| FieldSchema {
+                        name: (*n).to_owned(),
+                        ty: *t,
+                        default: None,
+                    })
+                    .collect(),
+                },
+            }],
+        ),
+        OperatorSpec::KafkaSink(_) => (
+            vec![],
+            split_list(
+                "transactions",
+                &[
+                    ("transactionalId", FieldType::String),
+                    ("checkpoint", FieldType::Int),
+                ],
             ),
         ),
         OperatorSpec::FileSink(_) => (
@@ -233,7 +266,10 @@ fn is_keyed(spec: &OperatorSpec) -> bool {
 fn is_sink(spec: &OperatorSpec) -> bool {
     matches!(
         spec,
-        OperatorSpec::FileSink(_) | OperatorSpec::StdoutSink(_) | OperatorSpec::DiscardSink(_)
+        OperatorSpec::FileSink(_)
+            | OperatorSpec::KafkaSink(_)
+            | OperatorSpec::StdoutSink(_)
+            | OperatorSpec::DiscardSink(_)
     )
 }
 
@@ -356,20 +392,25 @@ impl JobGraph {
                 }
                 None => format!("_{kind}-{i}"),
             };
-            let source = matches!(op, OperatorSpec::Generator(_) | OperatorSpec::FileSource(_));
+            let source = matches!(
+                op,
+                OperatorSpec::Generator(_)
+                    | OperatorSpec::FileSource(_)
+                    | OperatorSpec::KafkaSource(_)
+            );
             if source && i != 0 {
                 problems.push(format!("{label}: a source must be the first operator"));
             }
             if i == 0 && !source {
                 problems.push(format!(
-                    "{label}: the first operator must be a source (generator or fileSource)"
+                    "{label}: the first operator must be a source (generator, fileSource or kafkaSource)"
                 ));
             }
             if is_sink(op) && i + 1 != spec.operators.len() {
                 problems.push(format!("{label}: a sink must be the last operator"));
             }
             if i + 1 == spec.operators.len() && !is_sink(op) {
-                problems.push(format!("{label}: the last operator must be a sink (fileSink, stdoutSink or discardSink)"));
+                problems.push(format!("{label}: the last operator must be a sink (fileSink, kafkaSink, stdoutSink or discardSink)"));
             }
             match op {
                 OperatorSpec::KeyBy(_) => keyed_since_keyby = true,
@@ -384,6 +425,7 @@ impl JobGraph {
                 _ => {}
             }
             check_expressions(op, &label, &mut problems);
+            super::kafka::check(op, spec, &label, &mut problems);
             nodes.push(Node {
                 index: i,
                 uid,

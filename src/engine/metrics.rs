@@ -74,6 +74,7 @@ impl Collector for JobCollector<'_> {
                 .collect()
         };
         let stats = job.snapshot_stats();
+        let sources = job.sources();
         let state = job.state();
         let states = [
             JobState::Created,
@@ -108,6 +109,18 @@ impl Collector for JobCollector<'_> {
                 "Records an operator has emitted.",
                 MetricType::COUNTER,
                 per_op(|v| v.records_out),
+            ),
+            family(
+                "sjob_source_skipped_records_total",
+                "Records the source dropped because they did not parse (onParseError: skip).",
+                MetricType::COUNTER,
+                vec![counter(jl(), sources.skipped as f64)],
+            ),
+            family(
+                "sjob_source_problems",
+                "Source subtasks that cannot read now and retry (e.g. brokers unreachable).",
+                MetricType::GAUGE,
+                vec![gauge(jl(), sources.problems.len() as f64)],
             ),
             family(
                 "sjob_snapshots_completed_total",

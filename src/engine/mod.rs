@@ -6,6 +6,7 @@ pub mod access;
 pub mod coordinator;
 pub mod expr;
 pub mod graph;
+pub mod kafka;
 pub mod metrics;
 pub mod operators;
 pub mod rest;
@@ -95,6 +96,10 @@ pub struct SourcesView {
     pub positions: Vec<crate::savepoint::metadata::SplitPosition>,
     /// Splits that were already past the last hold's bound.
     pub overrun: Vec<String>,
+    /// Why source subtasks cannot read now (e.g. brokers unreachable), while they retry.
+    pub problems: Vec<String>,
+    /// Records the sources skipped because they did not parse.
+    pub skipped: u64,
 }
 
 /// Counters of one operator.
@@ -286,6 +291,35 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
                 None => Vec::new(),
             };
             sinks::prepare_file_sink(&f.path, &n.uid, &job_id, &rows).map_err(StartError::Setup)?;
+        }
+    }
+    // A Kafka topic that does not exist is refused now, while the brokers can say so.
+    for n in &graph.nodes {
+        if let OperatorSpec::KafkaSource(k) = &n.spec {
+            kafka::source::check_topics(&n.uid, k).map_err(StartError::Setup)?;
+        }
+    }
+    // Exactly-once Kafka sinks: commit what the restored snapshot staged, abort what an earlier
+    // run left open after it. In shadow mode the old version, still running, owns them.
+    for n in &graph.nodes {
+        if let OperatorSpec::KafkaSink(k) = &n.spec
+            && !shadow
+        {
+            let rows = match restored
+                .as_ref()
+                .and_then(|r| r.plan.operators.get(&n.uid).map(|op| (r, op)))
+            {
+                Some((r, op)) => op
+                    .load_operator_lists(&r.dir, 1, &n.operator_states)
+                    .map_err(|e| restore_err(&r.dir, e))?
+                    .into_iter()
+                    .next()
+                    .and_then(|l| l.into_iter().next())
+                    .unwrap_or_default(),
+                None => Vec::new(),
+            };
+            let prefix = kafka::sink::prefix_of(k, &graph.name, &n.uid);
+            kafka::sink::prepare(k, &prefix, &n.uid, &rows).map_err(StartError::Setup)?;
         }
     }
     let checkpoints = match &spec.checkpoints {
@@ -518,6 +552,13 @@ fn build_task(
             OperatorSpec::FileSink(f) => Box::new(sinks::FileSink::new(
                 &f.path, &node.uid, sub, job_id, shadow,
             )),
+            OperatorSpec::KafkaSink(k) => Box::new(kafka::sink::KafkaSink::new(
+                &node.uid,
+                k,
+                &graph.name,
+                sub,
+                shadow,
+            )?),
             OperatorSpec::StdoutSink(_) => Box::new(sinks::StdoutSink { shadow }),
             OperatorSpec::DiscardSink(_) => Box::new(sinks::DiscardSink),
             _ => operators::build(node, range, graph.max_parallelism)?,
@@ -529,8 +570,10 @@ fn build_task(
                     .map_err(|e| e.to_string())?;
             }
             // File sinks had their staged files committed before the tasks started.
-            if !matches!(node.spec, OperatorSpec::FileSink(_))
-                && let Some(lists) = lists
+            if !matches!(
+                node.spec,
+                OperatorSpec::FileSink(_) | OperatorSpec::KafkaSink(_)
+            ) && let Some(lists) = lists
             {
                 op.restore_lists(lists)?;
             }
@@ -678,6 +721,8 @@ impl JobHandle {
             view.settled &= r.epoch == epoch;
             view.positions.extend(r.positions);
             view.overrun.extend(r.overrun);
+            view.problems.extend(r.problem);
+            view.skipped += r.skipped;
         }
         view.positions.sort_by(|a, b| a.split.cmp(&b.split));
         view

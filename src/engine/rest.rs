@@ -365,6 +365,8 @@ async fn sources(State(s): Shared, Path(id): Path<String>) -> Response {
         "shadow": v.shadow,
         "positions": v.positions,
         "overrun": v.overrun,
+        "problems": v.problems,
+        "skipped": v.skipped,
     }))
     .into_response()
 }

@@ -79,6 +79,10 @@ pub(crate) struct SourceReport {
     pub overrun: Vec<String>,
     /// The newest hold or release command this subtask has carried out.
     pub epoch: u64,
+    /// Why the source cannot read now, while it retries.
+    pub problem: Option<String>,
+    /// Records skipped because they did not parse.
+    pub skipped: u64,
 }
 
 /// Counters shared by every task of a job.
@@ -348,7 +352,7 @@ impl Task {
     /// Snapshots every stateful operator of the chain (and the source) for a barrier.
     fn snapshot(&mut self, barrier: &Arc<Barrier>) -> TaskResult {
         let started = Instant::now();
-        if let Some((node, uid, source)) = &self.source {
+        if let Some((node, uid, source)) = &mut self.source {
             let job = WriteJob {
                 barrier: barrier.clone(),
                 node: *node,
@@ -356,7 +360,7 @@ impl Task {
                 subtask: self.subtask,
                 snapshot: SubtaskSnapshot {
                     keyed: None,
-                    operator_lists: source.snapshot_lists(),
+                    operator_lists: source.snapshot_lists(barrier.id),
                 },
                 positions: source.positions(),
             };
@@ -388,6 +392,9 @@ impl Task {
     }
 
     fn complete(&mut self, id: u64) -> TaskResult {
+        if let Some((_, _, source)) = &mut self.source {
+            source.notify_complete(id);
+        }
         for c in &mut self.chain {
             c.op.notify_complete(id)
                 .map_err(|e| format!("operator '{}': completing snapshot {id}: {e}", c.uid))?;
@@ -501,6 +508,8 @@ impl Task {
         };
         r.positions = source.positions();
         r.holding = flow.at_bound || flow.exhausted;
+        r.problem = source.problem();
+        r.skipped = source.skipped();
         if let Some((epoch, overrun)) = command {
             r.epoch = epoch;
             r.overrun = overrun;

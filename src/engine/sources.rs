@@ -28,8 +28,8 @@ pub trait Source: Send {
     fn poll(&mut self, out: &mut Vec<Record>, max: usize) -> Result<Poll, String>;
     /// Every record with a smaller or equal timestamp has been emitted.
     fn watermark(&self) -> i64;
-    /// The positions as operator list state (one list: the splits).
-    fn snapshot_lists(&self) -> Vec<Vec<Row>>;
+    /// The positions as operator list state (one list: the splits), for snapshot `id`.
+    fn snapshot_lists(&mut self, id: u64) -> Vec<Vec<Row>>;
     fn positions(&self) -> Vec<SplitPosition>;
     /// Replaces the initial assignment with restored splits.
     fn restore_lists(&mut self, lists: Vec<Vec<Row>>) -> Result<(), String>;
@@ -39,6 +39,16 @@ pub trait Source: Send {
     fn set_bound(&mut self, bound: Option<&Bound>) -> Vec<String>;
     /// Reading starts again after a pause (rate limits start afresh rather than catch up).
     fn on_resume(&mut self) {}
+    /// Snapshot `id`, which included this source's positions, is complete.
+    fn notify_complete(&mut self, _id: u64) {}
+    /// Why the source cannot read now (e.g. its brokers are unreachable), while it retries.
+    fn problem(&self) -> Option<String> {
+        None
+    }
+    /// Records dropped because they did not parse (`onParseError: skip`).
+    fn skipped(&self) -> u64 {
+        0
+    }
 }
 
 /// The splits of `positions` already past their position in `bound`.
@@ -100,6 +110,12 @@ pub fn build(node: &Node, subtask: u32, parallelism: u32) -> Result<Box<dyn Sour
                 bound: None,
             }))
         }
+        OperatorSpec::KafkaSource(k) => Ok(Box::new(super::kafka::source::KafkaSource::new(
+            &node.uid,
+            k,
+            subtask,
+            parallelism,
+        )?)),
         other => Err(format!("{other:?} is not a source")),
     }
 }
@@ -222,7 +238,7 @@ impl Source for Generator {
             .unwrap_or(i64::MAX)
     }
 
-    fn snapshot_lists(&self) -> Vec<Vec<Row>> {
+    fn snapshot_lists(&mut self, _id: u64) -> Vec<Vec<Row>> {
         vec![
             self.owned
                 .iter()
@@ -425,7 +441,7 @@ impl Source for FileSource {
         if done { i64::MAX } else { i64::MIN }
     }
 
-    fn snapshot_lists(&self) -> Vec<Vec<Row>> {
+    fn snapshot_lists(&mut self, _id: u64) -> Vec<Vec<Row>> {
         vec![
             self.owned
                 .iter()

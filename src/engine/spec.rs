@@ -169,6 +169,56 @@ operator_specs! {
         #[serde(default)]
         format: FileFormat,
     }
+    /// Records of Kafka topics (read committed). Each partition's next offset is state under
+    /// the uid; a restored job resumes there, partitions are spread over the subtasks.
+    KafkaSource(KafkaSourceSpec, "kafkaSource") {
+        /// `host:port[,host:port…]` of the brokers.
+        bootstrap_servers: String,
+        /// The topics to read.
+        #[serde(default)]
+        topics: Vec<String>,
+        /// Also read every topic whose whole name matches this regular expression.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        topic_pattern: Option<String>,
+        /// Where a partition without restored state starts: `earliest`, `latest`,
+        /// `committed` (the group's offsets, else earliest), or a time (RFC 3339 or epoch
+        /// milliseconds: the first record at or after it).
+        #[serde(default = "default_start_from")]
+        start_from: String,
+        /// The consumer group: for `startFrom: committed` and `commitOffsets`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group_id: Option<String>,
+        /// Commit the offsets of each completed checkpoint to the group (for monitoring; a
+        /// restore always uses the snapshot's offsets).
+        #[serde(default)]
+        commit_offsets: bool,
+        /// `json` (a JSON object per record, into fields) or `raw` (the value as a string in
+        /// `valueField`).
+        #[serde(default)]
+        format: KafkaFormat,
+        /// The field that holds a raw value.
+        #[serde(default = "default_value_field")]
+        value_field: String,
+        /// Puts the record's key (as a string) into this field.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key_field: Option<String>,
+        /// Puts the record's timestamp (epoch milliseconds) into this field; it is also the
+        /// record's event time for watermarks.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timestamp_field: Option<String>,
+        /// Watermarks trail the largest timestamp of each partition by this much.
+        #[serde(default = "default_out_of_orderness")]
+        max_out_of_orderness: String,
+        /// How often to look for new partitions and topics.
+        #[serde(default = "default_discovery_interval")]
+        discovery_interval: String,
+        /// A value that does not parse: `fail` the job, or `skip` it (counted in /metrics).
+        #[serde(default)]
+        on_parse_error: ParseErrorPolicy,
+        /// Further librdkafka consumer settings, e.g. `security.protocol`.
+        #[serde(default)]
+        properties: std::collections::BTreeMap<String, String>,
+    }
     /// Sets fields from CEL expressions over the record's fields; drops fields.
     Map(MapSpec, "map") {
         /// Fields to set, each from a CEL expression.
@@ -245,6 +295,42 @@ operator_specs! {
         /// Directory of the committed part files (`.pending/` under it holds the others).
         path: String,
     }
+    /// Writes records to a Kafka topic. `exactly-once`: a transaction per subtask and
+    /// checkpoint, committed when the checkpoint or savepoint completes (read-committed
+    /// consumers see each record once); `at-least-once`: flushed at each checkpoint; `none`.
+    KafkaSink(KafkaSinkSpec, "kafkaSink") {
+        /// `host:port[,host:port…]` of the brokers.
+        bootstrap_servers: String,
+        /// The topic written to (unless `topicField` names one per record).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        topic: Option<String>,
+        /// The field whose value is the record's topic.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        topic_field: Option<String>,
+        /// The field whose value is the record's key (Kafka partitions by it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key_field: Option<String>,
+        /// `json` (the record as a JSON object) or `raw` (the string in `valueField`).
+        #[serde(default)]
+        format: KafkaFormat,
+        /// The field written as a raw value.
+        #[serde(default = "default_value_field")]
+        value_field: String,
+        /// `exactly-once`, `at-least-once` or `none`.
+        #[serde(default)]
+        delivery_guarantee: DeliveryGuarantee,
+        /// Transactional ids start with this; default `sjob-<job name>-<uid>`. Two jobs
+        /// writing with exactly-once must not share it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        transactional_id_prefix: Option<String>,
+        /// The broker aborts a transaction open longer than this; it must exceed the
+        /// checkpoint interval (and is capped by the broker's `transaction.max.timeout.ms`).
+        #[serde(default = "default_transaction_timeout")]
+        transaction_timeout: String,
+        /// Further librdkafka producer settings.
+        #[serde(default)]
+        properties: std::collections::BTreeMap<String, String>,
+    }
     /// Prints JSON lines to standard output as records arrive (at least once).
     StdoutSink(StdoutSinkSpec, "stdoutSink") {}
     /// Drops every record.
@@ -305,6 +391,63 @@ pub enum FileFormat {
     #[default]
     Json,
     Text,
+}
+
+fn default_start_from() -> String {
+    "earliest".into()
+}
+fn default_value_field() -> String {
+    "value".into()
+}
+fn default_out_of_orderness() -> String {
+    "0s".into()
+}
+fn default_discovery_interval() -> String {
+    "30s".into()
+}
+fn default_transaction_timeout() -> String {
+    "15m".into()
+}
+
+/// How Kafka record values map to fields.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum KafkaFormat {
+    /// A JSON object: its members are the record's fields.
+    #[default]
+    Json,
+    /// The value as a string (invalid UTF-8 replaced) in one field.
+    Raw,
+}
+
+/// What a source does with a value that does not parse.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ParseErrorPolicy {
+    /// The job fails, naming the topic, partition and offset.
+    #[default]
+    Fail,
+    /// The record is dropped and counted.
+    Skip,
+}
+
+/// What a Kafka sink promises.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeliveryGuarantee {
+    /// Transactions committed with checkpoints: each record once for read-committed readers.
+    ExactlyOnce,
+    /// Flushed at every checkpoint: nothing lost, repeats after a failure.
+    #[default]
+    AtLeastOnce,
+    /// Nothing waited for: records buffered at a failure may be lost.
+    None,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]

@@ -4,6 +4,7 @@ pub mod apiserver;
 pub mod azure_server;
 pub mod cluster;
 pub mod control_plane;
+pub mod kafka_server;
 pub mod kubelet;
 pub mod real;
 pub mod s3_server;

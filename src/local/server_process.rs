@@ -1,4 +1,4 @@
-//! A server process the tests run (an S3 or Azure Blob Storage server): started on a free
+//! A server process the tests run (an S3, Azure Blob Storage or Kafka server): started on a free
 //! loopback port with its output in a log file, waited for until it listens, and killed when
 //! dropped or, at the latest, when this process exits.
 
@@ -26,13 +26,24 @@ impl ServerProcess {
             .and_then(|l| l.local_addr())
             .map_err(|e| format!("a free port: {e}"))?
             .port();
+        Self::start_on(name, dir, port, wait, || command(port))
+    }
+
+    /// Starts `command()`, which listens on `port` (and maybe on others it was given).
+    pub fn start_on(
+        name: &str,
+        dir: &Path,
+        port: u16,
+        wait: Duration,
+        command: impl FnOnce() -> Command,
+    ) -> Result<ServerProcess, String> {
         let log_path = dir.join(format!("{name}.log"));
         let log =
             std::fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
         let err = log
             .try_clone()
             .map_err(|e| format!("{}: {e}", log_path.display()))?;
-        let child = command(port)
+        let child = command()
             .stdout(log)
             .stderr(err)
             .spawn()

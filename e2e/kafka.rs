@@ -1,0 +1,549 @@
+//! The Kafka source and sink against a real Apache Kafka broker (one KRaft node started by
+//! the harness from the jars of `bash e2e/kafka/install.sh`). Outputs are read back with a
+//! read-committed consumer and checked against what the input implies, independently of the
+//! engine.
+
+use sjob::engine::{self, JobOptions, JobState, spec::JobSpec};
+use sjob::local::kafka_server::KafkaBroker;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// One broker for every test of this binary; each test has topics of its own.
+fn broker() -> &'static KafkaBroker {
+    static BROKER: OnceLock<(tempfile::TempDir, KafkaBroker)> = OnceLock::new();
+    &BROKER
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let b = KafkaBroker::start(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+            (dir, b)
+        })
+        .1
+}
+
+fn spec(yaml: &str) -> JobSpec {
+    JobSpec::from_yaml(yaml).unwrap_or_else(|e| panic!("test job does not parse: {e}\n{yaml}"))
+}
+
+/// Input records `from..to`: key `k<i mod keys>`, JSON `{"key", "n"}`.
+fn input(from: u64, to: u64, keys: u64) -> Vec<(String, String)> {
+    (from..to)
+        .map(|i| {
+            let k = format!("k{}", i % keys);
+            (k.clone(), format!(r#"{{"key":"{k}","n":{i}}}"#))
+        })
+        .collect()
+}
+
+/// Kafka in, count per key, Kafka out.
+fn count_job(name: &str, input: &str, output: &str, guarantee: &str, checkpoints: &Path) -> String {
+    format!(
+        r#"
+name: {name}
+parallelism: 2
+checkpoints:
+  interval: 300ms
+  dir: {}
+operators:
+  - kind: kafkaSource
+    uid: in
+    bootstrapServers: {bs}
+    topics: [{input}]
+  - kind: keyBy
+    field: key
+  - kind: count
+    uid: counter
+  - kind: kafkaSink
+    uid: out
+    bootstrapServers: {bs}
+    topic: {output}
+    keyField: key
+    deliveryGuarantee: {guarantee}
+"#,
+        checkpoints.display(),
+        bs = broker().bootstrap()
+    )
+}
+
+/// Per key, every count the output holds, sorted.
+fn output_counts(topic: &str) -> BTreeMap<String, Vec<u64>> {
+    let mut m: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (_, _, v) in broker()
+        .read_committed(topic)
+        .unwrap_or_else(|e| panic!("{e}"))
+    {
+        let v: serde_json::Value =
+            serde_json::from_str(&v).unwrap_or_else(|e| panic!("output {v:?}: {e}"));
+        let (Some(k), Some(c)) = (v["key"].as_str(), v["count"].as_u64()) else {
+            panic!("output without key and count: {v}");
+        };
+        m.entry(k.to_owned()).or_default().push(c);
+    }
+    for v in m.values_mut() {
+        v.sort_unstable();
+    }
+    m
+}
+
+/// How many input records each key has among `0..total`.
+fn per_key(total: u64, keys: u64) -> BTreeMap<String, u64> {
+    (0..keys.min(total))
+        .map(|k| {
+            (
+                format!("k{k}"),
+                (0..total).filter(|i| i % keys == k).count() as u64,
+            )
+        })
+        .collect()
+}
+
+/// Exactly once: each key's counts are 1, 2, …, n once each.
+fn assert_exactly_once(topic: &str, total: u64, keys: u64) {
+    let got = output_counts(topic);
+    for (k, n) in per_key(total, keys) {
+        let have = got.get(&k).cloned().unwrap_or_default();
+        let want: Vec<u64> = (1..=n).collect();
+        assert!(
+            have == want,
+            "key {k}: expected counts 1..={n} once each, got {} values (first {:?}, last {:?})",
+            have.len(),
+            &have[..have.len().min(5)],
+            have.last()
+        );
+    }
+    assert_eq!(got.len() as u64, keys.min(total), "keys in the output");
+}
+
+fn source_position(job: &engine::JobHandle) -> i64 {
+    job.sources().positions.iter().map(|p| p.position).sum()
+}
+
+/// Waits until the job's source has read `n` records (its offsets add up to `n`).
+fn wait_read(job: &engine::JobHandle, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while source_position(job) < n {
+        assert!(
+            Instant::now() < deadline,
+            "source at {} of {n}; problems {:?}; state {:?} {:?}",
+            source_position(job),
+            job.sources().problems,
+            job.state(),
+            job.failure()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn start(job: &JobSpec, from: Option<&str>, p: Option<u32>) -> engine::JobHandle {
+    engine::start(
+        job,
+        JobOptions {
+            savepoint: from.map(str::to_owned),
+            parallelism: p,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("start failed: {e}"))
+}
+
+/// Upgrades through stop-with-savepoint while records flow, rescaling 2 -> 3 -> 1 (input
+/// partitions redistributed), then resumes once more: each input's count exactly once.
+#[test]
+fn exactly_once_across_savepoint_upgrades_and_rescales() {
+    let b = broker();
+    let dir = tempfile::tempdir().unwrap();
+    let sps = dir.path().join("sp");
+    let sps = sps.to_str().unwrap();
+    b.create_topic("eo-in", 5).unwrap();
+    b.create_topic("eo-out", 3).unwrap();
+    let keys = 37;
+    b.produce("eo-in", &input(0, 4000, keys)).unwrap();
+    let job_spec = spec(&count_job(
+        "eo",
+        "eo-in",
+        "eo-out",
+        "exactly-once",
+        &dir.path().join("chk"),
+    ));
+
+    let job = start(&job_spec, None, Some(2));
+    wait_read(&job, 1500);
+    let sp1 = job.stop_with_savepoint(sps, false).unwrap();
+    assert_eq!(job.wait(), JobState::Finished, "{:?}", job.failure());
+
+    // Written while no job runs, and while the next one does.
+    b.produce("eo-in", &input(4000, 6000, keys)).unwrap();
+    let job = start(&job_spec, Some(&sp1), Some(3));
+    let writer = std::thread::spawn(move || broker().produce("eo-in", &input(6000, 9000, keys)));
+    wait_read(&job, 7000);
+    let sp2 = job.stop_with_savepoint(sps, false).unwrap();
+    assert_eq!(job.wait(), JobState::Finished, "{:?}", job.failure());
+    writer.join().unwrap().unwrap();
+
+    let job = start(&job_spec, Some(&sp2), Some(1));
+    wait_read(&job, 9000);
+    let sp3 = job.stop_with_savepoint(sps, false).unwrap();
+    assert_eq!(job.wait(), JobState::Finished, "{:?}", job.failure());
+    assert_exactly_once("eo-out", 9000, keys);
+
+    // A resume with nothing new writes nothing new.
+    let job = start(&job_spec, Some(&sp3), Some(2));
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(source_position(&job), 9000);
+    job.stop_with_savepoint(sps, false).unwrap();
+    assert_eq!(job.wait(), JobState::Finished, "{:?}", job.failure());
+    assert_exactly_once("eo-out", 9000, keys);
+}
+
+/// A job file for `sjob run`.
+fn write_job(dir: &Path, yaml: &str) -> std::path::PathBuf {
+    let p = dir.join("job.yaml");
+    std::fs::write(&p, yaml).unwrap();
+    p
+}
+
+struct Engine(Child);
+
+impl Engine {
+    fn run(dir: &Path, job: &Path, job_id: &str) -> Engine {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("engine.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_sjob"))
+            .args(["run", "--rest-port", "0", "--job-id", job_id])
+            .arg(job)
+            .env("SJOB_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("sjob runs");
+        Engine(child)
+    }
+
+    /// kill -9.
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Completed checkpoints of a job under `dir`.
+fn completed_checkpoints(dir: &Path, job_id: &str) -> usize {
+    std::fs::read_dir(dir.join(job_id))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().join("_metadata").exists())
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Polls the output until it holds `n` records (read committed), for up to a minute.
+fn wait_output(topic: &str, n: usize, log: &Path) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let have = broker()
+            .read_committed(topic)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .len();
+        if have >= n {
+            return have;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{topic} holds {have} of {n} records; engine log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// An engine process killed with SIGKILL mid-run, while a transaction is open, and started
+/// again with the same job id resumes from its newest checkpoint: the transactions that
+/// checkpoint staged are committed, the ones opened after it aborted, and the output holds
+/// each input's count exactly once. Under at-least-once, each at least once.
+#[test]
+fn kill_dash_nine_recovers_from_the_newest_checkpoint() {
+    for (guarantee, exact) in [("exactly-once", true), ("at-least-once", false)] {
+        let b = broker();
+        let dir = tempfile::tempdir().unwrap();
+        let (input_topic, output) = (
+            format!("kill-in-{guarantee}"),
+            format!("kill-out-{guarantee}"),
+        );
+        b.create_topic(&input_topic, 4).unwrap();
+        b.create_topic(&output, 2).unwrap();
+        let keys = 23;
+        b.produce(&input_topic, &input(0, 5000, keys)).unwrap();
+        let chk = dir.path().join("chk");
+        let job = write_job(
+            dir.path(),
+            &count_job("killed", &input_topic, &output, guarantee, &chk),
+        );
+        let job_id = "0123456789abcdef0123456789abcdef";
+        let log = dir.path().join("engine.log");
+        let mut engine = Engine::run(dir.path(), &job, job_id);
+        // Records keep coming, a batch every 10 ms, until the engine has been killed.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = std::thread::spawn({
+            let (t, stop) = (input_topic.clone(), stop.clone());
+            move || {
+                let mut next = 5000;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    broker().produce(&t, &input(next, next + 100, keys))?;
+                    next += 100;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok::<_, String>(next)
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while completed_checkpoints(&chk, job_id) < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "no checkpoints; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        wait_output(&output, 1, &log);
+        let mut admin = sjob::engine::kafka::txn::TxnAdmin::new(b.bootstrap());
+        if exact {
+            // Killed while the sink has a transaction open.
+            while admin
+                .ongoing_with_prefix("sjob/killed/out/")
+                .unwrap()
+                .is_empty()
+            {
+                assert!(Instant::now() < deadline, "no open transaction");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        engine.kill();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let total = writer.join().unwrap().unwrap();
+        let mut engine = Engine::run(dir.path(), &job, job_id);
+        wait_output(&output, total as usize, &log);
+        // Let a checkpoint or two more pass: nothing more may appear.
+        std::thread::sleep(Duration::from_millis(1000));
+        engine.kill();
+        let got = output_counts(&output);
+        if exact {
+            assert_exactly_once(&output, total, keys);
+        } else {
+            for (k, n) in per_key(total, keys) {
+                let have = got.get(&k).cloned().unwrap_or_default();
+                for c in 1..=n {
+                    assert!(have.contains(&c), "{guarantee}: key {k} lacks count {c}");
+                }
+            }
+        }
+        let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            log_text.contains("resuming from the newest checkpoint"),
+            "the second run resumed from a checkpoint"
+        );
+        if exact {
+            assert!(
+                log_text.contains("committing a transaction the restored snapshot staged")
+                    || log_text.contains("aborting a transaction an earlier run left open"),
+                "the restart finished the killed run's open transactions:\n{log_text}"
+            );
+            assert!(
+                admin
+                    .ongoing_with_prefix("sjob/killed/out/")
+                    .unwrap()
+                    .is_empty(),
+                "no transaction left open"
+            );
+        }
+    }
+}
+
+/// Bad input: a missing topic refused at start naming it; a value that does not parse fails
+/// the job naming topic, partition and offset, or is skipped and counted; a transaction
+/// timeout not longer than the checkpoint interval, and exactly-once without checkpoints, are
+/// refused naming the field.
+#[test]
+fn bad_input_is_refused_or_counted_with_its_cause() {
+    let b = broker();
+    let dir = tempfile::tempdir().unwrap();
+    let chk = dir.path().join("chk");
+    b.create_topic("bad-in", 1).unwrap();
+    b.create_topic("bad-out", 1).unwrap();
+
+    let missing = spec(&count_job(
+        "missing",
+        "no-such-topic",
+        "bad-out",
+        "at-least-once",
+        &chk,
+    ));
+    let e = engine::start(&missing, JobOptions::default())
+        .err()
+        .map(|e| e.to_string());
+    assert!(
+        e.as_deref()
+            .is_some_and(|e| e.contains("topic 'no-such-topic' does not exist")
+                && e.contains("kafkaSource 'in'")),
+        "{e:?}"
+    );
+
+    b.produce(
+        "bad-in",
+        &[
+            ("k1".into(), r#"{"key":"k1"}"#.into()),
+            ("k2".into(), "not json".into()),
+            ("k3".into(), r#"{"key":"k3"}"#.into()),
+        ],
+    )
+    .unwrap();
+    let fail = spec(&count_job(
+        "fail",
+        "bad-in",
+        "bad-out",
+        "at-least-once",
+        &chk,
+    ));
+    let job = start(&fail, None, Some(1));
+    assert_eq!(
+        job.wait_timeout(Duration::from_secs(30)),
+        Some(JobState::Failed)
+    );
+    let why = job.failure().unwrap_or_default();
+    assert!(
+        why.contains("bad-in-0 offset 1")
+            && why.contains("invalid JSON")
+            && why.contains("onParseError"),
+        "{why}"
+    );
+
+    let skip_yaml = count_job("skip", "bad-in", "bad-out", "at-least-once", &chk).replace(
+        "    topics: [bad-in]\n",
+        "    topics: [bad-in]\n    onParseError: skip\n",
+    );
+    let job = start(&spec(&skip_yaml), None, Some(1));
+    wait_read(&job, 3);
+    assert_eq!(job.sources().skipped, 1);
+    let metrics = sjob::engine::metrics::render(&job).unwrap();
+    assert!(
+        metrics.contains("sjob_source_skipped_records_total{") && metrics.contains("} 1"),
+        "{metrics}"
+    );
+    job.cancel();
+    job.wait();
+
+    let short = count_job("short", "bad-in", "bad-out", "exactly-once", &chk).replace(
+        "    deliveryGuarantee: exactly-once\n",
+        "    deliveryGuarantee: exactly-once\n    transactionTimeout: 200ms\n",
+    );
+    let e = engine::graph::JobGraph::build(&spec(&short), None)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("operators[3] (kafkaSink 'out'): transactionTimeout: 200ms is not longer than checkpoints.interval 300ms"),
+        "{e}"
+    );
+    let no_chk = count_job("nochk", "bad-in", "bad-out", "exactly-once", &chk)
+        .replace("checkpoints:\n  interval: 300ms\n", "")
+        .replace(&format!("  dir: {}\n", chk.display()), "");
+    let e = engine::graph::JobGraph::build(&spec(&no_chk), None)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("deliveryGuarantee: exactly-once commits with checkpoints"),
+        "{e}"
+    );
+}
+
+/// A broker lost while the job runs: the source says why it cannot read (REST
+/// `/jobs/:id/sources` `problems`, and /metrics) while it retries, and once the broker is
+/// back the job goes on where it was, exactly once.
+#[test]
+fn a_lost_broker_is_reported_and_the_job_goes_on_when_it_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = KafkaBroker::start(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    b.create_topic("lost-in", 2).unwrap();
+    b.create_topic("lost-out", 2).unwrap();
+    let keys = 11;
+    b.produce("lost-in", &input(0, 2000, keys)).unwrap();
+    let yaml = count_job(
+        "lost",
+        "lost-in",
+        "lost-out",
+        "exactly-once",
+        &dir.path().join("chk"),
+    )
+    .replace(broker().bootstrap(), b.bootstrap())
+    .replace(
+        "    topics: [lost-in]\n",
+        "    topics: [lost-in]\n    discoveryInterval: 500ms\n",
+    );
+    let job = start(&spec(&yaml), None, Some(1));
+    wait_read(&job, 2000);
+
+    b.stop();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while job.sources().problems.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no problem reported with the broker down"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let problems = job.sources().problems;
+    assert!(
+        problems.iter().any(|p| p.contains("kafkaSource 'in'")),
+        "{problems:?}"
+    );
+    let metrics = sjob::engine::metrics::render(&job).unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("sjob_source_problems{") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    assert_eq!(job.state(), JobState::Running, "{:?}", job.failure());
+
+    b.restart().unwrap();
+    b.produce("lost-in", &input(2000, 4000, keys)).unwrap();
+    wait_read(&job, 4000);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !job.sources().problems.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "problem not cleared: {:?}",
+            job.sources().problems
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    job.stop_with_savepoint(dir.path().join("sp").to_str().unwrap(), false)
+        .unwrap();
+    assert_eq!(job.wait(), JobState::Finished, "{:?}", job.failure());
+    let got: BTreeMap<String, Vec<u64>> = {
+        let mut m: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for (_, _, v) in b.read_committed("lost-out").unwrap() {
+            let v: serde_json::Value = serde_json::from_str(&v).unwrap();
+            m.entry(v["key"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(v["count"].as_u64().unwrap());
+        }
+        m.values_mut().for_each(|v| v.sort_unstable());
+        m
+    };
+    for (k, n) in per_key(4000, keys) {
+        assert_eq!(got.get(&k), Some(&(1..=n).collect::<Vec<u64>>()), "key {k}");
+    }
+}
