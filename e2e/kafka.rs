@@ -547,3 +547,113 @@ fn a_lost_broker_is_reported_and_the_job_goes_on_when_it_is_back() {
         assert_eq!(got.get(&k), Some(&(1..=n).collect::<Vec<u64>>()), "key {k}");
     }
 }
+
+/// The source's options, read back through a sink with `deliveryGuarantee: none`: topics by
+/// pattern, raw values with key and timestamp fields, a start at a time, a partition added
+/// while the job runs (read from its start), and offsets committed to the group after each
+/// checkpoint.
+#[test]
+fn source_options_discovery_and_committed_offsets() {
+    let b = broker();
+    let dir = tempfile::tempdir().unwrap();
+    b.create_topic("opt-a", 1).unwrap();
+    b.create_topic("opt-b", 1).unwrap();
+    b.create_topic("opt-out", 1).unwrap();
+    b.produce("opt-a", &[("early".into(), "before the start".into())])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let start_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    std::thread::sleep(Duration::from_millis(50));
+    b.produce("opt-a", &[("a1".into(), "one".into())]).unwrap();
+    b.produce("opt-b", &[("b1".into(), "two".into())]).unwrap();
+    let yaml = format!(
+        r#"
+name: options
+parallelism: 2
+checkpoints:
+  interval: 200ms
+  dir: {chk}
+operators:
+  - kind: kafkaSource
+    uid: in
+    bootstrapServers: {bs}
+    topicPattern: "opt-[ab]"
+    startFrom: "{start_ms}"
+    format: raw
+    valueField: text
+    keyField: user
+    timestampField: at
+    discoveryInterval: 300ms
+    groupId: options-group
+    commitOffsets: true
+  - kind: kafkaSink
+    uid: out
+    bootstrapServers: {bs}
+    topic: opt-out
+    keyField: user
+    deliveryGuarantee: none
+"#,
+        chk = dir.path().join("chk").display(),
+        bs = b.bootstrap()
+    );
+    let job = start(&spec(&yaml), None, None);
+    // "early" (before startFrom) is skipped: its offset 0 is passed over.
+    wait_read(&job, 3);
+    b.add_partitions("opt-b", 3).unwrap();
+    b.produce(
+        "opt-b",
+        &(0..40)
+            .map(|i| (format!("n{i}"), format!("new {i}")))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    wait_read(&job, 43);
+    let positions = job.sources().positions;
+    assert_eq!(
+        positions
+            .iter()
+            .map(|p| p.split.as_str())
+            .collect::<Vec<_>>(),
+        ["opt-a-0", "opt-b-0", "opt-b-1", "opt-b-2"],
+        "the added partitions are read: {positions:?}"
+    );
+    // The group's committed offsets catch up with the positions after a checkpoint.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let committed = b.committed("options-group", &["opt-a", "opt-b"]).unwrap();
+        let want: Vec<(String, i64)> = positions
+            .iter()
+            .map(|p| (p.split.clone(), p.position))
+            .collect();
+        if committed == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "committed {committed:?}, positions {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    job.cancel();
+    job.wait();
+    let out = b.read_committed("opt-out").unwrap();
+    let mut texts: Vec<String> = out
+        .iter()
+        .map(|(_, k, v)| {
+            let v: serde_json::Value = serde_json::from_str(v).unwrap();
+            assert_eq!(v["user"].as_str(), k.as_deref(), "{v}");
+            assert!(
+                v["at"].as_i64().is_some_and(|t| t as u128 >= start_ms),
+                "{v}"
+            );
+            v["text"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    texts.sort();
+    assert_eq!(texts.len(), 42, "{texts:?}");
+    assert!(texts.contains(&"one".to_owned()) && texts.contains(&"two".to_owned()));
+    assert!(!texts.contains(&"before the start".to_owned()));
+}

@@ -205,6 +205,40 @@ impl KafkaBroker {
             .map_err(|e| format!("producing to {topic}: {e}"))
     }
 
+    /// The offsets `group` has committed for every partition of `topics`, as
+    /// `("<topic>-<partition>", offset)` sorted; partitions without one are left out.
+    pub fn committed(&self, group: &str, topics: &[&str]) -> Result<Vec<(String, i64)>, String> {
+        let c: BaseConsumer = self
+            .client()
+            .set("group.id", group)
+            .create()
+            .map_err(|e| e.to_string())?;
+        let mut tpl = TopicPartitionList::new();
+        for t in topics {
+            let md = c
+                .fetch_metadata(Some(t), Duration::from_secs(10))
+                .map_err(|e| e.to_string())?;
+            for mt in md.topics() {
+                for p in mt.partitions() {
+                    tpl.add_partition(t, p.id());
+                }
+            }
+        }
+        let got = c
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+        let mut out: Vec<(String, i64)> = got
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((format!("{}-{}", e.topic(), e.partition()), o)),
+                _ => None,
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
     /// Everything committed to `topic` now, as a read-committed consumer sees it.
     pub fn read_committed(&self, topic: &str) -> Result<Vec<Read>, String> {
         let c: BaseConsumer = self

@@ -50,6 +50,7 @@ pub fn operator_kind_schemas() -> Vec<(&'static str, Value)> {
     vec![
         ("generator", schema::<spec::GeneratorSpec>()),
         ("fileSource", schema::<spec::FileSourceSpec>()),
+        ("kafkaSource", schema::<spec::KafkaSourceSpec>()),
         ("map", schema::<spec::MapSpec>()),
         ("filter", schema::<spec::FilterSpec>()),
         ("keyBy", schema::<spec::KeyBySpec>()),
@@ -61,6 +62,7 @@ pub fn operator_kind_schemas() -> Vec<(&'static str, Value)> {
         ("window", schema::<spec::WindowSpec>()),
         ("dedupe", schema::<spec::DedupeSpec>()),
         ("fileSink", schema::<spec::FileSinkSpec>()),
+        ("kafkaSink", schema::<spec::KafkaSinkSpec>()),
         ("stdoutSink", schema::<spec::StdoutSinkSpec>()),
         ("discardSink", schema::<spec::DiscardSinkSpec>()),
     ]
