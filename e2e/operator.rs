@@ -2293,3 +2293,35 @@ async fn a_kafka_job_upgraded_while_records_flow_counts_each_record_once() {
     assert!(tripled > 0, "green's output is there");
     env.stop().await;
 }
+
+/// A StatefulJob whose Kafka brokers go away: `Degraded` says why (reason SourceUnavailable,
+/// the source's own words) while the job keeps running, and clears when they are back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_kafka_broker_shows_in_the_conditions_until_it_is_back() {
+    use sjob::local::kafka_server::KafkaBroker;
+    let env = Env::start().await;
+    let mut kafka = KafkaBroker::start(&env.path("kafka")).unwrap_or_else(|e| panic!("{e}"));
+    kafka.create_topic("events", 1).unwrap();
+    let spec = json!({"job": {"name": "reading", "operators": [
+        {"kind": "kafkaSource", "uid": "events", "bootstrapServers": kafka.bootstrap(),
+         "topics": ["events"], "discoveryInterval": "500ms"},
+        {"kind": "discardSink"}]}});
+    env.apply_running("reading", spec).await;
+    tokio::task::block_in_place(|| kafka.stop());
+    let sj = env
+        .wait("reading", "degraded", 90, |sj| {
+            condition(sj, "Degraded")
+                .is_some_and(|(on, reason, _)| on == "True" && reason == "SourceUnavailable")
+        })
+        .await;
+    let (_, _, msg) = condition(&sj, "Degraded").unwrap();
+    assert!(msg.contains("kafkaSource 'events'"), "{msg}");
+    assert_eq!(phase(&sj), Some(Phase::Running));
+    assert_eq!(condition(&sj, "Ready").unwrap().0, "True");
+    tokio::task::block_in_place(|| kafka.restart()).unwrap();
+    env.wait("reading", "healthy again", 90, |sj| {
+        condition(sj, "Degraded").is_some_and(|(on, _, _)| on == "False")
+    })
+    .await;
+    env.stop().await;
+}

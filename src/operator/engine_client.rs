@@ -93,6 +93,9 @@ pub struct SourcesInfo {
     /// Splits already past the last hold's bound.
     #[serde(default)]
     pub overrun: Vec<String>,
+    /// Why source subtasks cannot read now, while they retry.
+    #[serde(default)]
+    pub problems: Vec<String>,
 }
 
 #[derive(Clone)]

@@ -374,6 +374,14 @@ pub(super) async fn observe(
     let trigger = observe_trigger(status, &views.live).await;
     let preflight = preflight(sj, ctx, status, &views.live).await;
     let savepoints = list_savepoints(ctx, &ns, &name).await?;
+    let source_problems = match (&views.live.obs, &views.live.client, &views.live.job_id) {
+        (EngineObs::Running { .. }, Some(client), Some(job_id)) => client
+            .sources(job_id)
+            .await
+            .map(|s| s.problems)
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
     let observed = Observed {
         now_s,
         engine: views.live.obs.clone(),
@@ -391,6 +399,7 @@ pub(super) async fn observe(
             .as_ref()
             .and_then(|c| c.latest_completed.clone()),
         savepoints: savepoints.iter().filter_map(completed_savepoint).collect(),
+        source_problems,
     };
     Ok((views, observed))
 }

@@ -71,6 +71,8 @@ named! {
         RollbackFailing,
         /// A deleted Savepoint whose files a job still needs (an event on the Savepoint).
         DisposalDeferred,
+        /// The job runs but a source cannot read (its brokers do not answer); it retries.
+        SourceUnavailable,
     }
 }
 

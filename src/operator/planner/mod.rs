@@ -91,6 +91,9 @@ pub struct Observed {
     /// The newest completed checkpoint of the running job.
     pub latest_checkpoint: Option<String>,
     pub savepoints: Vec<SavepointObs>,
+    /// Why the running job's sources cannot read now (e.g. Kafka brokers unreachable), while
+    /// they retry.
+    pub source_problems: Vec<String>,
 }
 
 /// Something for the controller to do.
@@ -538,8 +541,20 @@ impl Planner<'_> {
                     Reason::Stable,
                     "nothing to roll out",
                 );
-                if self.status.rejected_spec_hash.is_none() {
+                if self.status.rejected_spec_hash.is_some() {
+                } else if self.obs.source_problems.is_empty() {
                     self.condition(ConditionType::Degraded, false, Reason::Healthy, "");
+                } else {
+                    // Running and keeping its state, but not reading: say why, and look again
+                    // soon so the condition clears when the source reads again.
+                    let why = self.obs.source_problems.join("; ");
+                    self.condition(
+                        ConditionType::Degraded,
+                        true,
+                        Reason::SourceUnavailable,
+                        why,
+                    );
+                    self.requeue_ms = self.requeue_ms.min(5_000);
                 }
                 self.policies();
             }

@@ -137,6 +137,7 @@ fn obs(engine: EngineObs) -> Observed {
         preflight: None,
         latest_checkpoint: None,
         savepoints: vec![],
+        source_problems: vec![],
     }
 }
 
@@ -291,6 +292,27 @@ fn invalid_spec_is_degraded_naming_the_field_and_touches_nothing() {
         Some(Phase::Running),
         "the old job keeps running"
     );
+}
+
+#[test]
+fn a_source_that_cannot_read_is_degraded_until_it_reads_again() {
+    let status = stable(&v1());
+    let mut o = obs(running(&v1(), None));
+    o.source_problems = vec!["kafkaSource 'in': brokers 127.0.0.1:9: all brokers down".into()];
+    let p = plan(&v1(), 1, &status, &o);
+    let (on, reason, msg) = condition(&p.status, "Degraded");
+    assert_eq!((on, reason), ("True", "SourceUnavailable"));
+    assert!(msg.contains("kafkaSource 'in'"), "{msg}");
+    assert_eq!(condition(&p.status, "Ready").0, "True", "it still runs");
+    assert!(
+        p.requeue_ms <= 5_000,
+        "looked at again soon: {}",
+        p.requeue_ms
+    );
+    assert_eq!(engine_actions(&p), 0);
+    o.source_problems.clear();
+    let p = plan(&v1(), 1, &p.status, &o);
+    assert_eq!(condition(&p.status, "Degraded").0, "False");
 }
 
 /// Walks an upgrade from v1 to v2 through preflight and the savepoint.
