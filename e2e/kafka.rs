@@ -399,6 +399,30 @@ fn bad_input_is_refused_or_counted_with_its_cause() {
         "{e:?}"
     );
 
+    // Brokers that do not answer at start: the job starts, and its source says why it reads
+    // nothing while it retries.
+    let unreachable = count_job("down", "bad-in", "bad-out", "at-least-once", &chk)
+        .replace(b.bootstrap(), "127.0.0.1:1");
+    let job = start(&spec(&unreachable), None, Some(1));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while job.sources().problems.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no problem reported for unreachable brokers"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let problems = job.sources().problems;
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("kafkaSource 'in'") && p.contains("127.0.0.1:1")),
+        "{problems:?}"
+    );
+    assert_eq!(job.state(), JobState::Running);
+    job.cancel();
+    job.wait();
+
     b.produce(
         "bad-in",
         &[
@@ -548,10 +572,10 @@ fn a_lost_broker_is_reported_and_the_job_goes_on_when_it_is_back() {
     }
 }
 
-/// The source's options, read back through a sink with `deliveryGuarantee: none`: topics by
-/// pattern, raw values with key and timestamp fields, a start at a time, a partition added
-/// while the job runs (read from its start), and offsets committed to the group after each
-/// checkpoint.
+/// The source's options, read back through a raw-valued sink that takes its topic from a field
+/// (`deliveryGuarantee: none`): topics by pattern, raw values with key and timestamp fields, a
+/// start at a time, a partition added while the job runs (read from its start), and offsets
+/// committed to the group after each checkpoint.
 #[test]
 fn source_options_discovery_and_committed_offsets() {
     let b = broker();
@@ -589,11 +613,17 @@ operators:
     discoveryInterval: 300ms
     groupId: options-group
     commitOffsets: true
+  - kind: map
+    set:
+      - {{field: dest, expr: "'opt-out'"}}
+      - {{field: line, expr: "text + '|' + string(at)"}}
   - kind: kafkaSink
     uid: out
     bootstrapServers: {bs}
-    topic: opt-out
+    topicField: dest
     keyField: user
+    format: raw
+    valueField: line
     deliveryGuarantee: none
 "#,
         chk = dir.path().join("chk").display(),
@@ -640,16 +670,19 @@ operators:
     job.cancel();
     job.wait();
     let out = b.read_committed("opt-out").unwrap();
+    // Raw values `<text>|<timestamp>`, keyed by the input's key, in the topic of `dest`.
     let mut texts: Vec<String> = out
         .iter()
         .map(|(_, k, v)| {
-            let v: serde_json::Value = serde_json::from_str(v).unwrap();
-            assert_eq!(v["user"].as_str(), k.as_deref(), "{v}");
-            assert!(
-                v["at"].as_i64().is_some_and(|t| t as u128 >= start_ms),
-                "{v}"
-            );
-            v["text"].as_str().unwrap().to_owned()
+            let (text, at) = v.rsplit_once('|').unwrap_or_else(|| panic!("{v:?}"));
+            assert!(at.parse::<u128>().is_ok_and(|t| t >= start_ms), "{v}");
+            let want_key = match text {
+                "one" => "a1".to_owned(),
+                "two" => "b1".to_owned(),
+                t => format!("n{}", t.trim_start_matches("new ")),
+            };
+            assert_eq!(k.as_deref(), Some(want_key.as_str()), "{v}");
+            text.to_owned()
         })
         .collect();
     texts.sort();

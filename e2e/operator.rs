@@ -700,16 +700,16 @@ async fn suspends_resumes_and_deletes_with_its_savepoints() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let gone = env.jobs().get_opt("counting").await.unwrap().is_none()
-            && deploys.get_opt("counting-engine").await.unwrap().is_none();
+        let job_left = env.jobs().get_opt("counting").await.unwrap().is_some();
+        let engine_left = deploys.get_opt("counting-engine").await.unwrap().is_some();
         let sps: Api<Savepoint> = Api::namespaced(env.cluster().client(), "default");
         let left = sps.list(&ListParams::default()).await.unwrap().items.len();
-        if gone && left == 0 && !Path::new(&saved).exists() {
+        if !job_left && !engine_left && left == 0 && !Path::new(&saved).exists() {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "left: {left} savepoints, {saved} exists: {}\n{}",
+            "left: StatefulJob {job_left}, engine Deployment {engine_left}, {left} savepoints, {saved} exists: {}\n{}",
             Path::new(&saved).exists(),
             env.operator_log()
         );

@@ -470,7 +470,12 @@ impl Source for KafkaSource {
             self.emit(&part, offset, rec, ts, out);
         }
         match polled_error {
-            Some(e) => self.problem = Some(format!("kafkaSource '{}': {e}", self.uid)),
+            Some(e) => {
+                self.problem = Some(format!(
+                    "kafkaSource '{}': brokers {}: {e}",
+                    self.uid, self.spec.bootstrap_servers
+                ))
+            }
             None if !out.is_empty() => self.problem = None,
             None => {}
         }

@@ -181,7 +181,12 @@ pub(super) fn ignore_not_found(r: Result<(), kube::Error>) -> Result<(), Error> 
     }
 }
 
-async fn remove_engine(ctx: &Context, ns: &str, name: &str, color: Color) -> Result<(), Error> {
+pub(super) async fn remove_engine(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    color: Color,
+) -> Result<(), Error> {
     let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
     ctx.metrics.api_writes.with_label_values(&["delete"]).inc();
     ignore_not_found(

@@ -347,6 +347,14 @@ async fn cleanup_job(sj: &StatefulJob, ctx: &Context) -> Result<Action, Error> {
     } else {
         tracing::info!(job = %key(sj), "deleted: its savepoints are kept (disposeOnDelete is false)");
     }
-    // The engine's Deployment, Service and ConfigMap go by owner reference.
+    // The engines go now, not when the garbage collector gets to them (it may not yet know
+    // the StatefulJob's kind, and an engine left running keeps writing checkpoints); the
+    // Service, ConfigMaps and Secret go by owner reference.
+    for color in [
+        crate::operator::crd::Color::Blue,
+        crate::operator::crd::Color::Green,
+    ] {
+        act::remove_engine(ctx, &ns, &name, color).await?;
+    }
     Ok(Action::await_change())
 }
