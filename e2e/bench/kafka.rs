@@ -11,7 +11,7 @@
 //!    read-committed consumer of its output takes, for each output `(key, count)`, the time
 //!    since the key's count-th record was written (produce to committed-visible): p50, p99.
 //!
-//! Env: SJOB_KAFKA_LIBS (the broker), FLINK_REST (http://127.0.0.1:8081, a running Flink
+//! Env: FLINK=0 (sjob alone), SJOB_KAFKA_LIBS (the broker), FLINK_REST (http://127.0.0.1:8081, a running Flink
 //! session cluster), FLINK_KAFKA_JAR (`bash e2e/flink/flink-local.sh kafka-job`). Prints one
 //! JSON object per line and a table.
 
@@ -127,7 +127,8 @@ impl Engine for Flink {
             .as_array()
             .into_iter()
             .flatten()
-            .find(|v| v["name"].as_str().is_some_and(|n| n.contains("counter")))
+            // The keyed vertex: "KeyedProcess -> Sink: Writer -> Sink: Committer".
+            .find(|v| v["name"].as_str().is_some_and(|n| !n.starts_with("Source")))
             .and_then(|v| v["metrics"]["read-records"].as_u64())
             .unwrap_or(0)
     }
@@ -340,6 +341,7 @@ fn latency(
 }
 
 fn main() {
+    sjob::install_tls_provider();
     let records = arg(1, 2_000_000);
     let keys = arg(2, 10_000);
     let rate = arg(3, 5_000);
@@ -367,7 +369,12 @@ fn main() {
         b.produce("in", &recs).expect("produce");
     }
     eprintln!("kafka bench: written in {:.1} s", t.elapsed().as_secs_f64());
-    let jar = upload_flink_jar();
+    let with_flink = std::env::var("FLINK").map_or(true, |v| v != "0");
+    let jar = if with_flink {
+        upload_flink_jar()
+    } else {
+        String::new()
+    };
 
     let start = |name: &str, input: &str, output: &str| -> Box<dyn Engine> {
         if name == "sjob" {
@@ -377,7 +384,13 @@ fn main() {
         }
     };
     let mut rows = Vec::new();
-    for name in ["sjob", "flink"] {
+    let engines: &[&str] = if with_flink {
+        &["sjob", "flink"]
+    } else {
+        &["sjob"]
+    };
+    for name in engines {
+        let name = *name;
         eprintln!("kafka bench: {name} throughput");
         let out = format!("out-{name}");
         let engine = start(name, "in", &out);
@@ -402,7 +415,9 @@ fn main() {
         println!("{row}");
         rows.push(row);
     }
-    let (s, f) = (&rows[0], &rows[1]);
+    let (Some(s), Some(f)) = (rows.first(), rows.get(1)) else {
+        return;
+    };
     let ratio = |k: &str| s[k].as_f64().unwrap_or(f64::NAN) / f[k].as_f64().unwrap_or(f64::NAN);
     eprintln!(
         "\n| Kafka -> keyBy -> count -> Kafka (exactly-once, 10 s checkpoints) | sjob | Flink 2.3 | sjob / Flink |\n|---|---|---|---|\n\

@@ -2,6 +2,7 @@ package demo;
 
 import org.apache.flink.api.common.eventtime.WatermarkStrategy;
 import org.apache.flink.api.common.functions.OpenContext;
+import org.apache.flink.api.common.serialization.SerializationSchema;
 import org.apache.flink.api.common.serialization.SimpleStringSchema;
 import org.apache.flink.api.common.state.ValueState;
 import org.apache.flink.api.common.state.ValueStateDescriptor;
@@ -45,9 +46,16 @@ public class KafkaCountJob {
         .setBootstrapServers(bootstrap)
         .setRecordSerializer(KafkaRecordSerializationSchema.<Tuple2<String, Long>>builder()
             .setTopic(p.getRequired("output"))
-            .setKeySerializationSchema(t -> t.f0.getBytes(StandardCharsets.UTF_8))
-            .setValueSerializationSchema(t ->
-                ("{\"key\":\"" + t.f0 + "\",\"count\":" + t.f1 + "}").getBytes(StandardCharsets.UTF_8))
+            .setKeySerializationSchema(new SerializationSchema<Tuple2<String, Long>>() {
+              @Override public byte[] serialize(Tuple2<String, Long> t) {
+                return t.f0.getBytes(StandardCharsets.UTF_8);
+              }
+            })
+            .setValueSerializationSchema(new SerializationSchema<Tuple2<String, Long>>() {
+              @Override public byte[] serialize(Tuple2<String, Long> t) {
+                return ("{\"key\":\"" + t.f0 + "\",\"count\":" + t.f1 + "}").getBytes(StandardCharsets.UTF_8);
+              }
+            })
             .build())
         .setDeliveryGuarantee(DeliveryGuarantee.EXACTLY_ONCE)
         .setTransactionalIdPrefix(p.get("txn-prefix", "flink-bench"))

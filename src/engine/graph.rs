@@ -113,9 +113,17 @@ fn keyed_value(name: &str, schema: StateSchema) -> Vec<KeyedStateMeta> {
 }
 
 fn split_list(name: &str, fields: &[(&str, FieldType)]) -> Vec<OperatorStateMeta> {
+    list_state(name, Distribution::Split, fields)
+}
+
+fn list_state(
+    name: &str,
+    distribution: Distribution,
+    fields: &[(&str, FieldType)],
+) -> Vec<OperatorStateMeta> {
     vec![OperatorStateMeta {
         name: name.to_owned(),
-        distribution: Distribution::Split,
+        distribution,
         schema: StateSchema {
             fields: fields
                 .iter()
@@ -148,24 +156,15 @@ fn declared_state(spec: &OperatorSpec) -> (Vec<KeyedStateMeta>, Vec<OperatorStat
         ),
         OperatorSpec::KafkaSource(_) => (
             vec![],
-            vec![OperatorStateMeta {
-                name: "partitions".to_owned(),
-                distribution: Distribution::Union,
-                schema: StateSchema {
-                    fields: [
-                        ("topic", FieldType::String),
-                        ("partition", FieldType::Int),
-                        ("next", FieldType::Int),
-                    ]
-                    .iter()
-                    .map(|(n, t)| FieldSchema {
-                        name: (*n).to_owned(),
-                        ty: *t,
-                        default: None,
-                    })
-                    .collect(),
-                },
-            }],
+            list_state(
+                "partitions",
+                Distribution::Union,
+                &[
+                    ("topic", FieldType::String),
+                    ("partition", FieldType::Int),
+                    ("next", FieldType::Int),
+                ],
+            ),
         ),
         OperatorSpec::KafkaSink(_) => (
             vec![],

@@ -271,55 +271,28 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
             }
         }
     }
-    // File sinks: commit what the restored snapshot staged, drop what this job left pending
-    // after it. In shadow mode the staged files are the old version's, which commits them.
-    for n in &graph.nodes {
-        if let OperatorSpec::FileSink(f) = &n.spec
-            && !shadow
-        {
-            let rows = match restored
-                .as_ref()
-                .and_then(|r| r.plan.operators.get(&n.uid).map(|op| (r, op)))
-            {
-                Some((r, op)) => op
-                    .load_operator_lists(&r.dir, 1, &n.operator_states)
-                    .map_err(|e| restore_err(&r.dir, e))?
-                    .into_iter()
-                    .next()
-                    .and_then(|l| l.into_iter().next())
-                    .unwrap_or_default(),
-                None => Vec::new(),
-            };
-            sinks::prepare_file_sink(&f.path, &n.uid, &job_id, &rows).map_err(StartError::Setup)?;
-        }
-    }
     // A Kafka topic that does not exist is refused now, while the brokers can say so.
     for n in &graph.nodes {
         if let OperatorSpec::KafkaSource(k) = &n.spec {
             kafka::source::check_topics(&n.uid, k).map_err(StartError::Setup)?;
         }
     }
-    // Exactly-once Kafka sinks: commit what the restored snapshot staged, abort what an earlier
-    // run left open after it. In shadow mode the old version, still running, owns them.
-    for n in &graph.nodes {
-        if let OperatorSpec::KafkaSink(k) = &n.spec
-            && !shadow
-        {
-            let rows = match restored
-                .as_ref()
-                .and_then(|r| r.plan.operators.get(&n.uid).map(|op| (r, op)))
-            {
-                Some((r, op)) => op
-                    .load_operator_lists(&r.dir, 1, &n.operator_states)
-                    .map_err(|e| restore_err(&r.dir, e))?
-                    .into_iter()
-                    .next()
-                    .and_then(|l| l.into_iter().next())
-                    .unwrap_or_default(),
-                None => Vec::new(),
-            };
-            let prefix = kafka::sink::prefix_of(k, &graph.name, &n.uid);
-            kafka::sink::prepare(k, &prefix, &n.uid, &rows).map_err(StartError::Setup)?;
+    // Sinks that commit with snapshots: commit what the restored snapshot staged, and drop
+    // (file sink) or abort (exactly-once Kafka sink) what an earlier run left after it. In
+    // shadow mode the old version, still running, owns both.
+    for n in graph.nodes.iter().filter(|_| !shadow) {
+        match &n.spec {
+            OperatorSpec::FileSink(f) => {
+                let rows = staged_rows(restored.as_deref(), n)?;
+                sinks::prepare_file_sink(&f.path, &n.uid, &job_id, &rows)
+                    .map_err(StartError::Setup)?;
+            }
+            OperatorSpec::KafkaSink(k) => {
+                let rows = staged_rows(restored.as_deref(), n)?;
+                let prefix = kafka::sink::prefix_of(k, &graph.name, &n.uid);
+                kafka::sink::prepare(k, &prefix, &n.uid, &rows).map_err(StartError::Setup)?;
+            }
+            _ => {}
         }
     }
     let checkpoints = match &spec.checkpoints {
@@ -508,6 +481,24 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
     }
     tracing::info!(job = %handle.id, name = %handle.graph.name, restored_from = ?handle.restored_from, "job running");
     Ok(handle)
+}
+
+/// A sink's restored list state (what it staged), every subtask's rows in one list.
+fn staged_rows(
+    restored: Option<&Restored>,
+    node: &graph::Node,
+) -> Result<Vec<crate::savepoint::value::Row>, StartError> {
+    let Some((r, op)) = restored.and_then(|r| r.plan.operators.get(&node.uid).map(|op| (r, op)))
+    else {
+        return Ok(Vec::new());
+    };
+    Ok(op
+        .load_operator_lists(&r.dir, 1, &node.operator_states)
+        .map_err(|e| restore_err(&r.dir, e))?
+        .into_iter()
+        .next()
+        .and_then(|l| l.into_iter().next())
+        .unwrap_or_default())
 }
 
 type Parts = (

@@ -278,3 +278,188 @@ mod tests {
         );
     }
 }
+
+/// JSON straight to and from records, without a `serde_json::Value` in between (the Kafka
+/// connectors' per-record path). Fields keep the record's order; a repeated name keeps its
+/// last value, as `serde_json::Map` does; nested arrays and objects become their JSON text,
+/// as `Value::from_json` makes them.
+mod json {
+    use super::{Fields, Record, Value, intern};
+    use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+    use serde::ser::SerializeMap;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::fmt;
+    use std::sync::Arc;
+
+    struct JsonValue<'a>(&'a Value);
+
+    impl Serialize for JsonValue<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            match self.0 {
+                Value::Null => s.serialize_unit(),
+                Value::Bool(b) => s.serialize_bool(*b),
+                Value::Int(i) => s.serialize_i64(*i),
+                Value::Float(f) if f.is_finite() => s.serialize_f64(*f),
+                Value::Float(_) => s.serialize_unit(),
+                Value::Str(v) => s.serialize_str(v),
+            }
+        }
+    }
+
+    pub(super) struct JsonRecord<'a>(pub &'a Record);
+
+    impl Serialize for JsonRecord<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut m = s.serialize_map(Some(self.0.fields.len()))?;
+            for (n, v) in &self.0.fields {
+                m.serialize_entry(n, &JsonValue(v))?;
+            }
+            m.end()
+        }
+    }
+
+    struct FieldName(&'static str);
+
+    impl<'de> Deserialize<'de> for FieldName {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl Visitor<'_> for V {
+                type Value = FieldName;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a field name")
+                }
+                fn visit_str<E: de::Error>(self, s: &str) -> Result<FieldName, E> {
+                    Ok(FieldName(intern(s)))
+                }
+            }
+            d.deserialize_str(V)
+        }
+    }
+
+    struct FieldValue(Value);
+
+    impl<'de> Deserialize<'de> for FieldValue {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(ValueVisitor)
+        }
+    }
+
+    struct ValueVisitor;
+
+    impl<'de> Visitor<'de> for ValueVisitor {
+        type Value = FieldValue;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<FieldValue, E> {
+            Ok(FieldValue(Value::Null))
+        }
+        fn visit_none<E: de::Error>(self) -> Result<FieldValue, E> {
+            Ok(FieldValue(Value::Null))
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<FieldValue, D::Error> {
+            FieldValue::deserialize(d)
+        }
+        fn visit_bool<E: de::Error>(self, b: bool) -> Result<FieldValue, E> {
+            Ok(FieldValue(Value::Bool(b)))
+        }
+        fn visit_i64<E: de::Error>(self, i: i64) -> Result<FieldValue, E> {
+            Ok(FieldValue(Value::Int(i)))
+        }
+        fn visit_u64<E: de::Error>(self, u: u64) -> Result<FieldValue, E> {
+            Ok(FieldValue(match i64::try_from(u) {
+                Ok(i) => Value::Int(i),
+                Err(_) => Value::Float(u as f64),
+            }))
+        }
+        fn visit_f64<E: de::Error>(self, f: f64) -> Result<FieldValue, E> {
+            Ok(FieldValue(Value::Float(f)))
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<FieldValue, E> {
+            Ok(FieldValue(Value::Str(Arc::from(s))))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<FieldValue, A::Error> {
+            let v = serde_json::Value::deserialize(de::value::SeqAccessDeserializer::new(seq))?;
+            Ok(FieldValue(Value::from_json(&v)))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<FieldValue, A::Error> {
+            let v = serde_json::Value::deserialize(de::value::MapAccessDeserializer::new(map))?;
+            Ok(FieldValue(Value::from_json(&v)))
+        }
+    }
+
+    pub(super) struct RecordSeed;
+
+    impl<'de> DeserializeSeed<'de> for RecordSeed {
+        type Value = Record;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Record, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for RecordSeed {
+        type Value = Record;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Record, A::Error> {
+            let mut rec = Record {
+                fields: Fields::new(),
+                key: None,
+            };
+            while let Some(FieldName(n)) = map.next_key()? {
+                let FieldValue(v) = map.next_value()?;
+                rec.set(n, v);
+            }
+            Ok(rec)
+        }
+    }
+}
+
+impl Record {
+    /// Appends the record as a JSON object (fields in record order).
+    pub fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        serde_json::to_writer(out, &json::JsonRecord(self))
+    }
+
+    /// A record from a JSON object's text.
+    pub fn from_json_slice(bytes: &[u8]) -> Result<Record, serde_json::Error> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let rec = serde::de::DeserializeSeed::deserialize(json::RecordSeed, &mut de)?;
+        de.end()?;
+        Ok(rec)
+    }
+}
+
+#[cfg(test)]
+mod json_tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trips_like_serde_json_values() {
+        let text = br#"{"b": 2, "a": "x\"y", "f": 1.5, "n": null, "t": true, "big": 18446744073709551615, "arr": [1, {"k": 2}], "obj": {"z": 1}, "b": 3}"#;
+        let direct = Record::from_json_slice(text).unwrap();
+        let via: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(text).unwrap();
+        let expected = Record::from_json_object(&via);
+        for (n, v) in &expected.fields {
+            assert_eq!(direct.get(n), Some(v), "{n}");
+        }
+        assert_eq!(direct.fields.len(), expected.fields.len());
+        assert_eq!(
+            direct.get("b"),
+            Some(&Value::Int(3)),
+            "the last of a repeated name"
+        );
+        let mut out = Vec::new();
+        direct.write_json(&mut out).unwrap();
+        let back: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(back, direct.to_json());
+        for bad in [&b"not json"[..], b"[1, 2]", b"5", b"{\"a\": 1} trailing"] {
+            assert!(
+                Record::from_json_slice(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}

@@ -192,7 +192,9 @@ impl KafkaSink {
         });
         let value = match self.spec.format {
             KafkaFormat::Json => {
-                serde_json::to_vec(&rec.to_json()).map_err(|e| self.err("json", e))?
+                let mut out = Vec::with_capacity(64);
+                rec.write_json(&mut out).map_err(|e| self.err("json", e))?;
+                out
             }
             KafkaFormat::Raw => match rec.get(&self.spec.value_field) {
                 Some(Value::Str(s)) => s.as_bytes().to_vec(),
@@ -251,7 +253,7 @@ impl Operator for KafkaSink {
                     Ok(()) => break,
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         rec = back;
-                        p.poll(Duration::from_millis(10));
+                        p.poll(Duration::from_millis(1));
                     }
                     Err((e, _)) => {
                         return Err(format!("kafkaSink '{uid}': sending to {topic}: {e}"));

@@ -316,14 +316,11 @@ impl KafkaSource {
         ts: Option<i64>,
     ) -> Result<Record, String> {
         let mut rec = match self.spec.format {
-            KafkaFormat::Json => {
-                let bytes = payload.unwrap_or_default();
-                match serde_json::from_slice::<serde_json::Value>(bytes) {
-                    Ok(serde_json::Value::Object(obj)) => Record::from_json_object(&obj),
-                    Ok(_) => return Err("expected a JSON object".into()),
-                    Err(e) => return Err(format!("invalid JSON: {e}")),
-                }
-            }
+            KafkaFormat::Json => match Record::from_json_slice(payload.unwrap_or_default()) {
+                Ok(r) => r,
+                Err(e) if e.is_data() => return Err(format!("expected a JSON object: {e}")),
+                Err(e) => return Err(format!("invalid JSON: {e}")),
+            },
             KafkaFormat::Raw => {
                 let mut r = Record::with_capacity(3);
                 let v = match payload {
@@ -485,7 +482,7 @@ impl Source for KafkaSource {
         if self.at_bound() {
             return Ok(Poll::AtBound);
         }
-        Ok(Poll::Throttled(Duration::from_millis(5)))
+        Ok(Poll::Throttled(Duration::from_micros(200)))
     }
 
     fn watermark(&self) -> i64 {
