@@ -22,13 +22,28 @@ pub struct KafkaBroker {
     libs: String,
     config: std::path::PathBuf,
     dir: std::path::PathBuf,
+    /// Processes started so far (each logs to `kafka-<n>.log`).
+    starts: u32,
 }
 
+/// A free port below Linux's ephemeral range (32768 and up), so that after the broker is
+/// stopped no outgoing connection or `bind(0)` of another process takes it before a restart
+/// on the same port.
 fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("a free port: {e}"))
+    for _ in 0..200 {
+        let port = rand::random_range(20_000..32_000u16);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err("no free port between 20000 and 32000".into())
+}
+
+/// The last lines of a server log, for an error message.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
 fn java_command(libs: &str) -> Command {
@@ -94,6 +109,7 @@ impl KafkaBroker {
             libs,
             config,
             dir: dir.to_owned(),
+            starts: 0,
         };
         b.run(broker)?;
         Ok(b)
@@ -102,10 +118,16 @@ impl KafkaBroker {
     /// Starts the (formatted) node's process on its broker port.
     fn run(&mut self, port: u16) -> Result<(), String> {
         let (libs, config) = (self.libs.clone(), self.config.clone());
-        let p = ServerProcess::start_on("kafka", &self.dir, port, Duration::from_secs(60), || {
+        self.starts += 1;
+        let name = format!("kafka-{}", self.starts);
+        let p = ServerProcess::start_on(&name, &self.dir, port, Duration::from_secs(90), || {
             let mut c = java_command(&libs);
             c.arg("kafka.Kafka").arg(&config);
             c
+        })
+        .map_err(|e| {
+            let log = self.dir.join(format!("{name}.log"));
+            format!("{e}\n{}", log_tail(&log))
         })?;
         self.process = Some(p);
         self.wait_ready()
