@@ -69,11 +69,13 @@ operators:
 
 /// Per key, every count the output holds, sorted.
 fn output_counts(topic: &str) -> BTreeMap<String, Vec<u64>> {
+    counts_at(broker(), topic)
+}
+
+/// Per key, every count `topic` of broker `b` holds, sorted.
+fn counts_at(b: &KafkaBroker, topic: &str) -> BTreeMap<String, Vec<u64>> {
     let mut m: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for (_, _, v) in broker()
-        .read_committed(topic)
-        .unwrap_or_else(|e| panic!("{e}"))
-    {
+    for (_, _, v) in b.read_committed(topic).unwrap_or_else(|e| panic!("{e}")) {
         let v: serde_json::Value =
             serde_json::from_str(&v).unwrap_or_else(|e| panic!("output {v:?}: {e}"));
         let (Some(k), Some(c)) = (v["key"].as_str(), v["count"].as_u64()) else {
@@ -556,17 +558,7 @@ fn a_lost_broker_is_reported_and_the_job_goes_on_when_it_is_back() {
     job.stop_with_savepoint(dir.path().join("sp").to_str().unwrap(), false)
         .unwrap();
     assert_eq!(job.wait(), JobState::Finished, "{:?}", job.failure());
-    let got: BTreeMap<String, Vec<u64>> = {
-        let mut m: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-        for (_, _, v) in b.read_committed("lost-out").unwrap() {
-            let v: serde_json::Value = serde_json::from_str(&v).unwrap();
-            m.entry(v["key"].as_str().unwrap().to_owned())
-                .or_default()
-                .push(v["count"].as_u64().unwrap());
-        }
-        m.values_mut().for_each(|v| v.sort_unstable());
-        m
-    };
+    let got = counts_at(&b, "lost-out");
     for (k, n) in per_key(4000, keys) {
         assert_eq!(got.get(&k), Some(&(1..=n).collect::<Vec<u64>>()), "key {k}");
     }
