@@ -989,3 +989,310 @@ fn http_client() -> reqwest::Client {
     sjob::install_tls_provider();
     reqwest::Client::new()
 }
+
+/// Runs `flink-local.sh` with `args` (Flink from PyPI, installed once); (exit code, stdout and
+/// stderr together).
+fn flink_local(args: &[&str]) -> (i32, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/flink/flink-local.sh");
+    let home = std::env::var("FLINK_HOME").unwrap_or_else(|_| "/tmp/sjob-flink".into());
+    let out = Command::new("bash")
+        .arg(&script)
+        .args(args)
+        .env("FLINK_HOME", &home)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Flink 2.3's own `flink` command line against an engine; (exit code, its output).
+fn flink_cli(engine: &Engine, args: &[&str]) -> (i32, String) {
+    let address = format!("127.0.0.1:{}", engine.port);
+    let (verb, rest) = args.split_first().unwrap();
+    let mut full = vec!["cli", verb, "-m", &address];
+    full.extend_from_slice(rest);
+    flink_local(&full)
+}
+
+/// An engine that keeps serving after its job ends (as in a pod), running a keyed count
+/// with checkpoints every second.
+async fn kept_count_engine(dir: &Path) -> (Engine, EngineClient, String) {
+    let job = format!(
+        "{}checkpoints: {{interval: 1s, dir: {}}}\n",
+        unbounded_count_job(&dir.join("out")),
+        dir.join("chk").display()
+    );
+    let engine = Engine::start(dir, &write_job(dir, "job.yaml", &job), &["--keep-running"]);
+    let client = EngineClient::new(&engine.url());
+    let id = only_job(&client).await;
+    wait_state(&client, &id, "RUNNING").await;
+    (engine, client, id)
+}
+
+/// The path in "Savepoint completed. Path: file:/..." of Flink's CLI.
+fn completed_path(out: &str) -> PathBuf {
+    let uri = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Savepoint completed. Path: "))
+        .unwrap_or_else(|| panic!("no savepoint path in:\n{out}"));
+    assert!(uri.starts_with("file:/"), "{uri}");
+    local_path(uri)
+}
+
+fn assert_flink_error(code: i32, out: &str, needle: &str) {
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("The program finished with the following exception") && out.contains(needle),
+        "expected Flink's error output with {needle:?}:\n{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flinks_own_cli_lists_takes_disposes_stops_and_cancels() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (engine, client, id) = kept_count_engine(d).await;
+    let flink = |args: &[&str]| flink_cli(&engine, args);
+
+    let (code, out) = flink(&["list", "-r"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("Running/Restarting Jobs"), "{out}");
+    assert!(
+        out.contains(&format!(": {id} : rest-count (RUNNING)")),
+        "{out}"
+    );
+    let (code, out) = flink(&["list", "-a"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("{id} : rest-count (RUNNING)")),
+        "{out}"
+    );
+
+    // A savepoint, in the directory named, reported as a file: URI; then disposed of.
+    let sp_dir = d.join("sp");
+    let (code, out) = flink(&["savepoint", &id, sp_dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    let sp = completed_path(&out);
+    assert!(
+        sp.starts_with(&sp_dir) && sp.join("_metadata").is_file(),
+        "{out}"
+    );
+    let uri = format!("file:{}", sp.display());
+    let (code, out) = flink(&["savepoint", "-d", &uri]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("Savepoint '{uri}' disposed.")),
+        "{out}"
+    );
+    assert!(!sp.exists(), "disposed savepoint still on disk");
+
+    // Errors: a target that cannot be written, an unknown job, a path that is no savepoint.
+    std::fs::write(d.join("a-file"), "x").unwrap();
+    let unwritable = d.join("a-file/sp");
+    let (code, out) = flink(&["savepoint", &id, unwritable.to_str().unwrap()]);
+    assert_flink_error(code, &out, "CheckpointException");
+    assert!(out.contains("a-file/sp"), "{out}");
+    let unknown = "0123456789abcdef0123456789abcdef";
+    let (code, out) = flink(&["savepoint", unknown, sp_dir.to_str().unwrap()]);
+    assert_flink_error(code, &out, &format!("Job {unknown} not found"));
+    let (code, out) = flink(&["savepoint", "-d", d.join("out").to_str().unwrap()]);
+    assert_flink_error(code, &out, "Could not dispose savepoint");
+
+    // Stop with a savepoint: the job finishes, its end listed with the terminated jobs.
+    let (code, out) = flink(&["stop", "-p", sp_dir.to_str().unwrap(), &id]);
+    assert_eq!(code, 0, "{out}");
+    let last = completed_path(&out);
+    assert!(last.join("_metadata").is_file(), "{out}");
+    wait_state(&client, &id, "FINISHED").await;
+    let (code, out) = flink(&["list", "-a"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("Terminated Jobs") && out.contains(&format!("{id} : rest-count (FINISHED)")),
+        "{out}"
+    );
+    let (code, out) = flink(&["cancel", &id]);
+    assert_flink_error(
+        code,
+        &out,
+        "already reached another terminal state (FINISHED)",
+    );
+    drop(engine);
+
+    // Stop with drain, and cancel, each on an engine of its own.
+    let d2 = d.join("drained");
+    std::fs::create_dir_all(&d2).unwrap();
+    let (engine, client, id) = kept_count_engine(&d2).await;
+    let (code, out) = flink_cli(
+        &engine,
+        &["stop", "-d", "-p", sp_dir.to_str().unwrap(), &id],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(completed_path(&out).join("_metadata").is_file());
+    wait_state(&client, &id, "FINISHED").await;
+    drop(engine);
+    let d3 = d.join("cancelled");
+    std::fs::create_dir_all(&d3).unwrap();
+    let (engine, client, id) = kept_count_engine(&d3).await;
+    let (code, out) = flink_cli(&engine, &["cancel", &id]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("Cancelled job {id}.")), "{out}");
+    wait_state(&client, &id, "CANCELED").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flinks_rest_cluster_client_reads_every_response_and_drives_savepoints() {
+    let (code, classpath) = flink_local(&["clients"]);
+    assert_eq!(code, 0, "{classpath}");
+    let classpath = classpath.trim().lines().last().unwrap().to_owned();
+    let java = |args: &[&str]| {
+        let out = Command::new("java")
+            .args(["-cp", &classpath, "demo.FlinkClients"])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "FlinkClients {args:?}:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (engine, client, id) = kept_count_engine(d).await;
+    let port = engine.port.to_string();
+    // A checkpoint and a savepoint first, so that the statistics have entries to read.
+    let sp = client
+        .trigger_savepoint(&id, Some(d.join("sp").to_str().unwrap()), false)
+        .await
+        .unwrap();
+    client
+        .wait_savepoint(&id, &sp, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client
+        .checkpoints(&id)
+        .await
+        .unwrap()
+        .latest_completed
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "no checkpoint in 30 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let out = java(&["read", "127.0.0.1", &port, &id]);
+    for line in [
+        format!("ok listJobs {id} rest-count RUNNING"),
+        "ok getJobStatus RUNNING".to_owned(),
+        "ok getJobDetails rest-count RUNNING vertices=4".to_owned(),
+        "ok /overview ClusterOverviewWithVersion".to_owned(),
+        "ok /config DashboardConfiguration".to_owned(),
+        "ok /jobs JobIdsWithStatusOverview".to_owned(),
+        "ok /jobs/overview MultipleJobsDetails".to_owned(),
+        "ok /jobs/:id JobDetailsInfo".to_owned(),
+        "ok /jobs/:id/status JobStatusInfo".to_owned(),
+        "ok /jobs/:id/plan JobPlanInfo".to_owned(),
+        "ok /jobs/:id/exceptions JobExceptionsInfoWithHistory".to_owned(),
+        "ok /jobs/:id/checkpoints CheckpointingStatistics".to_owned(),
+        "ok /jobs/:id/checkpoints/config CheckpointConfigInfo".to_owned(),
+    ] {
+        assert!(
+            out.lines().any(|l| l == line),
+            "missing {line:?} in:\n{out}"
+        );
+    }
+
+    std::fs::write(d.join("a-file"), "x").unwrap();
+    let sp_dir = d.join("sp2");
+    let out = java(&[
+        "lifecycle",
+        "127.0.0.1",
+        &port,
+        &id,
+        sp_dir.to_str().unwrap(),
+        d.join("a-file/sp").to_str().unwrap(),
+    ]);
+    let taken = out
+        .lines()
+        .find_map(|l| l.strip_prefix("ok triggerSavepoint file:"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        !Path::new(taken).exists(),
+        "disposed savepoint still there:\n{out}"
+    );
+    assert!(out.contains("ok disposeSavepoint"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("ok triggerSavepoint refused") && l.contains("a-file/sp")),
+        "{out}"
+    );
+    let stopped = out
+        .lines()
+        .find_map(|l| l.strip_prefix("ok stopWithSavepoint file:"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(Path::new(stopped).join("_metadata").is_file(), "{out}");
+    assert!(out.contains("ok getJobStatus FINISHED"), "{out}");
+    drop(engine);
+
+    let d2 = d.join("cancelled");
+    std::fs::create_dir_all(&d2).unwrap();
+    let (engine, _client, id) = kept_count_engine(&d2).await;
+    let out = java(&["cancel", "127.0.0.1", &engine.port.to_string(), &id]);
+    assert!(
+        out.contains("ok cancel") && out.contains("ok getJobStatus CANCELED"),
+        "{out}"
+    );
+}
+
+/// Paths only a Flink cluster has answer in Flink's error shape, saying what to use instead;
+/// every path is also served under /v1, as Flink's clients call it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flink_only_paths_say_what_to_use_and_v1_paths_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, _client, id) = start_count_engine(dir.path()).await;
+    let http = http_client();
+    let url = engine.url();
+    for (method, path, status, needle) in [
+        ("GET", "/v1/jars".to_owned(), 501, "sjob run"),
+        ("POST", "/jars/upload".to_owned(), 501, "sjob run"),
+        ("POST", "/v1/jobs".to_owned(), 501, "sjob run"),
+        (
+            "GET",
+            "/v1/taskmanagers/tm-1/log".to_owned(),
+            501,
+            "standard error",
+        ),
+        ("GET", "/jobmanager/logs".to_owned(), 501, "standard error"),
+        (
+            "PATCH",
+            format!("/v1/jobs/{id}/rescaling?parallelism=3"),
+            400,
+            "spec.parallelism",
+        ),
+    ] {
+        let resp = http
+            .request(method.parse().unwrap(), format!("{url}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{method} {path}");
+        let body: serde_json::Value = resp.json().await.unwrap();
+        let msg = body["errors"][0].as_str().unwrap_or_default();
+        assert!(msg.contains(needle), "{method} {path}: {body}");
+    }
+    for path in ["/v1/jobs/overview", "/jobs/overview", "/v1/overview"] {
+        let resp = http.get(format!("{url}{path}")).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{path}");
+    }
+    let resp = http.get(format!("{url}/v1/nothing")).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 404);
+}

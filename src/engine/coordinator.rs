@@ -90,7 +90,23 @@ pub struct SnapshotStats {
     pub in_progress: u64,
     pub latest_checkpoint: Option<CompletedSnapshot>,
     pub latest_savepoint: Option<CompletedSnapshot>,
-    pub latest_failure: Option<String>,
+    pub latest_failure: Option<FailedSnapshot>,
+}
+
+/// The newest snapshot that failed: why, and when.
+#[derive(Clone, Debug)]
+pub struct FailedSnapshot {
+    pub message: String,
+    pub timestamp_ms: u64,
+}
+
+impl FailedSnapshot {
+    fn now(message: &str) -> Option<FailedSnapshot> {
+        Some(FailedSnapshot {
+            message: message.to_owned(),
+            timestamp_ms: now_ms(),
+        })
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -341,7 +357,7 @@ impl Coordinator {
         {
             let mut st = self.status.lock();
             st.snapshots.failed += 1;
-            st.snapshots.latest_failure = Some(reason.clone());
+            st.snapshots.latest_failure = FailedSnapshot::now(&reason);
         }
         if let Some(r) = req.reply {
             let _ = r.send(Err(reason));
@@ -476,7 +492,7 @@ impl Coordinator {
         if was_in_progress {
             st.snapshots.in_progress = 0;
         }
-        st.snapshots.latest_failure = Some(reason.to_owned());
+        st.snapshots.latest_failure = FailedSnapshot::now(reason);
     }
 
     /// Marks a barrier's snapshot as failed (writers skip its files from now on) and deletes

@@ -121,6 +121,8 @@ pub struct JobHandle {
     shared: Arc<Shared>,
     status: Arc<StatusCell>,
     restored_from: Option<String>,
+    /// How often checkpoints are taken, if they are.
+    checkpoint_interval: Option<Duration>,
     start_time_ms: u64,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
@@ -304,6 +306,7 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
         }),
         None => None,
     };
+    let checkpoint_interval = checkpoints.as_ref().map(|c| c.interval);
     let graph = Arc::new(graph);
     let n_nodes = graph.nodes.len();
     let source_stage = &graph.stages[0];
@@ -447,6 +450,7 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
         shared,
         status,
         restored_from,
+        checkpoint_interval,
         start_time_ms: coordinator::now_ms(),
         threads: Mutex::new(threads),
     };
@@ -599,6 +603,11 @@ impl JobHandle {
 
     pub fn restored_from(&self) -> Option<&str> {
         self.restored_from.as_deref()
+    }
+
+    /// How often checkpoints are taken (none: only savepoints).
+    pub fn checkpoint_interval(&self) -> Option<Duration> {
+        self.checkpoint_interval
     }
 
     pub fn start_time_ms(&self) -> u64 {

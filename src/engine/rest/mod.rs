@@ -1,14 +1,21 @@
 //! The engine's REST API, in the dialect of Apache Flink's (the subset an operator needs), so
 //! that one client drives both: overview, jobs, job details, savepoints and stop-with-savepoint
 //! with trigger ids, cancel, checkpoint statistics, Prometheus metrics and health.
-//! Errors have Flink's shape: `{"errors": [...]}` with the matching status code.
+//! Errors have Flink's shape: `{"errors": [...]}` with the matching status code. Every path
+//! is served twice, as Flink does: unversioned and under `/v1` (where Flink's clients go).
+//! Response bodies are complete enough for Flink's own client to read (see `flink`).
+
+mod flink;
+mod java_error;
+
+pub use flink::location_uri;
 
 use super::access::{self, RestToken, SavepointRoots};
 use super::{JobHandle, JobState};
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, patch, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -30,6 +37,8 @@ pub struct RestState {
     /// The bearer token of job-facing requests, if any.
     token: Option<RestToken>,
     triggers: Mutex<HashMap<String, TriggerState>>,
+    /// Savepoint disposals, by trigger id.
+    disposals: Mutex<HashMap<String, TriggerState>>,
 }
 
 impl RestState {
@@ -45,6 +54,7 @@ impl RestState {
             roots,
             token,
             triggers: Mutex::new(HashMap::new()),
+            disposals: Mutex::new(HashMap::new()),
         })
     }
 }
@@ -96,20 +106,69 @@ fn the_job<'a>(state: &'a RestState, id: &str) -> Result<&'a JobHandle, ApiError
 }
 
 pub fn router(state: Arc<RestState>) -> Router {
+    let api = routes(state);
+    Router::new()
+        .nest_service("/v1", api.clone())
+        .fallback_service(api)
+}
+
+/// What only applies to a Flink cluster, and what to use here instead.
+const NOT_HERE: &[(&str, &str)] = &[
+    (
+        "/jars",
+        "an sjob engine runs the one job it was started with: give the job file to `sjob run JOB.yaml`, or apply a StatefulJob",
+    ),
+    (
+        "/taskmanagers",
+        "an sjob engine is one process: its log is the process's (or the pod's) standard error, and its metrics are at /metrics",
+    ),
+    (
+        "/jobmanager",
+        "an sjob engine is one process: its log is the process's (or the pod's) standard error, and its metrics are at /metrics",
+    ),
+];
+
+async fn not_here(uri: axum::http::Uri) -> Response {
+    let path = uri.path().trim_start_matches("/v1");
+    let hint = NOT_HERE
+        .iter()
+        .find(|(prefix, _)| path.starts_with(prefix))
+        .map(|(_, hint)| *hint)
+        .unwrap_or("");
+    error(
+        StatusCode::NOT_IMPLEMENTED,
+        format!("{path} is not served by an sjob engine: {hint}"),
+    )
+}
+
+fn routes(state: Arc<RestState>) -> Router {
     let token = state.token.clone();
     Router::new()
         .route("/overview", get(overview))
         .route("/config", get(config))
-        .route("/jobs", get(jobs))
+        .route("/jobs", get(jobs).post(submit_job))
         .route("/jobs/overview", get(jobs_overview))
         .route("/jobs/{id}", get(job_details).patch(patch_job))
+        .route("/jobs/{id}/status", get(job_status))
+        .route("/jobs/{id}/plan", get(job_plan))
+        .route("/jobs/{id}/exceptions", get(job_exceptions))
         .route("/jobs/{id}/savepoints", post(trigger_savepoint))
         .route("/jobs/{id}/savepoints/{trigger}", get(savepoint_status))
         .route("/jobs/{id}/stop", post(stop_job))
+        .route("/jobs/{id}/rescaling", patch(rescale))
+        .route("/jobs/{id}/rescaling/{trigger}", get(rescale))
         .route("/jobs/{id}/checkpoints", get(checkpoints))
+        .route("/jobs/{id}/checkpoints/config", get(checkpoint_config))
         .route("/jobs/{id}/sources", get(sources))
         .route("/jobs/{id}/sources/hold", post(hold_sources))
         .route("/jobs/{id}/sources/release", post(release_sources))
+        .route("/savepoint-disposal", post(trigger_disposal))
+        .route("/savepoint-disposal/{trigger}", get(disposal_status))
+        .route("/jars", any(not_here))
+        .route("/jars/{*rest}", any(not_here))
+        .route("/taskmanagers", any(not_here))
+        .route("/taskmanagers/{*rest}", any(not_here))
+        .route("/jobmanager/{*rest}", any(not_here))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
@@ -123,121 +182,63 @@ pub fn router(state: Arc<RestState>) -> Router {
         ))
 }
 
-fn state_counts(job: &JobHandle) -> (u32, u32, u32, u32) {
-    match job.state() {
-        JobState::Created | JobState::Running => (1, 0, 0, 0),
-        JobState::Finished => (0, 1, 0, 0),
-        JobState::Canceled => (0, 0, 1, 0),
-        JobState::Failed => (0, 0, 0, 1),
-    }
-}
-
 async fn overview(State(s): Shared) -> Json<Value> {
-    let (running, finished, cancelled, failed) = state_counts(&s.job);
-    let slots: u32 = s
-        .job
-        .graph()
-        .stages
-        .iter()
-        .map(|st| st.parallelism)
-        .max()
-        .unwrap_or(1);
-    Json(json!({
-        "taskmanagers": 1,
-        "slots-total": slots,
-        "slots-available": if running > 0 { 0 } else { slots },
-        "jobs-running": running,
-        "jobs-finished": finished,
-        "jobs-cancelled": cancelled,
-        "jobs-failed": failed,
-        "flink-version": concat!("sjob-", env!("CARGO_PKG_VERSION")),
-        "flink-commit": "",
-    }))
+    Json(flink::cluster_overview(&s.job))
 }
 
 async fn config() -> Json<Value> {
-    Json(json!({ "flink-version": concat!("sjob-", env!("CARGO_PKG_VERSION")), "features": {} }))
+    Json(flink::dashboard_config())
 }
 
 async fn jobs(State(s): Shared) -> Json<Value> {
     Json(json!({ "jobs": [{ "id": s.job.id(), "status": s.job.state().as_flink() }] }))
 }
 
-fn times(job: &JobHandle) -> (u64, i64, u64) {
-    let start = job.start_time_ms();
-    let end = job.end_time_ms();
-    let now = end.unwrap_or_else(super::coordinator::now_ms);
-    (
-        start,
-        end.map(|e| e as i64).unwrap_or(-1),
-        now.saturating_sub(start),
-    )
+async fn submit_job() -> Response {
+    not_here(axum::http::Uri::from_static("/jars")).await
 }
 
 async fn jobs_overview(State(s): Shared) -> Json<Value> {
-    let job = &s.job;
-    let (start, end, duration) = times(job);
-    let tasks: u32 = job.graph().stages.iter().map(|st| st.parallelism).sum();
-    let running = if job.state() == JobState::Running {
-        tasks
-    } else {
-        0
-    };
-    Json(json!({ "jobs": [{
-        "jid": job.id(),
-        "name": job.graph().name,
-        "state": job.state().as_flink(),
-        "start-time": start,
-        "end-time": end,
-        "duration": duration,
-        "last-modification": start,
-        "tasks": { "total": tasks, "running": running },
-    }]}))
+    Json(json!({ "jobs": [flink::job_overview(&s.job)] }))
+}
+
+/// Answers with `body(job)` for the job named in the path.
+fn for_job(s: &RestState, id: &str, body: impl FnOnce(&JobHandle) -> Value) -> Response {
+    match the_job(s, id) {
+        Ok(job) => Json(body(job)).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn job_details(State(s): Shared, Path(id): Path<String>) -> Response {
-    let job = match the_job(&s, &id) {
-        Ok(j) => j,
-        Err(r) => return r.into_response(),
-    };
-    let (start, end, duration) = times(job);
-    let status = job.state().as_flink();
-    let max_p = job.graph().max_parallelism;
-    let vertices: Vec<Value> = job
-        .vertices()
-        .into_iter()
-        .map(|v| {
-            json!({
-                "id": v.uid,
-                "uid": v.uid,
-                "name": v.name,
-                "kind": v.kind,
-                "parallelism": v.parallelism,
-                "maxParallelism": max_p,
-                "status": status,
-                "metrics": {
-                    "read-records": v.records_in,
-                    "read-records-complete": true,
-                    "write-records": v.records_out,
-                    "write-records-complete": true,
-                },
-            })
-        })
-        .collect();
-    Json(json!({
-        "jid": job.id(),
-        "name": job.graph().name,
-        "isStoppable": true,
-        "state": status,
-        "start-time": start,
-        "end-time": end,
-        "duration": duration,
-        "now": super::coordinator::now_ms(),
-        "vertices": vertices,
-        "restored-from": job.restored_from(),
-        "failure-cause": job.failure(),
-    }))
-    .into_response()
+    for_job(&s, &id, flink::job_details)
+}
+
+async fn job_status(State(s): Shared, Path(id): Path<String>) -> Response {
+    for_job(&s, &id, |job| json!({ "status": job.state().as_flink() }))
+}
+
+async fn job_plan(State(s): Shared, Path(id): Path<String>) -> Response {
+    for_job(&s, &id, |job| json!({ "plan": flink::plan(job) }))
+}
+
+async fn job_exceptions(State(s): Shared, Path(id): Path<String>) -> Response {
+    for_job(&s, &id, flink::exceptions)
+}
+
+async fn checkpoint_config(State(s): Shared, Path(id): Path<String>) -> Response {
+    for_job(&s, &id, flink::checkpoint_config)
+}
+
+async fn rescale(State(s): Shared, Path(params): Path<Vec<String>>) -> Response {
+    let id = params.first().map(String::as_str).unwrap_or_default();
+    if let Err(e) = the_job(&s, id) {
+        return e.into_response();
+    }
+    error(
+        StatusCode::BAD_REQUEST,
+        "Rescaling in place is not supported by an sjob engine: stop the job with a savepoint (POST /jobs/:id/stop) and start it from that savepoint with the new parallelism (a StatefulJob's spec.parallelism does both)",
+    )
 }
 
 #[derive(Deserialize)]
@@ -248,6 +249,8 @@ struct SavepointRequest {
     cancel_job: bool,
     #[serde(rename = "formatType", default)]
     format_type: Option<String>,
+    #[serde(rename = "triggerId", default)]
+    trigger_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -256,6 +259,8 @@ struct StopRequest {
     target_directory: Option<String>,
     #[serde(default)]
     drain: bool,
+    #[serde(rename = "triggerId", default)]
+    trigger_id: Option<String>,
 }
 
 /// Which savepoint request a body belongs to.
@@ -274,6 +279,8 @@ pub struct TriggerRequest {
     pub target: Option<String>,
     /// None: the job keeps running; Some(drain): the job stops (draining first or not).
     pub stop: Option<bool>,
+    /// The id the client chose for the operation (Flink's `triggerId`), if any.
+    pub trigger_id: Option<String>,
 }
 
 /// Parses the body of a savepoint or stop request (an empty body is `{}`), or says what is
@@ -292,6 +299,7 @@ pub fn parse_trigger(kind: TriggerKind, body: &[u8]) -> Result<TriggerRequest, S
             Ok(TriggerRequest {
                 target: req.target_directory,
                 stop: req.cancel_job.then_some(false),
+                trigger_id: req.trigger_id,
             })
         }
         TriggerKind::Stop => {
@@ -299,6 +307,7 @@ pub fn parse_trigger(kind: TriggerKind, body: &[u8]) -> Result<TriggerRequest, S
             Ok(TriggerRequest {
                 target: req.target_directory,
                 stop: Some(req.drain),
+                trigger_id: req.trigger_id,
             })
         }
     }
@@ -411,8 +420,32 @@ async fn release_sources(
     }
 }
 
-fn start_trigger(s: &RestState, target: Option<String>, stop: Option<bool>) -> Response {
-    let Some(target) = target.or_else(|| s.default_savepoint_dir.clone()) else {
+/// The operation id for a request: the client's own (Flink's `triggerId`), or a new one.
+fn operation_id(chosen: Option<String>) -> Result<String, ApiError> {
+    match chosen {
+        Some(id) if id.len() == 32 && id.chars().all(|c| c.is_ascii_hexdigit()) => Ok(id),
+        Some(id) => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("Bad request, triggerId '{id}' is not a trigger id (32 hex digits)"),
+        )),
+        None => Ok(uuid::Uuid::new_v4().simple().to_string()),
+    }
+}
+
+fn accepted(id: &str) -> Response {
+    (StatusCode::ACCEPTED, Json(json!({ "request-id": id }))).into_response()
+}
+
+fn start_trigger(s: &RestState, req: TriggerRequest) -> Response {
+    let id = match operation_id(req.trigger_id) {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
+    // A repeated request with the same trigger id is the same operation.
+    if s.triggers.lock().is_ok_and(|t| t.contains_key(&id)) {
+        return accepted(&id);
+    }
+    let Some(target) = req.target.or_else(|| s.default_savepoint_dir.clone()) else {
         return error(
             StatusCode::BAD_REQUEST,
             "No savepoint directory given and no default one configured (target-directory / targetDirectory, or sjob run --savepoint-dir)",
@@ -423,12 +456,11 @@ fn start_trigger(s: &RestState, target: Option<String>, stop: Option<bool>) -> R
         Err(reason) => return error(StatusCode::FORBIDDEN, reason),
     };
     if !s.job.state().is_terminal() {
-        let rx = s.job.trigger_savepoint(&target, stop);
-        let id = uuid::Uuid::new_v4().simple().to_string();
+        let rx = s.job.trigger_savepoint(&target, req.stop);
         if let Ok(mut t) = s.triggers.lock() {
             t.insert(id.clone(), TriggerState::Pending(rx));
         }
-        return (StatusCode::ACCEPTED, Json(json!({ "request-id": id }))).into_response();
+        return accepted(&id);
     }
     error(
         StatusCode::CONFLICT,
@@ -457,8 +489,54 @@ fn trigger(s: &RestState, id: &str, kind: TriggerKind, body: &[u8]) -> Response 
         return r.into_response();
     }
     match parse_trigger(kind, body) {
-        Ok(req) => start_trigger(s, req.target, req.stop),
+        Ok(req) => start_trigger(s, req),
         Err(reason) => error(StatusCode::BAD_REQUEST, reason),
+    }
+}
+
+/// Where an asynchronous operation stands, reading its outcome if it has come.
+fn poll(entry: &mut TriggerState) -> Option<Result<String, String>> {
+    if let TriggerState::Pending(rx) = entry {
+        match rx.try_recv() {
+            Ok(result) => *entry = TriggerState::Done(result, false),
+            Err(crossbeam_channel::TryRecvError::Empty) => {}
+            Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                *entry =
+                    TriggerState::Done(Err("the operation ended before it completed".into()), false)
+            }
+        }
+    }
+    match entry {
+        TriggerState::Pending(_) => None,
+        TriggerState::Done(result, read) => {
+            *read = true;
+            Some(result.clone())
+        }
+    }
+}
+
+/// Flink's body of an asynchronous operation's status: in progress, or completed with
+/// `operation` (its result or its failure cause).
+fn operation_status(outcome: Option<Result<Value, Value>>) -> Response {
+    match outcome {
+        None => Json(json!({ "status": { "id": "IN_PROGRESS" } })).into_response(),
+        Some(Ok(operation)) => {
+            Json(json!({ "status": { "id": "COMPLETED" }, "operation": operation })).into_response()
+        }
+        Some(Err(cause)) => Json(json!({
+            "status": { "id": "COMPLETED" },
+            "operation": { "failure-cause": cause },
+        }))
+        .into_response(),
+    }
+}
+
+fn lock_ops(
+    ops: &Mutex<HashMap<String, TriggerState>>,
+) -> std::sync::MutexGuard<'_, HashMap<String, TriggerState>> {
+    match ops.lock() {
+        Ok(t) => t,
+        Err(p) => p.into_inner(),
     }
 }
 
@@ -469,50 +547,95 @@ async fn savepoint_status(
     if let Err(r) = the_job(&s, &id) {
         return r.into_response();
     }
-    let mut triggers = match s.triggers.lock() {
-        Ok(t) => t,
-        Err(p) => p.into_inner(),
-    };
+    let mut triggers = lock_ops(&s.triggers);
     let Some(entry) = triggers.get_mut(&trigger) else {
         return error(
             StatusCode::NOT_FOUND,
             format!("There is no savepoint operation with triggerId={trigger} for job {id}"),
         );
     };
-    if let TriggerState::Pending(rx) = entry {
-        match rx.try_recv() {
-            Ok(result) => *entry = TriggerState::Done(result, false),
-            Err(crossbeam_channel::TryRecvError::Empty) => {}
-            Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                *entry = TriggerState::Done(
-                    Err("the job ended before the savepoint completed".into()),
-                    false,
+    operation_status(poll(entry).map(|r| {
+        r.map(|location| json!({ "location": location_uri(&location) }))
+            .map_err(|cause| {
+                java_error::failure_cause(
+                    "org.apache.flink.runtime.checkpoint.CheckpointException",
+                    &cause,
                 )
-            }
-        }
+            })
+    }))
+}
+
+#[derive(Deserialize)]
+struct DisposalRequest {
+    #[serde(rename = "savepoint-path")]
+    savepoint_path: String,
+    #[serde(rename = "triggerId", default)]
+    trigger_id: Option<String>,
+}
+
+/// `POST /savepoint-disposal`: deletes a savepoint's files (under the engine's savepoint roots),
+/// in the background. The savepoint the running job was restored from is kept until the job
+/// has a checkpoint of its own.
+async fn trigger_disposal(State(s): Shared, body: axum::body::Bytes) -> Response {
+    let req: DisposalRequest = match parse_json(&body) {
+        Ok(r) => r,
+        Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
+    };
+    let id = match operation_id(req.trigger_id) {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
+    if lock_ops(&s.disposals).contains_key(&id) {
+        return accepted(&id);
     }
-    if let TriggerState::Done(_, read) = entry {
-        *read = true;
+    let path = match s.roots.check(&req.savepoint_path) {
+        Ok(p) => p,
+        Err(reason) => return error(StatusCode::FORBIDDEN, reason),
+    };
+    let same = |p: &str| {
+        p.trim_start_matches("file:").trim_end_matches('/')
+            == path.trim_start_matches("file:").trim_end_matches('/')
+    };
+    if s.job.restored_from().is_some_and(same)
+        && !s.job.state().is_terminal()
+        && s.job.snapshot_stats().latest_checkpoint.is_none()
+    {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "Savepoint {path} is where the running job {} started from and it has no checkpoint of its own yet; dispose of it after the first checkpoint or once the job has ended",
+                s.job.id()
+            ),
+        );
     }
-    match entry {
-        TriggerState::Pending(_) => {
-            Json(json!({ "status": { "id": "IN_PROGRESS" } })).into_response()
-        }
-        TriggerState::Done(Ok(location), _) => Json(json!({
-            "status": { "id": "COMPLETED" },
-            "operation": { "location": location },
-        }))
-        .into_response(),
-        TriggerState::Done(Err(cause), _) => Json(json!({
-            "status": { "id": "COMPLETED" },
-            "operation": { "failure-cause": {
-                "class": "sjob.SavepointFailure",
-                "stack-trace": cause,
-                "serialized-throwable": "",
-            }},
-        }))
-        .into_response(),
-    }
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let result = crate::savepoint::store::Store::open(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|store| {
+                crate::savepoint::tools::dispose(&store)
+                    .map(|_| String::new())
+                    .map_err(|e| format!("Could not dispose savepoint {path}: {e}"))
+            });
+        let _ = tx.send(result);
+    });
+    lock_ops(&s.disposals).insert(id.clone(), TriggerState::Pending(rx));
+    accepted(&id)
+}
+
+async fn disposal_status(State(s): Shared, Path(trigger): Path<String>) -> Response {
+    let mut ops = lock_ops(&s.disposals);
+    let Some(entry) = ops.get_mut(&trigger) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("There is no savepoint disposal with triggerId={trigger}"),
+        );
+    };
+    operation_status(poll(entry).map(|r| {
+        r.map(|_| json!({})).map_err(|cause| {
+            java_error::failure_cause("org.apache.flink.util.FlinkException", &cause)
+        })
+    }))
 }
 
 #[derive(Deserialize)]
@@ -530,6 +653,13 @@ async fn patch_job(
         Err(r) => return r.into_response(),
     };
     match q.mode.as_deref() {
+        None | Some("cancel") if job.state().is_terminal() => error(
+            StatusCode::CONFLICT,
+            format!(
+                "Job cancellation failed because the job has already reached another terminal state ({}).",
+                job.state().as_flink()
+            ),
+        ),
         None | Some("cancel") => {
             job.cancel();
             (StatusCode::ACCEPTED, Json(json!({}))).into_response()
@@ -541,46 +671,10 @@ async fn patch_job(
     }
 }
 
-fn snapshot_json(s: &super::CompletedSnapshot, savepoint: bool) -> Value {
-    json!({
-        "id": s.id,
-        "status": "COMPLETED",
-        "is_savepoint": savepoint,
-        "latest_ack_timestamp": s.timestamp_ms,
-        "trigger_timestamp": s.timestamp_ms.saturating_sub(s.duration_ms),
-        "end_to_end_duration": s.duration_ms,
-        "state_size": s.size,
-        "checkpointed_size": s.size,
-        "external_path": s.location,
-    })
-}
-
 async fn checkpoints(State(s): Shared, Path(id): Path<String>) -> Response {
-    let job = match the_job(&s, &id) {
-        Ok(j) => j,
-        Err(r) => return r.into_response(),
-    };
-    let st = job.snapshot_stats();
-    let restored = job.restored_from().map(|p| {
-        json!({ "external_path": p, "is_savepoint": !crate::savepoint::paths::is_checkpoint(p), "restore_timestamp": job.start_time_ms() })
-    });
-    Json(json!({
-        "counts": {
-            "restored": u32::from(restored.is_some()),
-            "total": st.completed + st.failed + st.in_progress,
-            "in_progress": st.in_progress,
-            "completed": st.completed,
-            "failed": st.failed,
-        },
-        "latest": {
-            "completed": st.latest_checkpoint.as_ref().map(|c| snapshot_json(c, false)),
-            "savepoint": st.latest_savepoint.as_ref().map(|c| snapshot_json(c, true)),
-            "failed": st.latest_failure.as_ref().map(|f| json!({ "failure_message": f })),
-            "restored": restored,
-        },
-        "history": [],
-    }))
-    .into_response()
+    for_job(&s, &id, |job| {
+        flink::checkpoints(job, &job.snapshot_stats())
+    })
 }
 
 async fn ready(State(s): Shared) -> Response {
