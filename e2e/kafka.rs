@@ -682,3 +682,261 @@ operators:
     assert!(texts.contains(&"one".to_owned()) && texts.contains(&"two".to_owned()));
     assert!(!texts.contains(&"before the start".to_owned()));
 }
+
+/// Event time of the first record of a windowed test (a Kafka timestamp of 0 means "now").
+const T0: i64 = 1_000_000_000;
+
+/// Records of a windowed test: key `k<i mod keys>`, Kafka timestamp (event time)
+/// `T0 + i * step_ms`.
+fn timed(from: u64, to: u64, step_ms: u64, keys: u64) -> Vec<(String, String, i64)> {
+    (from..to)
+        .map(|i| {
+            let k = format!("k{}", i % keys);
+            (
+                k.clone(),
+                format!(r#"{{"key":"{k}"}}"#),
+                T0 + (i * step_ms) as i64,
+            )
+        })
+        .collect()
+}
+
+/// Kafka in (event time: the records' Kafka timestamps, put into `t`), 10 s windows counting per key, Kafka out (no guarantee:
+/// written at once).
+fn windowed_job(name: &str, input: &str, output: &str, p: u32, watermarks: &str) -> JobSpec {
+    spec(&format!(
+        r#"
+name: {name}
+parallelism: {p}
+{watermarks}
+operators:
+  - kind: kafkaSource
+    uid: in
+    bootstrapServers: {bs}
+    topics: [{input}]
+    timestampField: t
+  - kind: keyBy
+    field: key
+  - kind: window
+    uid: windows
+    size: 10s
+    timeField: t
+    aggregate: count
+  - kind: kafkaSink
+    uid: out
+    bootstrapServers: {bs}
+    topic: {output}
+    deliveryGuarantee: none
+"#,
+        bs = broker().bootstrap()
+    ))
+}
+
+/// (key, windowStart) -> count of every window in `topic`.
+fn windows_in(topic: &str) -> BTreeMap<(String, i64), u64> {
+    broker()
+        .read_committed(topic)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .map(|(_, _, v)| {
+            let v: serde_json::Value = serde_json::from_str(&v).unwrap();
+            (
+                (
+                    v["key"].as_str().unwrap().to_owned(),
+                    v["windowStart"].as_i64().unwrap(),
+                ),
+                v["count"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Partition 1 of the input stays empty. Without an idle timeout it holds the watermark at its
+/// start, so no window fires while the job runs; with one, the windows that partition 0's
+/// records complete fire, whether both partitions are read by one subtask (per-partition
+/// watermarks) or by two (the idle subtask tells downstream it is idle).
+#[test]
+fn an_empty_partition_holds_windows_back_only_without_an_idle_timeout() {
+    let b = broker();
+    b.create_topic("idle-in", 2).unwrap();
+    b.produce_at("idle-in", 0, &timed(0, 300, 100, 3)).unwrap();
+    let want: BTreeMap<(String, i64), u64> = [0i64, 10_000]
+        .iter()
+        .flat_map(|start| {
+            (0..3u64).map(move |k| {
+                let n = (0..300u64)
+                    .filter(|i| i % 3 == k && (i * 100) as i64 / 10_000 * 10_000 == *start)
+                    .count() as u64;
+                ((format!("k{k}"), T0 + *start), n)
+            })
+        })
+        .collect();
+    for (case, p, watermarks) in [
+        ("none-p1", 1, ""),
+        ("idle-p1", 1, "watermarks: {idleTimeout: 500ms}"),
+        ("idle-p2", 2, "watermarks: {idleTimeout: 500ms}"),
+    ] {
+        let out = format!("idle-out-{case}");
+        b.create_topic(&out, 1).unwrap();
+        let job = start(
+            &windowed_job(case, "idle-in", &out, p, watermarks),
+            None,
+            None,
+        );
+        wait_read(&job, 300);
+        let window = |job: &engine::JobHandle| {
+            job.vertices()
+                .into_iter()
+                .find(|v| v.uid == "windows")
+                .unwrap()
+        };
+        if watermarks.is_empty() {
+            std::thread::sleep(Duration::from_secs(3));
+            assert_eq!(
+                window(&job).watermark,
+                None,
+                "{case}: the empty partition holds it"
+            );
+            assert!(windows_in(&out).is_empty(), "{case}: a window fired");
+        } else {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while windows_in(&out).len() < want.len() {
+                assert!(
+                    Instant::now() < deadline,
+                    "{case}: windows {:?}; sources {:?}; window {:?}; {:?}",
+                    windows_in(&out),
+                    job.sources(),
+                    window(&job),
+                    job.failure()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            // The last record is at 29.9 s: the window [20 s, 30 s) stays open.
+            std::thread::sleep(Duration::from_millis(500));
+            assert_eq!(windows_in(&out), want, "{case}");
+            assert_eq!(window(&job).watermark, Some(T0 + 29_899), "{case}");
+            if p == 2 {
+                let idle: Vec<bool> = job.sources().subtasks.iter().map(|s| s.idle).collect();
+                assert!(idle.contains(&true), "{case}: no subtask idle: {idle:?}");
+            }
+            let metrics = engine::metrics::render(&job).unwrap();
+            assert!(
+                metrics
+                    .lines()
+                    .any(|l| l.starts_with("sjob_operator_watermark_seconds")
+                        && l.contains("uid=\"windows\"")
+                        && l.ends_with(&format!(" {}", (T0 + 29_899) as f64 / 1000.0))),
+                "{case}: {metrics}"
+            );
+        }
+        job.cancel();
+        job.wait();
+    }
+}
+
+/// Partition 0 holds 1,000 s of event time already; partition 1 gets records in real time.
+/// With `maxDrift: 20s` the subtask reading partition 0 waits for the other one, so it reads
+/// no further than the drift (plus one poll) ahead, and the window state taken in savepoints
+/// stays flat; without it, it reads everything at once.
+#[test]
+fn a_source_ahead_by_more_than_the_max_drift_waits_for_the_slowest() {
+    let b = broker();
+    b.create_topic("skew-in", 2).unwrap();
+    b.produce_at("skew-in", 0, &timed(0, 100_000, 10, 1000))
+        .unwrap();
+    // Partition 1: 10 s of event time per second, from a thread, until told to stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                broker()
+                    .produce_at("skew-in", 1, &timed(i, i + 100, 10, 1000))
+                    .unwrap();
+                i += 100;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut largest = BTreeMap::new();
+    let offset_of = |job: &engine::JobHandle, split: &str| {
+        job.sources()
+            .positions
+            .iter()
+            .find(|p| p.split == split)
+            .map_or(0, |p| p.position)
+    };
+    for (case, watermarks) in [
+        ("aligned", "watermarks: {maxDrift: 20s, idleTimeout: 2s}"),
+        ("unaligned", ""),
+    ] {
+        let out = format!("skew-out-{case}");
+        b.create_topic(&out, 1).unwrap();
+        let job = start(
+            &windowed_job(case, "skew-in", &out, 2, watermarks),
+            None,
+            None,
+        );
+        let mut sizes = Vec::new();
+        let mut furthest_ahead_ms = 0i64;
+        let mut paused_seen = false;
+        for round in 0..8 {
+            std::thread::sleep(Duration::from_secs(1));
+            let ahead = T0 + offset_of(&job, "skew-in-0") * 10;
+            let behind = job
+                .sources()
+                .subtasks
+                .iter()
+                .filter_map(|s| s.watermark)
+                .min()
+                .unwrap_or(T0);
+            furthest_ahead_ms = furthest_ahead_ms.max(ahead - behind);
+            paused_seen |= job
+                .sources()
+                .subtasks
+                .iter()
+                .any(|s| s.paused_for_alignment);
+            if round % 2 == 1 {
+                let sp = job
+                    .savepoint(dir.path().join(case).to_str().unwrap())
+                    .unwrap_or_else(|e| panic!("{case}: {e} ({:?})", job.failure()));
+                let store = sjob::savepoint::store::Store::open(&sp).unwrap();
+                sizes.push(
+                    sjob::savepoint::metadata::SnapshotMetadata::read(&store)
+                        .unwrap()
+                        .total_bytes(),
+                );
+            }
+        }
+        job.cancel();
+        job.wait();
+        largest.insert(case, *sizes.iter().max().unwrap());
+        if case == "aligned" {
+            // The drift, one poll of 1,024 records (10.24 s) and the sampling's own lag.
+            assert!(
+                furthest_ahead_ms <= 20_000 + 10_240 + 5_000,
+                "{case}: partition 0 ran {furthest_ahead_ms} ms ahead"
+            );
+            assert!(paused_seen, "{case}: never paused");
+            let smallest = *sizes.iter().min().unwrap();
+            assert!(
+                sizes.iter().all(|s| *s <= 2 * smallest),
+                "{case}: savepoint sizes {sizes:?}"
+            );
+        } else {
+            assert!(
+                furthest_ahead_ms > 200_000,
+                "{case}: partition 0 only {furthest_ahead_ms} ms ahead"
+            );
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    // Without alignment the windows of all of partition 0's event time wait in state.
+    assert!(
+        largest["unaligned"] > 2 * largest["aligned"],
+        "largest savepoints {largest:?}"
+    );
+}

@@ -68,6 +68,7 @@ pub struct Stage {
 #[derive(Clone, Debug)]
 pub struct JobGraph {
     pub name: String,
+    pub watermarks: spec::WatermarkConfig,
     pub max_parallelism: u32,
     pub max_parallelism_explicit: bool,
     pub nodes: Vec<Node>,
@@ -216,17 +217,14 @@ fn declared_state(spec: &OperatorSpec) -> (Vec<KeyedStateMeta>, Vec<OperatorStat
             ),
             vec![],
         ),
-        OperatorSpec::Window(w) => {
-            let (name, ty) = window_field(w.aggregate);
-            (
-                vec![KeyedStateMeta {
-                    name: "windows".into(),
-                    kind: KeyedStateKind::Map,
-                    schema: StateSchema::single(name, ty),
-                }],
-                vec![],
-            )
-        }
+        OperatorSpec::Window(w) => (
+            vec![KeyedStateMeta {
+                name: "windows".into(),
+                kind: KeyedStateKind::Map,
+                schema: super::window::window_schema(w),
+            }],
+            vec![],
+        ),
         OperatorSpec::Dedupe(_) => (
             keyed_value("seen", StateSchema::single("seen", FieldType::Bool)),
             vec![],
@@ -236,16 +234,6 @@ fn declared_state(spec: &OperatorSpec) -> (Vec<KeyedStateMeta>, Vec<OperatorStat
         | OperatorSpec::KeyBy(_)
         | OperatorSpec::StdoutSink(_)
         | OperatorSpec::DiscardSink(_) => (vec![], vec![]),
-    }
-}
-
-/// The field a window aggregate emits and keeps.
-pub fn window_field(agg: WindowAggregate) -> (&'static str, FieldType) {
-    match agg {
-        WindowAggregate::Count => ("count", FieldType::Int),
-        WindowAggregate::Sum => ("sum", FieldType::Any),
-        WindowAggregate::Min => ("min", FieldType::Any),
-        WindowAggregate::Max => ("max", FieldType::Any),
     }
 }
 
@@ -270,6 +258,81 @@ fn is_sink(spec: &OperatorSpec) -> bool {
             | OperatorSpec::StdoutSink(_)
             | OperatorSpec::DiscardSink(_)
     )
+}
+
+fn check_window(w: &spec::WindowSpec, what: &str, problems: &mut Vec<String>) {
+    let mut duration = |field: &str, text: &Option<String>| {
+        if let Some(t) = text {
+            match spec::parse_duration(field, t) {
+                Ok(d) if d.as_millis() == 0 => {
+                    problems.push(format!("{what}: {field}: must be at least 1ms"))
+                }
+                Ok(_) => {}
+                Err(e) => problems.push(format!("{what}: {e}")),
+            }
+        }
+    };
+    duration("size", &w.size);
+    duration("slide", &w.slide);
+    duration("gap", &w.gap);
+    duration("allowedLateness", &w.allowed_lateness);
+    match (&w.size, &w.gap) {
+        (Some(_), Some(_)) => problems.push(format!(
+            "{what}: size and gap: a window is either fixed (size, slide) or a session (gap), not both"
+        )),
+        (None, None) => problems.push(format!(
+            "{what}: size or gap: set size (tumbling, or sliding with slide) or gap (session windows)"
+        )),
+        (None, Some(_)) if w.slide.is_some() => problems.push(format!(
+            "{what}: slide: session windows (gap) do not slide"
+        )),
+        _ => {}
+    }
+    match (w.aggregate, w.aggregates.is_empty()) {
+        (Some(_), false) => {
+            problems.push(format!("{what}: aggregate and aggregates: use one of them"))
+        }
+        (None, true) => problems.push(format!(
+            "{what}: aggregates: a window needs at least one aggregate (or aggregate: count)"
+        )),
+        _ => {}
+    }
+    if w.aggregate.is_none() && w.field.is_some() {
+        problems.push(format!(
+            "{what}: field: goes with aggregate; in aggregates, each entry names its own field"
+        ));
+    }
+    let mut seen: Vec<&str> = Vec::new();
+    for (i, (name, a, field)) in super::window::aggregates_of(w).iter().enumerate() {
+        let at = if w.aggregate.is_some() {
+            "aggregate".to_owned()
+        } else {
+            format!("aggregates[{i}] ('{name}')")
+        };
+        if *a != WindowAggregate::Count && field.is_none() {
+            problems.push(format!("{what}: {at}: {a:?} needs a field"));
+        }
+        if [
+            "key",
+            "windowStart",
+            "windowEnd",
+            "late",
+            "sessionEnd",
+            "fired",
+        ]
+        .contains(&name.as_str())
+            || name.is_empty()
+            || name.contains('.')
+        {
+            problems.push(format!(
+                "{what}: {at}: '{name}' cannot name an aggregate (empty, with '.', or one of key, windowStart, windowEnd, late, sessionEnd, fired)"
+            ));
+        }
+        if seen.contains(&name.as_str()) {
+            problems.push(format!("{what}: {at}: '{name}' is named twice"));
+        }
+        seen.push(name);
+    }
 }
 
 fn check_expressions(spec: &OperatorSpec, what: &str, problems: &mut Vec<String>) {
@@ -302,22 +365,7 @@ fn check_expressions(spec: &OperatorSpec, what: &str, problems: &mut Vec<String>
                 problems.push(format!("{what}: fields: a reduce needs at least one field"));
             }
         }
-        OperatorSpec::Window(w) => {
-            if let Err(e) = spec::parse_duration("size", &w.size) {
-                problems.push(format!("{what}: {e}"));
-            }
-            if let Some(s) = &w.slide
-                && let Err(e) = spec::parse_duration("slide", s)
-            {
-                problems.push(format!("{what}: {e}"));
-            }
-            if w.aggregate != WindowAggregate::Count && w.field.is_none() {
-                problems.push(format!(
-                    "{what}: field: the {:?} aggregate needs a field",
-                    w.aggregate
-                ));
-            }
-        }
+        OperatorSpec::Window(w) => check_window(w, what, problems),
         OperatorSpec::Sum(s) if s.ty == NumType::String => {
             problems.push(format!("{what}: type: a sum is int or float, not string"));
         }
@@ -464,12 +512,21 @@ impl JobGraph {
         {
             problems.push(e);
         }
+        let watermarks = match spec.watermarks.as_ref().map(spec::WatermarkSpec::parse) {
+            None => spec::WatermarkConfig::default(),
+            Some(Ok(w)) => w,
+            Some(Err(p)) => {
+                problems.extend(p);
+                spec::WatermarkConfig::default()
+            }
+        };
         if !problems.is_empty() {
             return Err(GraphError(problems));
         }
         let stages = Self::stages(&nodes);
         Ok(JobGraph {
             name: spec.name.clone(),
+            watermarks,
             max_parallelism,
             max_parallelism_explicit: explicit,
             nodes,

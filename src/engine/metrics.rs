@@ -73,6 +73,38 @@ impl Collector for JobCollector<'_> {
                 })
                 .collect()
         };
+        let now_ms = super::coordinator::now_ms() as f64;
+        let op_labels =
+            |v: &super::VertexStats| vec![label("operator", &v.name), label("uid", &v.uid)];
+        let finite = |w: Option<i64>| w.filter(|w| *w != i64::MAX && *w != i64::MIN);
+        let watermarks: Vec<Metric> = vertices
+            .iter()
+            .filter_map(|v| {
+                finite(v.watermark).map(|w| gauge(with(op_labels(v)), w as f64 / 1000.0))
+            })
+            .collect();
+        let watermark_lags: Vec<Metric> = vertices
+            .iter()
+            .filter_map(|v| {
+                finite(v.watermark)
+                    .map(|w| gauge(with(op_labels(v)), ((now_ms - w as f64) / 1000.0).max(0.0)))
+            })
+            .collect();
+        let late: Vec<Metric> = vertices
+            .iter()
+            .map(|v| counter(with(op_labels(v)), v.late_records_dropped as f64))
+            .collect();
+        let mut usage = Vec::new();
+        for v in &vertices {
+            for (subtask, inputs) in v.input_usage.iter().enumerate() {
+                for (input, u) in inputs.iter().enumerate() {
+                    let mut l = op_labels(v);
+                    l.push(label("subtask", &subtask.to_string()));
+                    l.push(label("input", &input.to_string()));
+                    usage.push(gauge(with(l), *u));
+                }
+            }
+        }
         let stats = job.snapshot_stats();
         let sources = job.sources();
         let state = job.state();
@@ -121,6 +153,77 @@ impl Collector for JobCollector<'_> {
                 "Source subtasks that cannot read now and retry (e.g. brokers unreachable).",
                 MetricType::GAUGE,
                 vec![gauge(jl(), sources.problems.len() as f64)],
+            ),
+            family(
+                "sjob_operator_watermark_seconds",
+                "Event time the operator has reached (epoch seconds): the smallest watermark of its subtasks' inputs.",
+                MetricType::GAUGE,
+                watermarks,
+            ),
+            family(
+                "sjob_operator_watermark_lag_seconds",
+                "How far the operator's watermark is behind the wall clock.",
+                MetricType::GAUGE,
+                watermark_lags,
+            ),
+            family(
+                "sjob_operator_late_records_dropped_total",
+                "Records dropped because the watermark had passed their window (Flink's numLateRecordsDropped).",
+                MetricType::COUNTER,
+                late,
+            ),
+            family(
+                "sjob_operator_input_buffer_usage",
+                "How full an input channel of a subtask is (0 to 1), per upstream subtask; near 1 means backpressure from here on.",
+                MetricType::GAUGE,
+                usage,
+            ),
+            family(
+                "sjob_source_watermark_seconds",
+                "A source subtask's watermark (epoch seconds).",
+                MetricType::GAUGE,
+                sources
+                    .subtasks
+                    .iter()
+                    .filter_map(|s| {
+                        finite(s.watermark).map(|w| {
+                            gauge(
+                                with(vec![label("subtask", &s.subtask.to_string())]),
+                                w as f64 / 1000.0,
+                            )
+                        })
+                    })
+                    .collect(),
+            ),
+            family(
+                "sjob_source_idle",
+                "1 while a source subtask has had no records for watermarks.idleTimeout.",
+                MetricType::GAUGE,
+                sources
+                    .subtasks
+                    .iter()
+                    .map(|s| {
+                        gauge(
+                            with(vec![label("subtask", &s.subtask.to_string())]),
+                            f64::from(u8::from(s.idle)),
+                        )
+                    })
+                    .collect(),
+            ),
+            family(
+                "sjob_source_alignment_paused",
+                "1 while a source subtask waits because its watermark is more than watermarks.maxDrift ahead of the slowest.",
+                MetricType::GAUGE,
+                sources
+                    .subtasks
+                    .iter()
+                    .map(|s| {
+                        gauge(
+                            with(vec![label("subtask", &s.subtask.to_string())]),
+                            f64::from(u8::from(s.paused_for_alignment)),
+                        )
+                    })
+                    .collect(),
             ),
             family(
                 "sjob_snapshots_completed_total",

@@ -15,6 +15,7 @@ pub mod sinks;
 pub mod sources;
 pub mod spec;
 pub mod state;
+mod window;
 
 use coordinator::{CheckpointConfig, CoordMsg, Coordinator, Status, StatusCell, TriggerRequest};
 pub use coordinator::{CompletedSnapshot, JobState, SnapshotStats};
@@ -29,7 +30,7 @@ use crate::savepoint::restore::{self, RestorePlan, RestoreRefused};
 use crate::savepoint::store::{Store, StoreError};
 pub use crate::savepoint::tools::FileCheck;
 use crossbeam_channel::{Receiver, Sender};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -100,6 +101,20 @@ pub struct SourcesView {
     pub problems: Vec<String>,
     /// Records the sources skipped because they did not parse.
     pub skipped: u64,
+    /// Each source subtask's watermark and flow.
+    pub subtasks: Vec<SourceSubtaskView>,
+}
+
+/// One source subtask as the REST API and /metrics show it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SourceSubtaskView {
+    pub subtask: u32,
+    /// None before its first record (and once out of input: i64::MAX).
+    pub watermark: Option<i64>,
+    /// No records for `watermarks.idleTimeout`.
+    pub idle: bool,
+    /// Not reading: more than `watermarks.maxDrift` ahead of the slowest source subtask.
+    pub paused_for_alignment: bool,
 }
 
 /// Counters of one operator.
@@ -111,6 +126,13 @@ pub struct VertexStats {
     pub parallelism: u32,
     pub records_in: u64,
     pub records_out: u64,
+    /// The smallest watermark among its subtasks' inputs (a source: the one it sends); None
+    /// before the first.
+    pub watermark: Option<i64>,
+    /// Records dropped as later than the watermark allows.
+    pub late_records_dropped: u64,
+    /// Per subtask, per input: how full the input channel is (0 to 1).
+    pub input_usage: Vec<Vec<f64>>,
 }
 
 /// A running (or ended) job.
@@ -126,6 +148,14 @@ pub struct JobHandle {
     start_time_ms: u64,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
+
+/// The two ends of a channel between tasks.
+type Channel = (Sender<runtime::Msg>, Receiver<runtime::Msg>);
+
+/// Batches buffered towards a downstream subtask, shared out over its inputs…
+const INPUT_BATCHES: usize = 16;
+/// …but at least this many per input.
+const MIN_INPUT_BATCHES: usize = 4;
 
 pub fn new_job_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
@@ -322,6 +352,24 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
             .collect(),
         shadow: AtomicBool::new(shadow),
         source_epoch: AtomicU64::new(0),
+        source_watermarks: (0..source_stage.parallelism)
+            .map(|_| AtomicI64::new(i64::MIN))
+            .collect(),
+        late_dropped: (0..n_nodes).map(|_| AtomicU64::new(0)).collect(),
+        tasks: graph
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(si, st)| {
+                let inputs = match si {
+                    0 => 0,
+                    _ => graph.stages[si - 1].parallelism as usize,
+                };
+                (0..st.parallelism)
+                    .map(|_| runtime::TaskGauges::new(inputs))
+                    .collect()
+            })
+            .collect(),
     });
     let status = Arc::new(StatusCell {
         status: Mutex::new(Status {
@@ -336,12 +384,23 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
     let (writer_tx, mut threads) =
         runtime::start_writers(opts.writer_threads.max(1), coord_tx.clone());
 
-    // Channels: one input channel per subtask of every stage but the first.
-    let mut inputs: Vec<Vec<(Sender<runtime::Msg>, Receiver<runtime::Msg>)>> = Vec::new();
-    for stage in &graph.stages {
+    // Channels: per stage but the first, one per (subtask, upstream subtask), so that each
+    // input is read fairly and a fast one is held back by its own full channel.
+    // [stage][subtask][upstream subtask]
+    let mut inputs: Vec<Vec<Vec<Channel>>> = Vec::new();
+    for (si, stage) in graph.stages.iter().enumerate() {
+        let upstream = match si {
+            0 => 0,
+            _ => graph.stages[si - 1].parallelism as usize,
+        };
+        let capacity = (INPUT_BATCHES / upstream.max(1)).max(MIN_INPUT_BATCHES);
         inputs.push(
             (0..stage.parallelism)
-                .map(|_| crossbeam_channel::bounded(64))
+                .map(|_| {
+                    (0..upstream)
+                        .map(|_| crossbeam_channel::bounded(capacity))
+                        .collect()
+                })
                 .collect(),
         );
     }
@@ -356,19 +415,23 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
             if si == 0 {
                 source_controls.push(ctl_tx);
             }
+            // To each subtask of the next stage, through its channel from this subtask.
             let output = Output::new(
                 next.and_then(|n| n.input),
-                next.map(|_| inputs[si + 1].iter().map(|(tx, _)| tx.clone()).collect())
-                    .unwrap_or_default(),
+                next.map(|_| {
+                    inputs[si + 1]
+                        .iter()
+                        .map(|from| from[sub as usize].0.clone())
+                        .collect()
+                })
+                .unwrap_or_default(),
                 sub,
                 graph.max_parallelism,
             );
-            let input = (si > 0).then(|| {
-                (
-                    inputs[si][sub as usize].1.clone(),
-                    graph.stages[si - 1].parallelism,
-                )
-            });
+            let input: Vec<Receiver<runtime::Msg>> = inputs[si][sub as usize]
+                .iter()
+                .map(|(_, rx)| rx.clone())
+                .collect();
             tasks.push((si, sub, input, output, ctl_rx));
         }
     }
@@ -401,10 +464,12 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
                 };
                 drop(init_tx);
                 let task = Task {
+                    stage: si,
                     subtask: sub,
+                    watermarks: graph.watermarks,
                     source,
                     chain,
-                    input,
+                    inputs: input,
                     output,
                     control: ctl_rx,
                     coord: coord.clone(),
@@ -537,6 +602,9 @@ fn build_task(
         };
         if node.is_source() {
             let mut s = sources::build(node, sub, p)?;
+            if let Some(t) = graph.watermarks.idle_timeout {
+                s.set_idle_timeout(t);
+            }
             if let Some(lists) = lists {
                 s.restore_lists(lists)?;
             }
@@ -579,6 +647,7 @@ fn build_task(
             uid: node.uid.clone(),
             stateful: node.is_stateful(),
             op,
+            late_counted: 0,
         });
     }
     Ok((source, chain))
@@ -626,13 +695,44 @@ impl JobHandle {
         self.graph
             .nodes
             .iter()
-            .map(|n| VertexStats {
-                uid: n.uid.clone(),
-                name: n.name.clone(),
-                kind: n.kind.to_owned(),
-                parallelism: n.parallelism,
-                records_in: self.shared.records_in[n.index].load(Ordering::Relaxed),
-                records_out: self.shared.records_out[n.index].load(Ordering::Relaxed),
+            .map(|n| {
+                let stage = self
+                    .graph
+                    .stages
+                    .iter()
+                    .position(|st| st.nodes.contains(&n.index));
+                let tasks = stage
+                    .and_then(|si| self.shared.tasks.get(si))
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
+                // The stage's input is its first operator's.
+                let heads_stage =
+                    stage.is_some_and(|si| self.graph.stages[si].nodes.first() == Some(&n.index));
+                let watermark = tasks
+                    .iter()
+                    .map(|t| t.watermark.load(Ordering::Relaxed))
+                    .min()
+                    .filter(|w| *w != i64::MIN);
+                VertexStats {
+                    uid: n.uid.clone(),
+                    name: n.name.clone(),
+                    kind: n.kind.to_owned(),
+                    parallelism: n.parallelism,
+                    records_in: self.shared.records_in[n.index].load(Ordering::Relaxed),
+                    records_out: self.shared.records_out[n.index].load(Ordering::Relaxed),
+                    watermark,
+                    late_records_dropped: self.shared.late_dropped[n.index].load(Ordering::Relaxed),
+                    input_usage: tasks
+                        .iter()
+                        .filter(|_| heads_stage)
+                        .map(|t| {
+                            t.input_usage
+                                .iter()
+                                .map(|u| f64::from(u.load(Ordering::Relaxed)) / 1000.0)
+                                .collect()
+                        })
+                        .collect(),
+                }
             })
             .collect()
     }
@@ -712,11 +812,17 @@ impl JobHandle {
         };
         // A subtask that has not carried out the newest command yet does not hold by it.
         let epoch = self.shared.source_epoch.load(Ordering::SeqCst);
-        for slot in &self.shared.sources {
+        for (subtask, slot) in self.shared.sources.iter().enumerate() {
             let r = match slot.lock() {
                 Ok(r) => r.clone(),
                 Err(p) => p.into_inner().clone(),
             };
+            view.subtasks.push(SourceSubtaskView {
+                subtask: subtask as u32,
+                watermark: r.watermark,
+                idle: r.idle,
+                paused_for_alignment: r.paused_for_alignment,
+            });
             view.holding &= r.holding && r.epoch == epoch;
             view.settled &= r.epoch == epoch;
             view.positions.extend(r.positions);

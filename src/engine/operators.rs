@@ -2,14 +2,13 @@
 //! windows and dedupe. Each runs inside a task's chain and sees whole batches.
 
 use super::expr::Expr;
-use super::graph::{Node, window_field};
-use super::spec::{self, NumType, OperatorSpec, WindowAggregate};
+use super::graph::Node;
+use super::spec::{NumType, OperatorSpec};
 use super::state::KeyedState;
 use crate::savepoint::keygroups::KeyGroupRange;
 use crate::savepoint::schema::FieldType;
 use crate::savepoint::statefile::{StateEntry, SubtaskSnapshot};
 use crate::savepoint::value::{Fields, Name, Record, Row, Value, intern};
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 /// One operator instance (one subtask) inside a task.
@@ -38,6 +37,10 @@ pub trait Operator: Send {
     /// The cut-over marker of a blue-green switch has arrived from every input: a sink in
     /// shadow mode starts writing.
     fn on_cut_over(&mut self) {}
+    /// Records dropped so far because they came after the watermark had passed their window.
+    fn late_records_dropped(&self) -> u64 {
+        0
+    }
     /// The keyed state to restore into, for keyed operators.
     fn keyed_state(&mut self) -> Option<&mut KeyedState> {
         None
@@ -59,7 +62,7 @@ fn keyed_snapshot(state: &KeyedState) -> SubtaskSnapshot {
 
 const NO_KEY: &str = "a record without a key reached a keyed operator";
 
-fn key_of(rec: &Record) -> Result<&Value, String> {
+pub(crate) fn key_of(rec: &Record) -> Result<&Value, String> {
     rec.key.as_ref().ok_or_else(|| NO_KEY.to_owned())
 }
 
@@ -128,29 +131,7 @@ pub fn build(
                 .collect::<Result<_, String>>()?,
             state: keyed(1),
         }),
-        OperatorSpec::Window(w) => {
-            let size = spec::parse_duration("size", &w.size)?.as_millis() as i64;
-            let slide = match &w.slide {
-                Some(s) => spec::parse_duration("slide", s)?.as_millis() as i64,
-                None => size,
-            };
-            if size <= 0 || slide <= 0 {
-                return Err("window size and slide must be at least 1ms".into());
-            }
-            let (out_field, _) = window_field(w.aggregate);
-            Box::new(WindowOp {
-                size,
-                slide,
-                time_field: intern(&w.time_field),
-                agg: w.aggregate,
-                field: w.field.as_deref().map(intern),
-                out_field: intern(out_field),
-                state: keyed(1),
-                timers: BTreeSet::new(),
-                watermark: i64::MIN,
-                late: 0,
-            })
-        }
+        OperatorSpec::Window(w) => Box::new(super::window::WindowOp::new(w, keyed(1))?),
         OperatorSpec::Dedupe(_) => Box::new(DedupeOp { state: keyed(1) }),
         other => return Err(format!("{other:?} is not a transform")),
     })
@@ -271,7 +252,7 @@ impl AggOp {
 }
 
 /// Adds two numbers: int + int stays int (float on overflow), anything with a float is float.
-fn add(a: &Value, b: &Value) -> Result<Value, String> {
+pub(crate) fn add(a: &Value, b: &Value) -> Result<Value, String> {
     Ok(match (a, b) {
         (Value::Int(x), Value::Int(y)) => match x.checked_add(*y) {
             Some(s) => Value::Int(s),
@@ -289,6 +270,16 @@ fn add(a: &Value, b: &Value) -> Result<Value, String> {
             }
         },
     })
+}
+
+/// The smaller of the two (a null current value is replaced).
+pub(crate) fn pick_min(current: &Value, v: &Value) -> Value {
+    pick(AggKind::Min, current, v)
+}
+
+/// The larger of the two (a null current value is replaced).
+pub(crate) fn pick_max(current: &Value, v: &Value) -> Value {
+    pick(AggKind::Max, current, v)
 }
 
 fn pick(kind: AggKind, current: &Value, v: &Value) -> Value {
@@ -424,134 +415,6 @@ impl Operator for ReduceOp {
     }
     fn keyed_state(&mut self) -> Option<&mut KeyedState> {
         Some(&mut self.state)
-    }
-}
-
-struct WindowOp {
-    size: i64,
-    slide: i64,
-    time_field: Name,
-    agg: WindowAggregate,
-    field: Option<Name>,
-    out_field: Name,
-    /// Map state: window start -> one-field row with the aggregate.
-    state: KeyedState,
-    /// (window end, key group, key, window start), rebuilt from state on restore.
-    timers: BTreeSet<(i64, u32, Value, i64)>,
-    watermark: i64,
-    late: u64,
-}
-
-impl WindowOp {
-    fn fire(&mut self, up_to: i64, out: &mut Vec<Record>) {
-        while let Some(first) = self.timers.first() {
-            if first.0 - 1 > up_to {
-                break;
-            }
-            let Some((end, kg, key, start)) = self.timers.pop_first() else {
-                break;
-            };
-            let table = self.state.table_mut(0, kg);
-            let mut value = None;
-            let mut now_empty = false;
-            if let Some(StateEntry::Map(windows)) = table.get_mut(&key) {
-                value = windows.remove(&Value::Int(start)).map(|row| row[0].clone());
-                now_empty = windows.is_empty();
-            }
-            if now_empty {
-                table.remove(&key);
-            }
-            if let Some(v) = value {
-                out.push(Record {
-                    fields: smallvec::smallvec![
-                        (*KEY, key),
-                        (intern("windowStart"), Value::Int(start)),
-                        (intern("windowEnd"), Value::Int(end)),
-                        (self.out_field, v),
-                    ],
-                    key: None,
-                });
-            }
-        }
-    }
-}
-
-impl Operator for WindowOp {
-    fn process(&mut self, input: Vec<Record>, _out: &mut Vec<Record>) -> Result<(), String> {
-        for rec in input {
-            let key = key_of(&rec)?.clone();
-            let kg = self.state.group_of(&key)?;
-            let ts = match rec.get(self.time_field) {
-                Some(Value::Int(t)) => *t,
-                Some(Value::Float(t)) => *t as i64,
-                other => {
-                    return Err(format!(
-                        "window: the time field '{}' is {}, not a number of milliseconds",
-                        self.time_field,
-                        other.map(Value::type_name).unwrap_or("missing")
-                    ));
-                }
-            };
-            let v = match self.field {
-                None => Value::Int(1),
-                Some(f) => rec.get(f).cloned().unwrap_or(Value::Null),
-            };
-            let last_start = ts - ts.rem_euclid(self.slide);
-            let mut start = last_start;
-            while start > ts - self.size {
-                let end = start + self.size;
-                if end - 1 <= self.watermark {
-                    self.late += 1;
-                } else {
-                    let table = self.state.table_mut(0, kg);
-                    let entry =
-                        table.get_or_insert_with(key.clone(), || StateEntry::Map(BTreeMap::new()));
-                    if let StateEntry::Map(windows) = entry {
-                        let slot = windows.entry(Value::Int(start)).or_insert_with(|| {
-                            Row::from([match self.agg {
-                                WindowAggregate::Count => Value::Int(0),
-                                _ => Value::Null,
-                            }])
-                        });
-                        Arc::make_mut(slot)[0] = match self.agg {
-                            WindowAggregate::Count => add(&slot[0], &Value::Int(1))?,
-                            WindowAggregate::Sum => add(&slot[0], &v)?,
-                            WindowAggregate::Min => pick(AggKind::Min, &slot[0], &v),
-                            WindowAggregate::Max => pick(AggKind::Max, &slot[0], &v),
-                        };
-                    }
-                    self.timers.insert((end, kg, key.clone(), start));
-                }
-                start -= self.slide;
-            }
-        }
-        Ok(())
-    }
-    fn on_watermark(&mut self, watermark: i64, out: &mut Vec<Record>) -> Result<(), String> {
-        if watermark > self.watermark {
-            self.watermark = watermark;
-            self.fire(watermark, out);
-        }
-        Ok(())
-    }
-    fn snapshot(&mut self, _id: u64) -> Result<SubtaskSnapshot, String> {
-        Ok(keyed_snapshot(&self.state))
-    }
-    fn keyed_state(&mut self) -> Option<&mut KeyedState> {
-        Some(&mut self.state)
-    }
-    fn restored(&mut self) {
-        let mut timers = BTreeSet::new();
-        for (kg, key, entry) in self.state.iter(0) {
-            if let StateEntry::Map(windows) = entry {
-                for start in windows.keys() {
-                    if let Value::Int(s) = start {
-                        timers.insert((s + self.size, kg, key.clone(), *s));
-                    }
-                }
-            }
-        }
-        self.timers = timers;
     }
 }
 

@@ -1,5 +1,12 @@
 //! Tasks: one thread per (stage, subtask) running a chain of operators, connected by bounded
-//! channels that carry batches, watermarks, barriers and end-of-input.
+//! channels that carry batches, watermarks, barriers and end-of-input: one channel per
+//! (upstream subtask, downstream subtask), so a downstream task reads its inputs fairly and a
+//! fast input fills only its own channel and is then held back (backpressure per input).
+//!
+//! Watermarks: a task's watermark is the smallest of its inputs' that are neither ended nor
+//! idle. A source subtask without records for `watermarks.idleTimeout` sends `Idle`, so it
+//! does not hold the others back; with `watermarks.maxDrift`, a source subtask whose watermark
+//! runs further than that ahead of the slowest one stops reading until it catches up.
 //!
 //! Barriers: sources inject them when the coordinator triggers a snapshot; a task with several
 //! inputs aligns them (elements from an input whose barrier has arrived are held back until
@@ -18,9 +25,8 @@ use crate::savepoint::paths;
 use crate::savepoint::statefile::{self, SubtaskSnapshot};
 use crate::savepoint::store::Store;
 use crate::savepoint::value::Record;
-use crossbeam_channel::{Receiver, Sender, select};
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use crossbeam_channel::{Receiver, Sender};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,6 +44,9 @@ pub(crate) struct Barrier {
 pub(crate) enum Element {
     Batch(Vec<Record>),
     Watermark(i64),
+    /// The sender has no records for now: its watermark holds nothing back until it sends a
+    /// record or a watermark again.
+    Idle,
     Barrier(Arc<Barrier>),
     /// The cut-over point of a blue-green switch: everything after it in every channel comes
     /// from input at or past the cut-over positions. Aligned like a barrier; no snapshot.
@@ -83,6 +92,29 @@ pub(crate) struct SourceReport {
     pub problem: Option<String>,
     /// Records skipped because they did not parse.
     pub skipped: u64,
+    /// The subtask's watermark (None before its first, i64::MAX once out of input).
+    pub watermark: Option<i64>,
+    /// No records for `watermarks.idleTimeout`.
+    pub idle: bool,
+    /// Not reading: its watermark is more than `watermarks.maxDrift` ahead of the slowest.
+    pub paused_for_alignment: bool,
+}
+
+/// What one task shows of itself while it runs.
+pub(crate) struct TaskGauges {
+    /// The smallest watermark of its inputs (a source task: the one it sends).
+    pub watermark: AtomicI64,
+    /// Per input (upstream subtask): how full its channel is, in thousandths.
+    pub input_usage: Vec<AtomicU32>,
+}
+
+impl TaskGauges {
+    pub fn new(inputs: usize) -> TaskGauges {
+        TaskGauges {
+            watermark: AtomicI64::new(i64::MIN),
+            input_usage: (0..inputs).map(|_| AtomicU32::new(0)).collect(),
+        }
+    }
 }
 
 /// Counters shared by every task of a job.
@@ -105,6 +137,12 @@ pub(crate) struct Shared {
     pub shadow: AtomicBool,
     /// The number of hold and release commands sent to the sources.
     pub source_epoch: AtomicU64,
+    /// Per source subtask: its watermark for alignment (i64::MAX while idle or out of input).
+    pub source_watermarks: Vec<AtomicI64>,
+    /// Per node: records dropped as late.
+    pub late_dropped: Vec<AtomicU64>,
+    /// Per stage, per subtask.
+    pub tasks: Vec<Vec<TaskGauges>>,
 }
 
 pub(crate) struct Output {
@@ -191,6 +229,8 @@ pub(crate) struct ChainOp {
     pub uid: String,
     pub stateful: bool,
     pub op: Box<dyn Operator>,
+    /// Late records already counted in `Shared::late_dropped`.
+    pub late_counted: u64,
 }
 
 /// A state file for the writer pool to write.
@@ -255,6 +295,10 @@ struct SourceFlow {
     at_bound: bool,
     /// Out of input.
     exhausted: bool,
+    /// No records for `watermarks.idleTimeout` (downstream was sent `Idle`).
+    idle_input: bool,
+    /// Not reading: too far ahead of the slowest source subtask (`watermarks.maxDrift`).
+    paused_for_alignment: bool,
 }
 
 impl SourceFlow {
@@ -265,10 +309,13 @@ impl SourceFlow {
 }
 
 pub(crate) struct Task {
+    pub stage: usize,
     pub subtask: u32,
+    pub watermarks: super::spec::WatermarkConfig,
     pub source: Option<(usize, String, Box<dyn Source>)>,
     pub chain: Vec<ChainOp>,
-    pub input: Option<(Receiver<Msg>, u32)>,
+    /// One channel per upstream subtask (none for a source task).
+    pub inputs: Vec<Receiver<Msg>>,
     pub output: Output,
     pub control: Receiver<Control>,
     pub coord: Sender<CoordMsg>,
@@ -295,10 +342,23 @@ impl Task {
             c.op.process(batch, &mut out)
                 .map_err(|e| format!("operator '{}': {e}", c.uid))?;
             self.shared.records_out[c.node].fetch_add(out.len() as u64, Ordering::Relaxed);
+            let late = c.op.late_records_dropped();
+            if late != c.late_counted {
+                self.shared.late_dropped[c.node]
+                    .fetch_add(late.saturating_sub(c.late_counted), Ordering::Relaxed);
+                c.late_counted = late;
+            }
             batch = out;
         }
         self.output.emit(batch);
         Ok(())
+    }
+
+    fn gauges(&self) -> Option<&TaskGauges> {
+        self.shared
+            .tasks
+            .get(self.stage)
+            .and_then(|t| t.get(self.subtask as usize))
     }
 
     fn watermark(&mut self, wm: i64) -> TaskResult {
@@ -317,6 +377,9 @@ impl Task {
             carry = out;
         }
         self.output.emit(carry);
+        if let Some(g) = self.gauges() {
+            g.watermark.store(wm, Ordering::Relaxed);
+        }
         self.output
             .broadcast(|| Element::Watermark(wm))
             .map_err(disconnected)
@@ -418,12 +481,13 @@ impl Task {
         let mut flow = SourceFlow::default();
         let mut last_wm = i64::MIN;
         let mut last_wm_sent = Instant::now();
+        let mut last_records = Instant::now();
         loop {
             if self.shared.cancel.load(Ordering::Relaxed) {
                 return Ok(());
             }
             // Control first: triggers must be answered promptly.
-            let wait = if flow.idle() {
+            let wait = if flow.idle() || flow.paused_for_alignment {
                 Duration::from_millis(5)
             } else {
                 Duration::ZERO
@@ -446,6 +510,21 @@ impl Task {
                 if self.shared.active_sources.load(Ordering::SeqCst) == 0 {
                     return self.end_of_input();
                 }
+                continue;
+            }
+            let Some((_, _, source)) = self.source.as_mut() else {
+                return Err("source task without a source".into());
+            };
+            let own_wm = source.watermark();
+            self.publish_watermark(&flow, own_wm);
+            let paused = self.too_far_ahead(own_wm);
+            if paused != flow.paused_for_alignment {
+                flow.paused_for_alignment = paused;
+                self.report(&flow, None);
+            }
+            if paused {
+                // Time spent paused does not count towards idleness.
+                last_records = Instant::now();
                 continue;
             }
             let Some((_, _, source)) = self.source.as_mut() else {
@@ -479,19 +558,78 @@ impl Task {
             if let Some((node, _, _)) = &self.source {
                 self.shared.records_out[*node].fetch_add(batch.len() as u64, Ordering::Relaxed);
             }
+            let had_records = !batch.is_empty();
+            let woke = had_records && flow.idle_input;
+            if had_records {
+                last_records = Instant::now();
+                flow.idle_input = false;
+            }
             self.run_chain(0, batch)?;
             self.output.flush().map_err(disconnected)?;
             if wm > last_wm
                 && (flow.exhausted
                     || exact_watermark
-                    || last_wm_sent.elapsed() >= Duration::from_millis(20))
+                    || woke
+                    || last_wm_sent.elapsed() >= self.watermarks.interval)
             {
                 last_wm = wm;
                 last_wm_sent = Instant::now();
                 self.watermark(wm)?;
+            } else if woke {
+                // Downstream counts this input again from its last watermark.
+                self.output
+                    .broadcast(|| Element::Watermark(last_wm))
+                    .map_err(disconnected)?;
             }
+            if !had_records
+                && !flow.idle_input
+                && !flow.exhausted
+                && !flow.at_bound
+                && self
+                    .watermarks
+                    .idle_timeout
+                    .is_some_and(|t| last_records.elapsed() >= t)
+            {
+                flow.idle_input = true;
+                self.output
+                    .broadcast(|| Element::Idle)
+                    .map_err(disconnected)?;
+            }
+            self.publish_watermark(&flow, wm);
             self.report(&flow, None);
         }
+    }
+
+    /// This source subtask's watermark as the others align to it: none while idle or out of
+    /// input.
+    fn publish_watermark(&self, flow: &SourceFlow, wm: i64) {
+        // A subtask held at a bound waits for the others to reach theirs: it holds none back.
+        let aligned = if flow.exhausted || flow.idle_input || flow.at_bound {
+            i64::MAX
+        } else {
+            wm
+        };
+        if let Some(slot) = self.shared.source_watermarks.get(self.subtask as usize) {
+            slot.store(aligned, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `own` runs more than `watermarks.maxDrift` ahead of the slowest source subtask.
+    fn too_far_ahead(&self, own: i64) -> bool {
+        let Some(drift) = self.watermarks.max_drift else {
+            return false;
+        };
+        if own == i64::MIN || own == i64::MAX {
+            return false;
+        }
+        let slowest = self
+            .shared
+            .source_watermarks
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(i64::MAX);
+        slowest != i64::MAX && own > slowest.saturating_add(drift)
     }
 
     /// Publishes this source subtask's positions and whether it holds.
@@ -510,6 +648,13 @@ impl Task {
         r.holding = flow.at_bound || flow.exhausted;
         r.problem = source.problem();
         r.skipped = source.skipped();
+        r.watermark = if flow.exhausted {
+            Some(i64::MAX)
+        } else {
+            Some(source.watermark()).filter(|w| *w != i64::MIN)
+        };
+        r.idle = flow.idle_input;
+        r.paused_for_alignment = flow.paused_for_alignment;
         if let Some((epoch, overrun)) = command {
             r.epoch = epoch;
             r.overrun = overrun;
@@ -613,50 +758,49 @@ impl Task {
     }
 
     fn run_downstream(&mut self) -> TaskResult {
-        let Some((input, n)) = self.input.take() else {
+        let channels = std::mem::take(&mut self.inputs);
+        if channels.is_empty() {
             return Err("task without input".into());
-        };
-        let n = n as usize;
-        let mut blocked = vec![false; n];
-        let mut ended = vec![false; n];
-        let mut watermarks = vec![i64::MIN; n];
-        let mut current_wm = i64::MIN;
+        }
+        let control = self.control.clone();
+        let mut inputs = Inputs::new(channels.len());
         let mut aligning: Option<Aligning> = None;
-        let mut held: VecDeque<Msg> = VecDeque::new();
-        let mut replay: VecDeque<Msg> = VecDeque::new();
+        let mut since_usage = 0u32;
         loop {
             if self.shared.cancel.load(Ordering::Relaxed) {
                 return Ok(());
             }
-            let (from, element) = match replay.pop_front() {
-                Some(m) => m,
-                None => {
-                    select! {
-                        recv(input) -> m => match m {
-                            Ok(m) => m,
-                            Err(_) => return Ok(()),
-                        },
-                        recv(self.control) -> c => {
-                            match c {
-                                Ok(Control::Complete(id)) => self.complete(id)?,
-                                Ok(_) => {}
-                                Err(_) => return Ok(()),
-                            }
-                            continue;
-                        }
-                    }
-                }
-            };
-            let from_i = from as usize;
-            if from_i >= n {
-                return Err(format!("message from unknown input {from}"));
+            since_usage += 1;
+            if since_usage >= 64 {
+                since_usage = 0;
+                self.publish_usage(&usage(&channels));
             }
-            if blocked[from_i] {
-                held.push_back((from, element));
+            // Inputs whose barrier (or cut-over marker) has come are not read until the
+            // others' has: what they send meanwhile waits in their channels.
+            let mut select = crossbeam_channel::Select::new();
+            let readable: Vec<usize> = inputs.readable().collect();
+            for &i in &readable {
+                select.recv(&channels[i]);
+            }
+            let control_op = select.recv(&control);
+            let op = select.select();
+            if op.index() == control_op {
+                match op.recv(&control) {
+                    Ok(Control::Complete(id)) => self.complete(id)?,
+                    Ok(_) => {}
+                    Err(_) => return Ok(()),
+                }
                 continue;
             }
+            let from = readable[op.index()];
+            let element = match op.recv(&channels[from]) {
+                Ok((_, element)) => element,
+                // The upstream task is gone without ending its stream: the job is ending.
+                Err(_) => return Ok(()),
+            };
             match element {
                 Element::Batch(batch) => {
+                    inputs.idle[from] = false;
                     let started = Instant::now();
                     self.run_chain(0, batch)?;
                     // Processing time only: waiting on a full downstream channel is backpressure.
@@ -664,32 +808,31 @@ impl Task {
                     self.output.flush().map_err(disconnected)?;
                 }
                 Element::Watermark(w) => {
-                    watermarks[from_i] = watermarks[from_i].max(w);
-                    let min = (0..n)
-                        .map(|i| if ended[i] { i64::MAX } else { watermarks[i] })
-                        .min()
-                        .unwrap_or(i64::MAX);
-                    if min > current_wm {
-                        current_wm = min;
-                        self.watermark(min)?;
-                    }
+                    inputs.idle[from] = false;
+                    inputs.watermarks[from] = inputs.watermarks[from].max(w);
+                    self.combine_watermarks(&mut inputs)?;
+                }
+                Element::Idle => {
+                    inputs.idle[from] = true;
+                    self.combine_watermarks(&mut inputs)?;
                 }
                 Element::Barrier(b) => {
-                    blocked[from_i] = true;
+                    inputs.blocked[from] = true;
                     aligning = Some(Aligning::Barrier(b));
                 }
                 Element::CutOver => {
-                    blocked[from_i] = true;
+                    inputs.blocked[from] = true;
                     aligning = Some(Aligning::CutOver);
                 }
                 Element::End => {
-                    ended[from_i] = true;
-                    if ended.iter().all(|e| *e) {
+                    inputs.ended[from] = true;
+                    if inputs.ended.iter().all(|e| *e) {
                         return self.end_stream(false);
                     }
+                    self.combine_watermarks(&mut inputs)?;
                 }
             }
-            if aligning.is_some() && (0..n).all(|i| blocked[i] || ended[i]) {
+            if aligning.is_some() && inputs.all_blocked_or_ended() {
                 match aligning.take() {
                     Some(Aligning::Barrier(b)) => {
                         self.snapshot(&b)?;
@@ -705,9 +848,96 @@ impl Task {
                     }
                     None => {}
                 }
-                blocked.iter_mut().for_each(|x| *x = false);
-                replay.extend(held.drain(..));
+                inputs.blocked.iter_mut().for_each(|x| *x = false);
             }
         }
     }
+
+    /// Sends the smallest watermark of the inputs that are neither ended nor idle when it has
+    /// advanced, or `Idle` when every input left is idle.
+    fn combine_watermarks(&mut self, inputs: &mut Inputs) -> TaskResult {
+        match inputs.combined() {
+            Combined::Watermark(min) if min > inputs.current => {
+                inputs.current = min;
+                inputs.idle_sent = false;
+                self.watermark(min)
+            }
+            Combined::Watermark(_) => Ok(()),
+            Combined::Idle if !inputs.idle_sent => {
+                inputs.idle_sent = true;
+                self.output
+                    .broadcast(|| Element::Idle)
+                    .map_err(disconnected)
+            }
+            Combined::Idle => Ok(()),
+        }
+    }
+
+    /// How full each input channel is, for /metrics.
+    fn publish_usage(&self, usage: &[(usize, usize)]) {
+        if let Some(g) = self.gauges() {
+            for (slot, (len, cap)) in g.input_usage.iter().zip(usage) {
+                let permille = (*len * 1000).checked_div(*cap).unwrap_or(0);
+                slot.store(permille as u32, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// What a downstream task knows of each of its inputs.
+struct Inputs {
+    blocked: Vec<bool>,
+    ended: Vec<bool>,
+    idle: Vec<bool>,
+    watermarks: Vec<i64>,
+    /// The watermark sent downstream.
+    current: i64,
+    /// `Idle` was sent downstream and nothing since.
+    idle_sent: bool,
+}
+
+enum Combined {
+    Watermark(i64),
+    Idle,
+}
+
+impl Inputs {
+    fn new(n: usize) -> Inputs {
+        Inputs {
+            blocked: vec![false; n],
+            ended: vec![false; n],
+            idle: vec![false; n],
+            watermarks: vec![i64::MIN; n],
+            current: i64::MIN,
+            idle_sent: false,
+        }
+    }
+
+    fn readable(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.blocked.len()).filter(|&i| !self.blocked[i] && !self.ended[i])
+    }
+
+    fn all_blocked_or_ended(&self) -> bool {
+        (0..self.blocked.len()).all(|i| self.blocked[i] || self.ended[i])
+    }
+
+    fn combined(&self) -> Combined {
+        let live: Vec<usize> = (0..self.ended.len()).filter(|&i| !self.ended[i]).collect();
+        if live.is_empty() {
+            return Combined::Watermark(i64::MAX);
+        }
+        live.iter()
+            .filter(|&&i| !self.idle[i])
+            .map(|&i| self.watermarks[i])
+            .min()
+            .map_or(Combined::Idle, Combined::Watermark)
+    }
+}
+
+/// (queued, capacity) of each input channel.
+fn usage(channels: &[Receiver<Msg>]) -> Vec<(usize, usize)> {
+    channels
+        .iter()
+        .map(|c| (c.len(), c.capacity().unwrap_or(0)))
+        .collect()
 }

@@ -39,6 +39,9 @@ pub trait Source: Send {
     fn set_bound(&mut self, bound: Option<&Bound>) -> Vec<String>;
     /// Reading starts again after a pause (rate limits start afresh rather than catch up).
     fn on_resume(&mut self) {}
+    /// Splits without records for this long do not hold the subtask's watermark back (for
+    /// sources whose splits advance independently, such as Kafka partitions).
+    fn set_idle_timeout(&mut self, _timeout: Duration) {}
     /// Snapshot `id`, which included this source's positions, is complete.
     fn notify_complete(&mut self, _id: u64) {}
     /// Why the source cannot read now (e.g. its brokers are unreachable), while it retries.

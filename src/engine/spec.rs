@@ -18,6 +18,10 @@ pub struct JobSpec {
     /// Periodic checkpoints, for crash recovery.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoints: Option<CheckpointSpec>,
+    /// How sources make watermarks: how often, when an input counts as idle, and how far
+    /// one source subtask may run ahead of the slowest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watermarks: Option<WatermarkSpec>,
     /// The pipeline: a source first, a sink last.
     pub operators: Vec<OperatorSpec>,
 }
@@ -40,6 +44,75 @@ pub struct CheckpointSpec {
 
 fn three() -> u32 {
     3
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WatermarkSpec {
+    /// How often a source subtask sends its watermark downstream, e.g. `200ms` (default
+    /// `20ms`). Sources also send one at once when they reach a hold's bound or the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// A source subtask, or a Kafka partition, that has had no records for this long is idle:
+    /// it does not hold the watermark back until it has records again. None: never idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+    /// Watermark alignment: a source subtask whose watermark is more than this ahead of the
+    /// slowest (non-idle) source subtask's stops reading until that one catches up, so window
+    /// state cannot grow without limit when inputs run at different speeds. None: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_drift: Option<String>,
+}
+
+/// The watermark settings of a job, parsed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WatermarkConfig {
+    pub interval: Duration,
+    pub idle_timeout: Option<Duration>,
+    /// In milliseconds of event time.
+    pub max_drift: Option<i64>,
+}
+
+impl Default for WatermarkConfig {
+    fn default() -> Self {
+        WatermarkConfig {
+            interval: Duration::from_millis(20),
+            idle_timeout: None,
+            max_drift: None,
+        }
+    }
+}
+
+impl WatermarkSpec {
+    /// The settings, or every problem with them (one per field).
+    pub fn parse(&self) -> Result<WatermarkConfig, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut field = |name: &str, text: &Option<String>| match text {
+            None => None,
+            Some(t) => match parse_duration(name, t) {
+                Ok(d) if d.is_zero() => {
+                    problems.push(format!("{name}: must be more than zero"));
+                    None
+                }
+                Ok(d) => Some(d),
+                Err(e) => {
+                    problems.push(e);
+                    None
+                }
+            },
+        };
+        let interval = field("watermarks.interval", &self.interval);
+        let idle_timeout = field("watermarks.idleTimeout", &self.idle_timeout);
+        let max_drift = field("watermarks.maxDrift", &self.max_drift);
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(WatermarkConfig {
+            interval: interval.unwrap_or(WatermarkConfig::default().interval),
+            idle_timeout,
+            max_drift: max_drift.map(|d| d.as_millis().min(i64::MAX as u128) as i64),
+        })
+    }
 }
 
 /// Parses a duration such as `500ms`, `10s`, `5m`.
@@ -270,22 +343,39 @@ operator_specs! {
         /// The accumulator's fields (its state schema), each updated by a CEL expression.
         fields: Vec<ReduceField>,
     }
-    /// Event-time tumbling (or, with `slide`, sliding) windows per key over `timeField`;
-    /// emits `{key, windowStart, windowEnd, <aggregate>}` when the watermark passes the end.
+    /// Event-time windows per key over `timeField`: tumbling (`size`), sliding (`size` and
+    /// `slide`) or session windows (`gap`). Emits `{key, windowStart, windowEnd, …aggregates}`
+    /// when the watermark reaches the window's end - 1.
     Window(WindowSpec, "window") {
-        /// Window length, e.g. `1s`, `5m`.
-        size: String,
+        /// Window length, e.g. `1s`, `5m` (tumbling and sliding windows).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        size: Option<String>,
         /// Slide of sliding windows; tumbling windows when absent.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         slide: Option<String>,
+        /// Session windows: a key's session closes after this long without its records.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gap: Option<String>,
         /// The record field with the event time, in milliseconds.
         #[serde(default = "default_time_field")]
         time_field: String,
-        /// What each window computes.
-        aggregate: WindowAggregate,
-        /// The field aggregated (not used by `count`).
+        /// One aggregate, emitted under its own name (`count`, `sum`, `min`, `max`, `avg`);
+        /// or use `aggregates`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        aggregate: Option<WindowAggregate>,
+        /// The field `aggregate` reads (not used by `count`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         field: Option<String>,
+        /// Several aggregates, each emitted (and kept in state) under its name.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        aggregates: Vec<NamedAggregate>,
+        /// How long after a window fired a late record still updates it (firing it again).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        allowed_lateness: Option<String>,
+        /// Records later than the allowed lateness: `drop` them (counted), or `emit` them
+        /// downstream as they are with `late: true`.
+        #[serde(default, skip_serializing_if = "LateRecords::is_drop")]
+        late_records: LateRecords,
     }
     /// Emits the first record of each key and drops the rest.
     Dedupe(DedupeSpec, "dedupe") {}
@@ -466,6 +556,37 @@ pub enum WindowAggregate {
     Sum,
     Min,
     Max,
+    /// The mean of the field's numbers (null values left out), as a float.
+    Avg,
+}
+
+/// One of a window's aggregates.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NamedAggregate {
+    /// The output field, and its name in the window state.
+    pub name: String,
+    pub aggregate: WindowAggregate,
+    /// The field aggregated (not used by `count`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// What a window does with records later than its allowed lateness.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum LateRecords {
+    #[default]
+    Drop,
+    Emit,
+}
+
+impl LateRecords {
+    fn is_drop(&self) -> bool {
+        *self == LateRecords::Drop
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]

@@ -206,13 +206,58 @@ impl KafkaBroker {
 
     /// Produces `(key, value)` records (partitioned by key), and waits until all are written.
     pub fn produce(&self, topic: &str, records: &[(String, String)]) -> Result<(), String> {
+        self.produce_to(topic, None, records)
+    }
+
+    /// Produces `(key, value)` records to `partition` (by key when None), and waits until all
+    /// are written.
+    pub fn produce_to(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        records: &[(String, String)],
+    ) -> Result<(), String> {
+        let timed: Vec<(&str, &str, Option<i64>)> = records
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str(), None))
+            .collect();
+        self.send(topic, partition, &timed)
+    }
+
+    /// Produces `(key, value, timestamp ms)` records to `partition`, and waits until all are
+    /// written.
+    pub fn produce_at(
+        &self,
+        topic: &str,
+        partition: i32,
+        records: &[(String, String, i64)],
+    ) -> Result<(), String> {
+        let timed: Vec<(&str, &str, Option<i64>)> = records
+            .iter()
+            .map(|(k, v, t)| (k.as_str(), v.as_str(), Some(*t)))
+            .collect();
+        self.send(topic, Some(partition), &timed)
+    }
+
+    fn send(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        records: &[(&str, &str, Option<i64>)],
+    ) -> Result<(), String> {
         let p: BaseProducer = self
             .client()
             .set("linger.ms", "5")
             .create()
             .map_err(|e| e.to_string())?;
-        for (k, v) in records {
-            let mut rec = BaseRecord::to(topic).key(k).payload(v);
+        for (k, v, ts) in records {
+            let mut rec = BaseRecord::to(topic).key(*k).payload(*v);
+            if let Some(part) = partition {
+                rec = rec.partition(part);
+            }
+            if let Some(ts) = ts {
+                rec = rec.timestamp(*ts);
+            }
             loop {
                 match p.send(rec) {
                     Ok(()) => break,

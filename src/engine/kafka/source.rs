@@ -29,6 +29,8 @@ struct Owned {
     /// A record fetched at or past the bound, held back until the bound is lifted.
     held: Option<(i64, Record, i64)>,
     paused: bool,
+    /// When the partition last had a record (or was assigned), for idleness.
+    last_record: Instant,
 }
 
 pub struct KafkaSource {
@@ -49,6 +51,8 @@ pub struct KafkaSource {
     discovered_once: bool,
     next_discovery: Instant,
     discovery_backoff: Duration,
+    /// Partitions without records for this long do not hold the watermark back.
+    idle_timeout: Option<Duration>,
     bound: Option<Bound>,
     problem: Option<String>,
     skipped: u64,
@@ -100,6 +104,7 @@ impl KafkaSource {
             discovered_once: false,
             next_discovery: Instant::now(),
             discovery_backoff: Duration::from_millis(250),
+            idle_timeout: None,
             bound: None,
             problem: None,
             skipped: 0,
@@ -239,6 +244,7 @@ impl KafkaSource {
                     max_ts: None,
                     held: None,
                     paused: false,
+                    last_record: Instant::now(),
                 },
             );
             added = true;
@@ -348,6 +354,7 @@ impl KafkaSource {
         if let Some(o) = self.owned.get_mut(part) {
             o.next = offset + 1;
             o.max_ts = Some(o.max_ts.map_or(ts, |m| m.max(ts)));
+            o.last_record = Instant::now();
         }
         out.push(rec);
     }
@@ -493,14 +500,26 @@ impl Source for KafkaSource {
                 i64::MIN
             };
         }
-        self.owned
-            .values()
-            .map(|o| match o.max_ts {
-                Some(t) => t.saturating_sub(self.out_of_orderness).saturating_sub(1),
-                None => i64::MIN,
-            })
-            .min()
-            .unwrap_or(i64::MIN)
+        // Per partition, the newest timestamp less the allowed out-of-orderness; the
+        // subtask's watermark is the smallest of the partitions that are not idle.
+        let idle = |o: &Owned| {
+            self.idle_timeout
+                .is_some_and(|t| o.held.is_none() && o.last_record.elapsed() >= t)
+        };
+        let of = |o: &Owned| match o.max_ts {
+            Some(t) => t.saturating_sub(self.out_of_orderness).saturating_sub(1),
+            None => i64::MIN,
+        };
+        match self.owned.values().filter(|o| !idle(o)).map(of).min() {
+            Some(wm) => wm,
+            // Every partition idle: the subtask has had no records either and goes idle
+            // itself; until then it stays where its partitions got to.
+            None => self.owned.values().map(of).max().unwrap_or(i64::MIN),
+        }
+    }
+
+    fn set_idle_timeout(&mut self, timeout: Duration) {
+        self.idle_timeout = Some(timeout);
     }
 
     fn snapshot_lists(&mut self, id: u64) -> Vec<Vec<Row>> {

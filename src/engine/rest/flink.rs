@@ -179,6 +179,8 @@ pub fn job_details(job: &JobHandle) -> Value {
                 "end-time": end,
                 "duration": duration,
                 "tasks": task_counts(tasks, v.parallelism, true),
+                "watermark": v.watermark,
+                "late-records-dropped": v.late_records_dropped,
                 "metrics": {
                     "read-bytes": 0,
                     "read-bytes-complete": false,

@@ -376,6 +376,12 @@ async fn sources(State(s): Shared, Path(id): Path<String>) -> Response {
         "overrun": v.overrun,
         "problems": v.problems,
         "skipped": v.skipped,
+        "subtasks": v.subtasks.iter().map(|s| json!({
+            "subtask": s.subtask,
+            "watermark": s.watermark,
+            "idle": s.idle,
+            "paused-for-alignment": s.paused_for_alignment,
+        })).collect::<Vec<_>>(),
     }))
     .into_response()
 }

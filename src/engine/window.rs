@@ -1,0 +1,656 @@
+//! Event-time windows per key: tumbling, sliding and session windows, several aggregates per
+//! window, and allowed lateness.
+//!
+//! State: one map per key, window start -> row. The row holds each aggregate's accumulator
+//! (an average keeps a sum and a count), then for session windows the session's end, then
+//! with allowed lateness whether the window has fired. The row's layout is the declared state
+//! schema (`graph::window_schema`), so adding an aggregate is a schema change the restore
+//! rules decide on like any other.
+//!
+//! Firing: a window `[start, end)` fires when the watermark reaches `end - 1`. Without allowed
+//! lateness its state goes then; with it, the state stays until the watermark reaches
+//! `end - 1 + lateness`, and each record arriving in between updates the window and fires it
+//! again. Later records are dropped (counted), or emitted marked `late: true` with
+//! `lateRecords: emit`.
+
+use super::operators::{Operator, add, key_of, pick_max, pick_min};
+use super::spec::{LateRecords, WindowAggregate, WindowSpec};
+use super::state::KeyedState;
+use crate::savepoint::schema::{FieldSchema, FieldType, StateSchema};
+use crate::savepoint::statefile::{StateEntry, SubtaskSnapshot};
+use crate::savepoint::value::{Name, Record, Row, Value, intern};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// One aggregate as a window computes it.
+#[derive(Clone, Debug)]
+struct Agg {
+    out: Name,
+    function: WindowAggregate,
+    field: Option<Name>,
+    /// Its first column in the row (an average has two: sum, count).
+    column: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Assigner {
+    /// Tumbling when `slide == size`.
+    Fixed {
+        size: i64,
+        slide: i64,
+    },
+    Session {
+        gap: i64,
+    },
+}
+
+/// A window's aggregates as declared: (output name, function, field).
+pub fn aggregates_of(w: &WindowSpec) -> Vec<(String, WindowAggregate, Option<String>)> {
+    match w.aggregate {
+        Some(a) => vec![(default_name(a).to_owned(), a, w.field.clone())],
+        None => w
+            .aggregates
+            .iter()
+            .map(|a| (a.name.clone(), a.aggregate, a.field.clone()))
+            .collect(),
+    }
+}
+
+/// The output name of the single `aggregate` form.
+pub fn default_name(a: WindowAggregate) -> &'static str {
+    match a {
+        WindowAggregate::Count => "count",
+        WindowAggregate::Sum => "sum",
+        WindowAggregate::Min => "min",
+        WindowAggregate::Max => "max",
+        WindowAggregate::Avg => "avg",
+    }
+}
+
+/// The schema of the `windows` map state.
+pub fn window_schema(w: &WindowSpec) -> StateSchema {
+    let field = |name: String, ty: FieldType, default: serde_json::Value| FieldSchema {
+        name,
+        ty,
+        default: Some(default),
+    };
+    let mut fields = Vec::new();
+    for (name, a, _) in aggregates_of(w) {
+        match a {
+            WindowAggregate::Count => fields.push(field(name, FieldType::Int, 0.into())),
+            WindowAggregate::Avg => {
+                fields.push(field(
+                    format!("{name}.sum"),
+                    FieldType::Any,
+                    serde_json::Value::Null,
+                ));
+                fields.push(field(format!("{name}.count"), FieldType::Int, 0.into()));
+            }
+            _ => fields.push(field(name, FieldType::Any, serde_json::Value::Null)),
+        }
+    }
+    if w.gap.is_some() {
+        // No default: a window without an end cannot become a session.
+        fields.push(FieldSchema {
+            name: "sessionEnd".into(),
+            ty: FieldType::Int,
+            default: None,
+        });
+    }
+    if w.allowed_lateness.is_some() {
+        fields.push(field("fired".into(), FieldType::Bool, false.into()));
+    }
+    StateSchema { fields }
+}
+
+pub(crate) struct WindowOp {
+    assigner: Assigner,
+    time_field: Name,
+    aggs: Vec<Agg>,
+    /// The row of a new window.
+    empty: Row,
+    end_column: Option<usize>,
+    fired_column: Option<usize>,
+    lateness: i64,
+    emit_late: bool,
+    state: KeyedState,
+    /// (due, key group, key, window start): the window fires, or with allowed lateness once
+    /// fired, goes, when the watermark reaches `due`. Rebuilt from state on restore.
+    timers: BTreeSet<(i64, u32, Value, i64)>,
+    watermark: i64,
+    late: u64,
+    names: OutNames,
+}
+
+struct OutNames {
+    key: Name,
+    start: Name,
+    end: Name,
+    late: Name,
+}
+
+fn millis(field: &str, text: &str) -> Result<i64, String> {
+    let d = super::spec::parse_duration(field, text)?;
+    let ms = d.as_millis().min(i64::MAX as u128) as i64;
+    if ms <= 0 {
+        return Err(format!("{field}: must be at least 1ms"));
+    }
+    Ok(ms)
+}
+
+impl WindowOp {
+    pub fn new(w: &WindowSpec, state: KeyedState) -> Result<WindowOp, String> {
+        let assigner = match (&w.size, &w.gap) {
+            (Some(size), None) => {
+                let size = millis("size", size)?;
+                let slide = match &w.slide {
+                    Some(s) => millis("slide", s)?,
+                    None => size,
+                };
+                Assigner::Fixed { size, slide }
+            }
+            (None, Some(gap)) => Assigner::Session {
+                gap: millis("gap", gap)?,
+            },
+            _ => return Err("a window has either size (and slide) or gap".into()),
+        };
+        let mut aggs = Vec::new();
+        let mut column = 0;
+        for (name, function, field) in aggregates_of(w) {
+            aggs.push(Agg {
+                out: intern(&name),
+                function,
+                field: field.as_deref().map(intern),
+                column,
+            });
+            column += if function == WindowAggregate::Avg {
+                2
+            } else {
+                1
+            };
+        }
+        let schema = window_schema(w);
+        let empty: Row = schema
+            .fields
+            .iter()
+            .map(|f| match f.ty {
+                FieldType::Int if f.name != "sessionEnd" => Value::Int(0),
+                FieldType::Bool => Value::Bool(false),
+                _ => Value::Null,
+            })
+            .collect();
+        let end_column = w.gap.as_ref().map(|_| column);
+        let fired_column = w
+            .allowed_lateness
+            .as_ref()
+            .map(|_| column + usize::from(end_column.is_some()));
+        Ok(WindowOp {
+            assigner,
+            time_field: intern(&w.time_field),
+            aggs,
+            empty,
+            end_column,
+            fired_column,
+            lateness: match &w.allowed_lateness {
+                Some(l) => millis("allowedLateness", l)?,
+                None => 0,
+            },
+            emit_late: w.late_records == LateRecords::Emit,
+            state,
+            timers: BTreeSet::new(),
+            watermark: i64::MIN,
+            late: 0,
+            names: OutNames {
+                key: intern("key"),
+                start: intern("windowStart"),
+                end: intern("windowEnd"),
+                late: intern("late"),
+            },
+        })
+    }
+
+    fn timestamp(&self, rec: &Record) -> Result<i64, String> {
+        match rec.get(self.time_field) {
+            Some(Value::Int(t)) => Ok(*t),
+            Some(Value::Float(t)) => Ok(*t as i64),
+            other => Err(format!(
+                "window: the time field '{}' is {}, not a number of milliseconds",
+                self.time_field,
+                other.map(Value::type_name).unwrap_or("missing")
+            )),
+        }
+    }
+
+    /// Folds `rec` into `row`'s accumulators.
+    fn accumulate(aggs: &[Agg], row: &mut [Value], rec: &Record) -> Result<(), String> {
+        for a in aggs {
+            let v = a.field.and_then(|f| rec.get(f)).unwrap_or(&Value::Null);
+            let c = a.column;
+            match a.function {
+                WindowAggregate::Count => row[c] = add(&row[c], &Value::Int(1))?,
+                WindowAggregate::Sum => row[c] = add(&row[c], v)?,
+                WindowAggregate::Min => row[c] = pick_min(&row[c], v),
+                WindowAggregate::Max => row[c] = pick_max(&row[c], v),
+                WindowAggregate::Avg => {
+                    if !matches!(v, Value::Null) {
+                        row[c] = add(&row[c], v)?;
+                        row[c + 1] = add(&row[c + 1], &Value::Int(1))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Folds the accumulators of `from` into `into` (merging sessions).
+    fn merge(aggs: &[Agg], into: &mut [Value], from: &[Value]) -> Result<(), String> {
+        for a in aggs {
+            let c = a.column;
+            match a.function {
+                WindowAggregate::Count | WindowAggregate::Sum => into[c] = add(&into[c], &from[c])?,
+                WindowAggregate::Min => into[c] = pick_min(&into[c], &from[c]),
+                WindowAggregate::Max => into[c] = pick_max(&into[c], &from[c]),
+                WindowAggregate::Avg => {
+                    into[c] = add(&into[c], &from[c])?;
+                    into[c + 1] = add(&into[c + 1], &from[c + 1])?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn result(&self, key: &Value, start: i64, end: i64, row: &[Value]) -> Record {
+        let mut rec = Record::default();
+        rec.set(self.names.key, key.clone());
+        rec.set(self.names.start, Value::Int(start));
+        rec.set(self.names.end, Value::Int(end));
+        for a in &self.aggs {
+            let v = match a.function {
+                WindowAggregate::Avg => match (row[a.column].as_f64(), &row[a.column + 1]) {
+                    (Some(sum), Value::Int(n)) if *n > 0 => Value::Float(sum / *n as f64),
+                    _ => Value::Null,
+                },
+                _ => row[a.column].clone(),
+            };
+            rec.set(a.out, v);
+        }
+        rec
+    }
+
+    fn end_of(&self, start: i64, row: &[Value]) -> i64 {
+        match (self.assigner, self.end_column) {
+            (Assigner::Session { .. }, Some(c)) => match row.get(c) {
+                Some(Value::Int(e)) => *e,
+                _ => start,
+            },
+            (Assigner::Fixed { size, .. }, _) | (Assigner::Session { gap: size }, None) => {
+                start + size
+            }
+        }
+    }
+
+    fn fired(&self, row: &[Value]) -> bool {
+        self.fired_column
+            .is_some_and(|c| matches!(row.get(c), Some(Value::Bool(true))))
+    }
+
+    /// When the window's timer is due: at its end, or once fired at the end of its lateness.
+    fn due(&self, end: i64, fired: bool) -> i64 {
+        if fired {
+            (end - 1).saturating_add(self.lateness)
+        } else {
+            end - 1
+        }
+    }
+
+    fn is_late(&self, end: i64) -> bool {
+        (end - 1).saturating_add(self.lateness) <= self.watermark
+    }
+
+    /// Adds `rec` to the fixed window `[start, end)`; false when that window is past its
+    /// lateness.
+    fn add_fixed(
+        &mut self,
+        kg: u32,
+        key: &Value,
+        start: i64,
+        end: i64,
+        rec: &Record,
+        out: &mut Vec<Record>,
+    ) -> Result<bool, String> {
+        if self.is_late(end) {
+            return Ok(false);
+        }
+        let table = self.state.table_mut(0, kg);
+        if table.get(key).is_none() {
+            table.insert(key.clone(), StateEntry::Map(BTreeMap::new()));
+        }
+        let Some(StateEntry::Map(windows)) = table.get_mut(key) else {
+            return Err("window: state of another kind under this key".into());
+        };
+        let mut created = false;
+        let row = windows.entry(Value::Int(start)).or_insert_with(|| {
+            created = true;
+            self.empty.clone()
+        });
+        let row = Arc::make_mut(row);
+        Self::accumulate(&self.aggs, row, rec)?;
+        let refire = end - 1 <= self.watermark;
+        let result = refire.then(|| row.to_vec());
+        if created {
+            self.timers.insert((end - 1, kg, key.clone(), start));
+        }
+        if let Some(row) = result {
+            // A late record within the allowed lateness: the window fires again, updated.
+            out.push(self.result(key, start, end, &row));
+        }
+        Ok(true)
+    }
+
+    /// Adds `rec` at `ts` to its key's sessions, merging those it bridges; false when the
+    /// merged session is past its lateness.
+    fn add_session(
+        &mut self,
+        kg: u32,
+        key: &Value,
+        ts: i64,
+        gap: i64,
+        rec: &Record,
+        out: &mut Vec<Record>,
+    ) -> Result<bool, String> {
+        let end_column = self
+            .end_column
+            .ok_or("window: session without an end column")?;
+        let mut start = ts;
+        let mut end = ts.saturating_add(gap);
+        // The sessions this record's [ts, ts + gap) touches: sessions do not overlap, so
+        // walking back from the last one starting by `end` finds them all.
+        let mut merged: Vec<(i64, Row)> = Vec::new();
+        if let Some(StateEntry::Map(windows)) = self.state.table(0, kg).get(key) {
+            for (s, row) in windows.range(..=Value::Int(end)).rev() {
+                let Value::Int(s) = s else { continue };
+                let e = self.end_of(*s, row);
+                if e < start {
+                    break;
+                }
+                merged.push((*s, row.clone()));
+                start = start.min(*s);
+                end = end.max(e);
+            }
+        }
+        if self.is_late(end) {
+            return Ok(false);
+        }
+        let mut row: Vec<Value> = self.empty.to_vec();
+        for (s, old) in &merged {
+            Self::merge(&self.aggs, &mut row, old)?;
+            let old_end = self.end_of(*s, old);
+            let old_fired = self.fired(old);
+            self.timers
+                .remove(&(self.due(old_end, old_fired), kg, key.clone(), *s));
+        }
+        Self::accumulate(&self.aggs, &mut row, rec)?;
+        row[end_column] = Value::Int(end);
+        let refire = end - 1 <= self.watermark;
+        if let Some(c) = self.fired_column {
+            // A session that reaches past the watermark again fires again when it ends.
+            row[c] = Value::Bool(refire);
+        }
+        let table = self.state.table_mut(0, kg);
+        if table.get(key).is_none() {
+            table.insert(key.clone(), StateEntry::Map(BTreeMap::new()));
+        }
+        let Some(StateEntry::Map(windows)) = table.get_mut(key) else {
+            return Err("window: state of another kind under this key".into());
+        };
+        for (s, _) in &merged {
+            windows.remove(&Value::Int(*s));
+        }
+        windows.insert(Value::Int(start), Row::from(row.clone()));
+        self.timers
+            .insert((self.due(end, refire), kg, key.clone(), start));
+        if refire {
+            out.push(self.result(key, start, end, &row));
+        }
+        Ok(true)
+    }
+
+    fn fire(&mut self, up_to: i64, out: &mut Vec<Record>) {
+        while let Some(first) = self.timers.first() {
+            if first.0 > up_to {
+                break;
+            }
+            let Some((_, kg, key, start)) = self.timers.pop_first() else {
+                break;
+            };
+            let row = match self.state.table(0, kg).get(&key) {
+                Some(StateEntry::Map(windows)) => windows.get(&Value::Int(start)).cloned(),
+                _ => None,
+            };
+            let Some(row) = row else { continue };
+            let end = self.end_of(start, &row);
+            let fired = self.fired(&row);
+            if !fired {
+                out.push(self.result(&key, start, end, &row));
+            }
+            let keep = !fired && self.lateness > 0 && !self.is_late(end);
+            let table = self.state.table_mut(0, kg);
+            let mut now_empty = false;
+            if let Some(StateEntry::Map(windows)) = table.get_mut(&key) {
+                if keep {
+                    if let (Some(c), Some(r)) =
+                        (self.fired_column, windows.get_mut(&Value::Int(start)))
+                    {
+                        Arc::make_mut(r)[c] = Value::Bool(true);
+                    }
+                } else {
+                    windows.remove(&Value::Int(start));
+                    now_empty = windows.is_empty();
+                }
+            }
+            if now_empty {
+                table.remove(&key);
+            }
+            if keep {
+                self.timers.insert((self.due(end, true), kg, key, start));
+            }
+        }
+    }
+}
+
+impl Operator for WindowOp {
+    fn process(&mut self, input: Vec<Record>, out: &mut Vec<Record>) -> Result<(), String> {
+        for mut rec in input {
+            // The key is borrowed: cloned only for a new key's state or a new window's timer.
+            let key = key_of(&rec)?;
+            let kg = self.state.group_of(key)?;
+            let ts = self.timestamp(&rec)?;
+            let taken = match self.assigner {
+                Assigner::Fixed { size, slide } => {
+                    let mut taken = false;
+                    let mut start = ts - ts.rem_euclid(slide);
+                    while start > ts - size {
+                        taken |= self.add_fixed(kg, key, start, start + size, &rec, out)?;
+                        start -= slide;
+                    }
+                    taken
+                }
+                Assigner::Session { gap } => self.add_session(kg, key, ts, gap, &rec, out)?,
+            };
+            if !taken {
+                self.late += 1;
+                if self.emit_late {
+                    rec.set(self.names.late, Value::Bool(true));
+                    out.push(rec);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_watermark(&mut self, watermark: i64, out: &mut Vec<Record>) -> Result<(), String> {
+        if watermark > self.watermark {
+            self.watermark = watermark;
+            self.fire(watermark, out);
+        }
+        Ok(())
+    }
+
+    fn late_records_dropped(&self) -> u64 {
+        self.late
+    }
+
+    fn snapshot(&mut self, _id: u64) -> Result<SubtaskSnapshot, String> {
+        Ok(SubtaskSnapshot {
+            keyed: Some(self.state.snapshot()),
+            operator_lists: Vec::new(),
+        })
+    }
+
+    fn keyed_state(&mut self) -> Option<&mut KeyedState> {
+        Some(&mut self.state)
+    }
+
+    fn restored(&mut self) {
+        let mut timers = BTreeSet::new();
+        for (kg, key, entry) in self.state.iter(0) {
+            if let StateEntry::Map(windows) = entry {
+                for (start, row) in windows {
+                    if let Value::Int(s) = start {
+                        let end = self.end_of(*s, row);
+                        timers.insert((self.due(end, self.fired(row)), kg, key.clone(), *s));
+                    }
+                }
+            }
+        }
+        self.timers = timers;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::spec::OperatorSpec;
+    use crate::savepoint::keygroups::KeyGroupRange;
+
+    fn window(yaml: &str) -> WindowOp {
+        let spec: OperatorSpec = serde_yaml::from_str(yaml).unwrap();
+        let OperatorSpec::Window(w) = spec else {
+            panic!("not a window")
+        };
+        let state = KeyedState::new(KeyGroupRange { start: 0, end: 127 }, 128, 1);
+        WindowOp::new(&w, state).unwrap()
+    }
+
+    fn rec(key: &str, ts: i64, value: i64) -> Record {
+        let mut r = Record::default();
+        r.set(intern("ts"), Value::Int(ts));
+        r.set(intern("value"), Value::Int(value));
+        r.key = Some(Value::from(key));
+        r
+    }
+
+    fn run(w: &mut WindowOp, records: Vec<Record>, watermark: i64) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        w.process(records, &mut out).unwrap();
+        w.on_watermark(watermark, &mut out).unwrap();
+        out.iter()
+            .map(|r| {
+                let mut buf = Vec::new();
+                r.write_json(&mut buf).unwrap();
+                serde_json::from_slice(&buf).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn several_aggregates_fire_when_the_watermark_reaches_the_end() {
+        let mut w = window(
+            "{kind: window, uid: w, size: 10ms, aggregates: [{name: n, aggregate: count}, {name: total, aggregate: sum, field: value}, {name: low, aggregate: min, field: value}, {name: high, aggregate: max, field: value}, {name: mean, aggregate: avg, field: value}]}",
+        );
+        let out = run(
+            &mut w,
+            vec![rec("a", 1, 4), rec("a", 5, 8), rec("a", 12, 1)],
+            8,
+        );
+        assert!(out.is_empty(), "fired early: {out:?}");
+        let out = run(&mut w, vec![], 9);
+        assert_eq!(
+            out,
+            vec![
+                serde_json::json!({"key": "a", "windowStart": 0, "windowEnd": 10, "n": 2, "total": 12, "low": 4, "high": 8, "mean": 6.0})
+            ]
+        );
+        // A record for the fired window is late: dropped and counted.
+        let out = run(&mut w, vec![rec("a", 3, 100)], 9);
+        assert!(out.is_empty());
+        assert_eq!(w.late_records_dropped(), 1);
+    }
+
+    #[test]
+    fn allowed_lateness_updates_and_refires_then_drops_or_emits_later_records() {
+        let mut w = window(
+            "{kind: window, uid: w, size: 10ms, aggregate: count, allowedLateness: 5ms, lateRecords: emit}",
+        );
+        let out = run(&mut w, vec![rec("a", 1, 0)], 9);
+        assert_eq!(out[0]["count"], 1);
+        // Within the lateness: the window fires again, updated.
+        let out = run(&mut w, vec![rec("a", 2, 0)], 10);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0]["count"], 2);
+        // The lateness is over at 9 + 5: the state goes, later records come out marked.
+        let out = run(&mut w, vec![], 14);
+        assert!(out.is_empty());
+        let out = run(&mut w, vec![rec("a", 3, 0)], 14);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0]["late"], true);
+        assert_eq!(w.late_records_dropped(), 1);
+        assert_eq!(w.state.len(), 0, "window state left after its lateness");
+    }
+
+    #[test]
+    fn sessions_merge_when_a_record_bridges_them() {
+        let mut w = window(
+            "{kind: window, uid: w, gap: 10ms, aggregates: [{name: n, aggregate: count}, {name: total, aggregate: sum, field: value}]}",
+        );
+        // Two sessions of key a ([0, 10) and [15, 25)), one of b ([3, 13)).
+        let out = run(
+            &mut w,
+            vec![rec("a", 0, 1), rec("a", 15, 2), rec("b", 3, 5)],
+            5,
+        );
+        assert!(out.is_empty());
+        // 8 opens [8, 18), which touches both: one session [0, 25).
+        let out = run(&mut w, vec![rec("a", 8, 4)], 20);
+        assert_eq!(
+            out,
+            vec![
+                serde_json::json!({"key": "b", "windowStart": 3, "windowEnd": 13, "n": 1, "total": 5})
+            ]
+        );
+        let out = run(&mut w, vec![], 24);
+        assert_eq!(
+            out,
+            vec![
+                serde_json::json!({"key": "a", "windowStart": 0, "windowEnd": 25, "n": 3, "total": 7})
+            ]
+        );
+        assert_eq!(w.state.len(), 0);
+    }
+
+    #[test]
+    fn timers_are_rebuilt_from_state_after_a_restore() {
+        let mut w =
+            window("{kind: window, uid: w, gap: 10ms, aggregate: count, allowedLateness: 100ms}");
+        run(&mut w, vec![rec("a", 0, 1)], i64::MIN + 1);
+        w.timers.clear();
+        w.restored();
+        let out = run(&mut w, vec![], 9);
+        assert_eq!(out[0]["count"], 1);
+        // Fired and kept for its lateness; a restore does not fire it again.
+        w.timers.clear();
+        w.restored();
+        let out = run(&mut w, vec![], 50);
+        assert!(out.is_empty(), "fired twice: {out:?}");
+    }
+}
