@@ -105,8 +105,20 @@ impl Collector for JobCollector<'_> {
                 }
             }
         }
-        let stats = job.snapshot_stats();
         let sources = job.sources();
+        let per_source = |flag: fn(&super::SourceSubtaskView) -> bool| {
+            sources
+                .subtasks
+                .iter()
+                .map(|s| {
+                    gauge(
+                        with(vec![label("subtask", &s.subtask.to_string())]),
+                        f64::from(u8::from(flag(s))),
+                    )
+                })
+                .collect()
+        };
+        let stats = job.snapshot_stats();
         let state = job.state();
         let states = [
             JobState::Created,
@@ -199,31 +211,13 @@ impl Collector for JobCollector<'_> {
                 "sjob_source_idle",
                 "1 while a source subtask has had no records for watermarks.idleTimeout.",
                 MetricType::GAUGE,
-                sources
-                    .subtasks
-                    .iter()
-                    .map(|s| {
-                        gauge(
-                            with(vec![label("subtask", &s.subtask.to_string())]),
-                            f64::from(u8::from(s.idle)),
-                        )
-                    })
-                    .collect(),
+                per_source(|s| s.idle),
             ),
             family(
                 "sjob_source_alignment_paused",
                 "1 while a source subtask waits because its watermark is more than watermarks.maxDrift ahead of the slowest.",
                 MetricType::GAUGE,
-                sources
-                    .subtasks
-                    .iter()
-                    .map(|s| {
-                        gauge(
-                            with(vec![label("subtask", &s.subtask.to_string())]),
-                            f64::from(u8::from(s.paused_for_alignment)),
-                        )
-                    })
-                    .collect(),
+                per_source(|s| s.paused_for_alignment),
             ),
             family(
                 "sjob_snapshots_completed_total",
