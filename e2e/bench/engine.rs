@@ -2,6 +2,7 @@
 //! puts them beside Flink's, or alone):
 //!
 //!   cargo bench --bench engine -- throughput [SECONDS] [KEYS] [PARALLELISM]
+//!   cargo bench --bench engine -- windows [SECONDS] [KEYS] [PARALLELISM] [SIZE_MS]
 //!   cargo bench --bench engine -- savepoint [KEYS] [PAYLOAD_BYTES] [DIR]
 //!
 //! Each prints one JSON object per line.
@@ -48,19 +49,40 @@ fn throughput(seconds: u64, keys: u64, parallelism: u32) {
     let yaml = format!(
         "name: count\nparallelism: {parallelism}\noperators:\n  - {{kind: generator, uid: source, keys: {keys}}}\n  - {{kind: keyBy, field: key}}\n  - {{kind: count, uid: counter}}\n  - {{kind: discardSink}}\n"
     );
-    let spec = JobSpec::from_yaml(&yaml).expect("bench job parses");
-    let job = engine::start(&spec, JobOptions::default()).expect("bench job starts");
-    std::thread::sleep(Duration::from_secs(3));
-    let (t0, n0) = (Instant::now(), records_in(&job, "counter"));
-    std::thread::sleep(Duration::from_secs(seconds));
-    let (dt, n1) = (t0.elapsed().as_secs_f64(), records_in(&job, "counter"));
-    job.cancel();
-    job.wait();
-    let rps = (n1 - n0) as f64 / dt;
+    let (dt, rps) = records_per_s(&yaml, "counter", seconds);
     println!(
         "{{\"bench\":\"throughput\",\"engine\":\"sjob\",\"keys\":{keys},\"parallelism\":{parallelism},\"seconds\":{dt:.2},\"records_per_s\":{rps:.0},\"peak_rss_mb\":{:.1}}}",
         peak_rss_mb()
     );
+}
+
+/// Tumbling event-time windows of `size_ms` per key with five aggregates (count, sum, min, max,
+/// avg of the value) over the generator's records (ts i ms, key i mod keys): with 100,000
+/// keys, 1,000 s windows hold 10 records per key, 1 ms windows one record each.
+fn windows(seconds: u64, keys: u64, parallelism: u32, size_ms: u64) {
+    let aggregates = "[{name: n, aggregate: count}, {name: total, aggregate: sum, field: value}, {name: low, aggregate: min, field: value}, {name: high, aggregate: max, field: value}, {name: mean, aggregate: avg, field: value}]";
+    let yaml = format!(
+        "name: windows\nparallelism: {parallelism}\noperators:\n  - {{kind: generator, uid: source, keys: {keys}}}\n  - {{kind: keyBy, field: key}}\n  - {{kind: window, uid: windows, size: {size_ms}ms, aggregates: {aggregates}}}\n  - {{kind: discardSink}}\n"
+    );
+    let (dt, rps) = records_per_s(&yaml, "windows", seconds);
+    println!(
+        "{{\"bench\":\"windows\",\"engine\":\"sjob\",\"keys\":{keys},\"parallelism\":{parallelism},\"size_ms\":{size_ms},\"seconds\":{dt:.2},\"records_per_s\":{rps:.0},\"peak_rss_mb\":{:.1}}}",
+        peak_rss_mb()
+    );
+}
+
+/// Runs the job, and after 3 s of warm-up counts the records `uid` receives for `seconds`:
+/// (measured seconds, records/s).
+fn records_per_s(yaml: &str, uid: &str, seconds: u64) -> (f64, f64) {
+    let spec = JobSpec::from_yaml(yaml).expect("bench job parses");
+    let job = engine::start(&spec, JobOptions::default()).expect("bench job starts");
+    std::thread::sleep(Duration::from_secs(3));
+    let (t0, n0) = (Instant::now(), records_in(&job, uid));
+    std::thread::sleep(Duration::from_secs(seconds));
+    let (dt, n1) = (t0.elapsed().as_secs_f64(), records_in(&job, uid));
+    job.cancel();
+    job.wait();
+    (dt, (n1 - n0) as f64 / dt)
 }
 
 /// Samples the longest batch (or synchronous snapshot step) per 5 ms window until `until`.
@@ -210,6 +232,12 @@ fn main() {
     let num = |i: usize, d: u64| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(d);
     match args.first().map(String::as_str) {
         Some("throughput") => throughput(num(1, 20), num(2, 100_000), num(3, 2) as u32),
+        Some("windows") => windows(
+            num(1, 20),
+            num(2, 100_000),
+            num(3, 2) as u32,
+            num(4, 1_000_000),
+        ),
         Some("write") => write_only(
             args.get(1)
                 .map(String::as_str)
@@ -223,7 +251,7 @@ fn main() {
                 .unwrap_or("/tmp/sjob-bench-savepoints"),
         ),
         _ => eprintln!(
-            "usage: engine throughput [SECONDS] [KEYS] [P] | savepoint [KEYS] [PAYLOAD_BYTES] [DIR]"
+            "usage: engine throughput [SECONDS] [KEYS] [P] | windows [SECONDS] [KEYS] [P] [SIZE_MS] | savepoint [KEYS] [PAYLOAD_BYTES] [DIR] | write [DIR]"
         ),
     }
 }

@@ -1,5 +1,8 @@
-"""Measures Flink's keyed-count throughput: runs CountJob on a Flink session cluster over REST
-and reads the counter vertex's read-records before and after a measured interval."""
+"""Measures Flink's throughput: runs a job of count.jar (CountJob by default; WindowJob for the
+windows benchmark) on a Flink session cluster over REST and reads the keyed vertex's
+read-records before and after a measured interval, and the TaskManager's peak resident memory.
+
+    flink_count.py REST JAR [SECONDS] [KEYS] [P] [ENTRY_CLASS] [BENCH_NAME] [PROGRAM_ARGS...]"""
 import json, os, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -10,6 +13,22 @@ JAR = sys.argv[2]
 SECONDS = float(sys.argv[3]) if len(sys.argv) > 3 else 20
 KEYS = int(sys.argv[4]) if len(sys.argv) > 4 else 100000
 P = int(sys.argv[5]) if len(sys.argv) > 5 else 2
+ENTRY = sys.argv[6] if len(sys.argv) > 6 else "demo.CountJob"
+BENCH = sys.argv[7] if len(sys.argv) > 7 else "throughput"
+EXTRA = sys.argv[8:]
+
+
+def taskmanager_peak_rss_mb():
+    """VmHWM of the TaskManager started by flink-local.sh (0 when it cannot be read)."""
+    try:
+        home = os.environ.get("FLINK_HOME", "/tmp/sjob-flink")
+        pid = open(os.path.join(home, "taskmanager.pid")).read().strip()
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return 0
 
 
 def call(method, path, body=None, headers=None):
@@ -18,7 +37,7 @@ def call(method, path, body=None, headers=None):
 
 def counter_vertex(job):
     j = call("GET", f"/jobs/{job}")
-    # The vertex that reads the keyed stream: the process function (chained with the sink).
+    # The vertex that reads the keyed stream (chained with the sink).
     return [v for v in j["vertices"] if "Source" not in v["name"]][0]
 
 
@@ -27,7 +46,7 @@ def counter_records(job):
 
 
 jar_id = flink_rest.upload(REST, JAR)
-run = call("POST", f"/jars/{jar_id}/run", json.dumps({"entryClass": "demo.CountJob", "programArgsList": ["--keys", str(KEYS)], "parallelism": P}).encode(),
+run = call("POST", f"/jars/{jar_id}/run", json.dumps({"entryClass": ENTRY, "programArgsList": ["--keys", str(KEYS)] + EXTRA, "parallelism": P}).encode(),
            {"Content-Type": "application/json"})
 job = run["jobid"]
 try:
@@ -52,8 +71,10 @@ try:
     # A cross-check that needs no timing of metric refreshes: all records over the vertex's
     # whole running time (start-up included, so a lower bound).
     average = v["metrics"]["read-records"] / max(v["duration"] / 1000, 1e-3)
-    print(json.dumps({"bench": "throughput", "engine": "flink", "keys": KEYS, "parallelism": P,
-                      "seconds": round(t1 - t0, 2), "records_per_s": round((n1 - n0) / (t1 - t0)),
-                      "records_per_s_since_start": round(average)}))
+    print(json.dumps({"bench": BENCH, "engine": "flink", "keys": KEYS, "parallelism": P,
+                      "args": EXTRA, "seconds": round(t1 - t0, 2),
+                      "records_per_s": round((n1 - n0) / (t1 - t0)),
+                      "records_per_s_since_start": round(average),
+                      "peak_rss_mb": taskmanager_peak_rss_mb()}))
 finally:
     call("PATCH", f"/jobs/{job}?mode=cancel")

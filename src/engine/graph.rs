@@ -260,6 +260,16 @@ fn is_sink(spec: &OperatorSpec) -> bool {
     )
 }
 
+/// Field names a window emits or keeps itself.
+const RESERVED: [&str; 6] = [
+    "key",
+    "windowStart",
+    "windowEnd",
+    "late",
+    "sessionEnd",
+    "fired",
+];
+
 fn check_window(w: &spec::WindowSpec, what: &str, problems: &mut Vec<String>) {
     let mut duration = |field: &str, text: &Option<String>| {
         if let Some(t) = text {
@@ -292,10 +302,29 @@ fn check_window(w: &spec::WindowSpec, what: &str, problems: &mut Vec<String>) {
         (Some(_), false) => {
             problems.push(format!("{what}: aggregate and aggregates: use one of them"))
         }
-        (None, true) => problems.push(format!(
-            "{what}: aggregates: a window needs at least one aggregate (or aggregate: count)"
+        (None, true) if w.reduce.is_empty() => problems.push(format!(
+            "{what}: aggregates: a window needs at least one aggregate (or aggregate: count) or a reduce"
         )),
         _ => {}
+    }
+    if !w.reduce.is_empty() && w.gap.is_some() {
+        problems.push(format!(
+            "{what}: reduce: session windows merge, and a reduce cannot be merged; use aggregates"
+        ));
+    }
+    for (i, f) in w.reduce.iter().enumerate() {
+        if let Err(e) = Expr::compile(&f.expr) {
+            problems.push(format!("{what}: reduce[{i}].expr: {e}"));
+        }
+        if let Some(d) = &f.default {
+            let v = crate::savepoint::value::Value::from_json(d);
+            if !f.ty.admits(&v) {
+                problems.push(format!(
+                    "{what}: reduce[{i}].default: {d} is not a {}",
+                    f.ty
+                ));
+            }
+        }
     }
     if w.aggregate.is_none() && w.field.is_some() {
         problems.push(format!(
@@ -303,7 +332,21 @@ fn check_window(w: &spec::WindowSpec, what: &str, problems: &mut Vec<String>) {
         ));
     }
     let mut seen: Vec<&str> = Vec::new();
-    for (i, (name, a, field)) in super::window::aggregates_of(w).iter().enumerate() {
+    let names = super::window::aggregates_of(w);
+    for (i, f) in w.reduce.iter().enumerate() {
+        let name = f.name.as_str();
+        if RESERVED.contains(&name)
+            || name.is_empty()
+            || name.contains('.')
+            || names.iter().any(|(n, _, _)| n == name)
+            || w.reduce[..i].iter().any(|g| g.name == name)
+        {
+            problems.push(format!(
+                "{what}: reduce[{i}] ('{name}'): the name is empty, has a '.', is reserved (key, windowStart, windowEnd, late, sessionEnd, fired) or is used twice"
+            ));
+        }
+    }
+    for (i, (name, a, field)) in names.iter().enumerate() {
         let at = if w.aggregate.is_some() {
             "aggregate".to_owned()
         } else {
@@ -312,18 +355,7 @@ fn check_window(w: &spec::WindowSpec, what: &str, problems: &mut Vec<String>) {
         if *a != WindowAggregate::Count && field.is_none() {
             problems.push(format!("{what}: {at}: {a:?} needs a field"));
         }
-        if [
-            "key",
-            "windowStart",
-            "windowEnd",
-            "late",
-            "sessionEnd",
-            "fired",
-        ]
-        .contains(&name.as_str())
-            || name.is_empty()
-            || name.contains('.')
-        {
+        if RESERVED.contains(&name.as_str()) || name.is_empty() || name.contains('.') {
             problems.push(format!(
                 "{what}: {at}: '{name}' cannot name an aggregate (empty, with '.', or one of key, windowStart, windowEnd, late, sessionEnd, fired)"
             ));

@@ -131,7 +131,7 @@ pub fn build(
                 .collect::<Result<_, String>>()?,
             state: keyed(1),
         }),
-        OperatorSpec::Window(w) => Box::new(super::window::WindowOp::new(w, keyed(1))?),
+        OperatorSpec::Window(w) => Box::new(super::window::WindowOp::new(&node.uid, w, keyed(1))?),
         OperatorSpec::Dedupe(_) => Box::new(DedupeOp { state: keyed(1) }),
         other => return Err(format!("{other:?} is not a transform")),
     })

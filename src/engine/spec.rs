@@ -369,6 +369,11 @@ operator_specs! {
         /// Several aggregates, each emitted (and kept in state) under its name.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         aggregates: Vec<NamedAggregate>,
+        /// A reduce per window: accumulator fields (state schema), each updated by a CEL
+        /// expression that sees the record's fields and `acc`; emitted under their names
+        /// (with the aggregates, if any). Not for session windows (sessions merge).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        reduce: Vec<ReduceField>,
         /// How long after a window fired a late record still updates it (firing it again).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         allowed_lateness: Option<String>,
@@ -566,6 +571,7 @@ pub enum WindowAggregate {
 pub struct NamedAggregate {
     /// The output field, and its name in the window state.
     pub name: String,
+    /// What it computes over the window's records.
     pub aggregate: WindowAggregate,
     /// The field aggregated (not used by `count`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

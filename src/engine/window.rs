@@ -1,9 +1,9 @@
-//! Event-time windows per key: tumbling, sliding and session windows, several aggregates per
-//! window, and allowed lateness.
+//! Event-time windows per key: tumbling, sliding and session windows, several aggregates and a
+//! reduce per window, and allowed lateness.
 //!
 //! State: one map per key, window start -> row. The row holds each aggregate's accumulator
-//! (an average keeps a sum and a count), then for session windows the session's end, then
-//! with allowed lateness whether the window has fired. The row's layout is the declared state
+//! (an average keeps a sum and a count), then the reduce's accumulator fields, then for session
+//! windows the session's end, then with allowed lateness whether the window has fired. The row's layout is the declared state
 //! schema (`graph::window_schema`), so adding an aggregate is a schema change the restore
 //! rules decide on like any other.
 //!
@@ -13,6 +13,7 @@
 //! again. Later records are dropped (counted), or emitted marked `late: true` with
 //! `lateRecords: emit`.
 
+use super::expr::Expr;
 use super::operators::{Operator, add, key_of, pick_max, pick_min};
 use super::spec::{LateRecords, WindowAggregate, WindowSpec};
 use super::state::KeyedState;
@@ -29,6 +30,14 @@ struct Agg {
     function: WindowAggregate,
     field: Option<Name>,
     /// Its first column in the row (an average has two: sum, count).
+    column: usize,
+}
+
+/// One accumulator field of a windowed reduce.
+struct Reduced {
+    name: Name,
+    ty: FieldType,
+    expr: Expr,
     column: usize,
 }
 
@@ -89,6 +98,13 @@ pub fn window_schema(w: &WindowSpec) -> StateSchema {
             _ => fields.push(field(name, FieldType::Any, serde_json::Value::Null)),
         }
     }
+    for f in &w.reduce {
+        fields.push(FieldSchema {
+            name: f.name.clone(),
+            ty: f.ty,
+            default: f.default.clone(),
+        });
+    }
     if w.gap.is_some() {
         // No default: a window without an end cannot become a session.
         fields.push(FieldSchema {
@@ -107,6 +123,8 @@ pub(crate) struct WindowOp {
     assigner: Assigner,
     time_field: Name,
     aggs: Vec<Agg>,
+    reduce: Vec<Reduced>,
+    uid: String,
     /// The row of a new window.
     empty: Row,
     end_column: Option<usize>,
@@ -139,7 +157,7 @@ fn millis(field: &str, text: &str) -> Result<i64, String> {
 }
 
 impl WindowOp {
-    pub fn new(w: &WindowSpec, state: KeyedState) -> Result<WindowOp, String> {
+    pub fn new(uid: &str, w: &WindowSpec, state: KeyedState) -> Result<WindowOp, String> {
         let assigner = match (&w.size, &w.gap) {
             (Some(size), None) => {
                 let size = millis("size", size)?;
@@ -169,14 +187,23 @@ impl WindowOp {
                 1
             };
         }
-        let schema = window_schema(w);
-        let empty: Row = schema
+        let mut reduce = Vec::new();
+        for f in &w.reduce {
+            reduce.push(Reduced {
+                name: intern(&f.name),
+                ty: f.ty,
+                expr: Expr::compile(&f.expr)?,
+                column,
+            });
+            column += 1;
+        }
+        // A new window: each field's default (the end of a session is set when it opens).
+        let empty: Row = window_schema(w)
             .fields
             .iter()
-            .map(|f| match f.ty {
-                FieldType::Int if f.name != "sessionEnd" => Value::Int(0),
-                FieldType::Bool => Value::Bool(false),
-                _ => Value::Null,
+            .map(|f| match &f.default {
+                Some(d) => f.ty.coerce(Value::from_json(d)),
+                None => Value::Null,
             })
             .collect();
         let end_column = w.gap.as_ref().map(|_| column);
@@ -188,6 +215,8 @@ impl WindowOp {
             assigner,
             time_field: intern(&w.time_field),
             aggs,
+            reduce,
+            uid: uid.to_owned(),
             empty,
             end_column,
             fired_column,
@@ -221,8 +250,45 @@ impl WindowOp {
         }
     }
 
-    /// Folds `rec` into `row`'s accumulators.
-    fn accumulate(aggs: &[Agg], row: &mut [Value], rec: &Record) -> Result<(), String> {
+    /// Folds `rec` into `row`'s accumulators: the aggregates', then the reduce's (each
+    /// expression sees the accumulator as it was before this record).
+    fn accumulate(
+        aggs: &[Agg],
+        reduce: &[Reduced],
+        uid: &str,
+        row: &mut [Value],
+        rec: &Record,
+    ) -> Result<(), String> {
+        Self::aggregate(aggs, row, rec)?;
+        if reduce.is_empty() {
+            return Ok(());
+        }
+        let before: Vec<Value> = reduce.iter().map(|f| row[f.column].clone()).collect();
+        let acc: Vec<(&str, &Value)> = reduce
+            .iter()
+            .zip(&before)
+            .map(|(f, v)| (f.name, v))
+            .collect();
+        for f in reduce {
+            let v = f
+                .expr
+                .eval(rec, Some(&acc))
+                .map_err(|e| format!("window '{uid}' reduce field '{}': {e}", f.name))?;
+            if !f.ty.admits(&v) {
+                return Err(format!(
+                    "window '{uid}' reduce field '{}': '{}' produced {} ({v}), but the field is declared {}",
+                    f.name,
+                    f.expr.source(),
+                    v.type_name(),
+                    f.ty
+                ));
+            }
+            row[f.column] = f.ty.coerce(v);
+        }
+        Ok(())
+    }
+
+    fn aggregate(aggs: &[Agg], row: &mut [Value], rec: &Record) -> Result<(), String> {
         for a in aggs {
             let v = a.field.and_then(|f| rec.get(f)).unwrap_or(&Value::Null);
             let c = a.column;
@@ -273,6 +339,9 @@ impl WindowOp {
                 _ => row[a.column].clone(),
             };
             rec.set(a.out, v);
+        }
+        for f in &self.reduce {
+            rec.set(f.name, row[f.column].clone());
         }
         rec
     }
@@ -334,11 +403,16 @@ impl WindowOp {
             self.empty.clone()
         });
         let row = Arc::make_mut(row);
-        Self::accumulate(&self.aggs, row, rec)?;
+        Self::accumulate(&self.aggs, &self.reduce, &self.uid, row, rec)?;
+        // Past its end (within the lateness): it fires now, and is kept as fired.
         let refire = end - 1 <= self.watermark;
+        if let (true, Some(c)) = (refire, self.fired_column) {
+            row[c] = Value::Bool(true);
+        }
         let result = refire.then(|| row.to_vec());
         if created {
-            self.timers.insert((end - 1, kg, key.clone(), start));
+            self.timers
+                .insert((self.due(end, refire), kg, key.clone(), start));
         }
         if let Some(row) = result {
             // A late record within the allowed lateness: the window fires again, updated.
@@ -389,7 +463,7 @@ impl WindowOp {
             self.timers
                 .remove(&(self.due(old_end, old_fired), kg, key.clone(), *s));
         }
-        Self::accumulate(&self.aggs, &mut row, rec)?;
+        Self::accumulate(&self.aggs, &self.reduce, &self.uid, &mut row, rec)?;
         row[end_column] = Value::Int(end);
         let refire = end - 1 <= self.watermark;
         if let Some(c) = self.fired_column {
@@ -539,7 +613,7 @@ mod tests {
             panic!("not a window")
         };
         let state = KeyedState::new(KeyGroupRange { start: 0, end: 127 }, 128, 1);
-        WindowOp::new(&w, state).unwrap()
+        WindowOp::new("w", &w, state).unwrap()
     }
 
     fn rec(key: &str, ts: i64, value: i64) -> Record {
@@ -585,6 +659,26 @@ mod tests {
         let out = run(&mut w, vec![rec("a", 3, 100)], 9);
         assert!(out.is_empty());
         assert_eq!(w.late_records_dropped(), 1);
+    }
+
+    #[test]
+    fn a_reduce_per_window_sees_the_accumulator_and_the_record() {
+        let mut w = window(
+            "{kind: window, uid: w, size: 10ms, aggregate: count, reduce: [{name: spread, type: int, default: 0, expr: 'acc.spread + value * value'}, {name: last, type: int, default: -1, expr: value}]}",
+        );
+        let mut out = run(
+            &mut w,
+            vec![rec("a", 1, 2), rec("a", 2, 3), rec("b", 3, 7)],
+            9,
+        );
+        out.sort_by_key(|v| v["key"].as_str().map(str::to_owned));
+        assert_eq!(
+            out,
+            vec![
+                serde_json::json!({"key": "a", "windowStart": 0, "windowEnd": 10, "count": 2, "spread": 13, "last": 3}),
+                serde_json::json!({"key": "b", "windowStart": 0, "windowEnd": 10, "count": 1, "spread": 49, "last": 7}),
+            ]
+        );
     }
 
     #[test]
