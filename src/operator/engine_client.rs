@@ -3,6 +3,7 @@
 //! trigger ids, cancel, checkpoint statistics.
 
 use crate::savepoint::metadata::SplitPosition;
+use crate::savepoint::paths;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -346,7 +347,7 @@ impl EngineClient {
             Some("IN_PROGRESS") => Ok(SavepointStatus::InProgress),
             Some("COMPLETED") => {
                 if let Some(loc) = v.pointer("/operation/location").and_then(Value::as_str) {
-                    return Ok(SavepointStatus::Completed(plain_location(loc)));
+                    return Ok(SavepointStatus::Completed(paths::plain_location(loc)));
                 }
                 let cause = v.pointer("/operation/failure-cause");
                 let text = cause
@@ -401,7 +402,11 @@ impl EngineClient {
         let v = self
             .call(reqwest::Method::GET, &path, None, &format!("job {id}"))
             .await?;
-        let p = |ptr: &str| v.pointer(ptr).and_then(Value::as_str).map(plain_location);
+        let p = |ptr: &str| {
+            v.pointer(ptr)
+                .and_then(Value::as_str)
+                .map(paths::plain_location)
+        };
         Ok(CheckpointInfo {
             completed: v
                 .pointer("/counts/completed")
@@ -454,27 +459,5 @@ impl EngineClient {
         )
         .await
         .map(|_| ())
-    }
-}
-
-/// A location as the engine itself names it: Flink reports local ones as `file:` URIs
-/// (`file:/sp/x`, `file:///sp/x`), which are plain paths here.
-pub fn plain_location(location: &str) -> String {
-    match location.strip_prefix("file:") {
-        Some(rest) if rest.starts_with('/') => format!("/{}", rest.trim_start_matches('/')),
-        _ => location.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::plain_location;
-
-    #[test]
-    fn file_uris_become_paths_and_other_locations_stay() {
-        assert_eq!(plain_location("file:/sp/savepoint-1"), "/sp/savepoint-1");
-        assert_eq!(plain_location("file:///sp/savepoint-1"), "/sp/savepoint-1");
-        assert_eq!(plain_location("/sp/savepoint-1"), "/sp/savepoint-1");
-        assert_eq!(plain_location("s3://b/sp"), "s3://b/sp");
     }
 }

@@ -13,6 +13,15 @@ use super::store::Store;
 
 const CHECKPOINT_PREFIX: &str = "chk-";
 
+/// A location as the engine names it: local `file:` URIs (`file:/sp/x`, `file:///sp/x`, as
+/// Flink reports them) as plain paths; other locations as they are.
+pub fn plain_location(location: &str) -> String {
+    match location.strip_prefix("file:") {
+        Some(rest) if rest.starts_with('/') => format!("/{}", rest.trim_start_matches('/')),
+        _ => location.to_owned(),
+    }
+}
+
 /// A new savepoint's directory name for job `job_id`.
 pub fn savepoint_name(job_id: &str) -> String {
     let suffix = uuid::Uuid::new_v4().simple().to_string();
@@ -65,6 +74,15 @@ pub fn default_checkpoint_dir(savepoint_dir: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn file_uris_become_paths_and_other_locations_stay() {
+        assert_eq!(plain_location("file:/sp/savepoint-1"), "/sp/savepoint-1");
+        assert_eq!(plain_location("file:///sp/savepoint-1"), "/sp/savepoint-1");
+        assert_eq!(plain_location("/sp/savepoint-1"), "/sp/savepoint-1");
+        assert_eq!(plain_location("s3://b/sp"), "s3://b/sp");
+    }
+
     use super::*;
 
     #[test]

@@ -598,10 +598,8 @@ async fn trigger_disposal(State(s): Shared, body: axum::body::Bytes) -> Response
         Ok(p) => p,
         Err(reason) => return error(StatusCode::FORBIDDEN, reason),
     };
-    let same = |p: &str| {
-        p.trim_start_matches("file:").trim_end_matches('/')
-            == path.trim_start_matches("file:").trim_end_matches('/')
-    };
+    let plain = |p: &str| crate::savepoint::paths::plain_location(p.trim_end_matches('/'));
+    let same = |p: &str| plain(p) == plain(&path);
     if s.job.restored_from().is_some_and(same)
         && !s.job.state().is_terminal()
         && s.job.snapshot_stats().latest_checkpoint.is_none()
