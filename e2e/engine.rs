@@ -863,13 +863,17 @@ operators:
         gaps.iter().all(|g| *g < 30_000),
         "source subtasks drifted apart: gaps {gaps:?}"
     );
-    // A tumbling window's state swings between one and a few open windows as they fire; it
-    // must not grow: no sample above twice the median.
-    let mut sorted = sizes.clone();
-    sorted.sort_unstable();
-    let median = sorted[sorted.len() / 2];
+    // A tumbling window's state swings with the firing phase (a savepoint just after windows
+    // fired holds little), so one sample says little; growth shows in the medians: the later
+    // half's may not be above twice the earlier half's (without alignment it keeps doubling).
+    let median = |part: &[u64]| {
+        let mut v = part.to_vec();
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    let (early, late) = sizes.split_at(sizes.len() / 2);
     assert!(
-        sizes.iter().all(|s| *s <= 2 * median),
+        median(late) <= 2 * median(early),
         "window state grew: savepoint sizes {sizes:?}, gaps {gaps:?}"
     );
 }

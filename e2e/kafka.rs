@@ -913,6 +913,7 @@ fn a_source_ahead_by_more_than_the_max_drift_waits_for_the_slowest() {
         job.cancel();
         job.wait();
         largest.insert(case, *sizes.iter().max().unwrap());
+        eprintln!("{case}: savepoint sizes {sizes:?}, furthest ahead {furthest_ahead_ms} ms");
         if case == "aligned" {
             // The drift, one poll of 1,024 records (10.24 s) and the sampling's own lag.
             assert!(
