@@ -89,8 +89,12 @@ impl KafkaBroker {
             data.display()
         );
         std::fs::write(&config, props).map_err(|e| format!("{}: {e}", config.display()))?;
-        let cluster_id = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(uuid::Uuid::new_v4().as_bytes());
+        // Kafka's own ids never start with '-': the storage tool would read one as an option.
+        let cluster_id = std::iter::repeat_with(|| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(uuid::Uuid::new_v4().as_bytes())
+        })
+        .find(|id| !id.starts_with('-'))
+        .unwrap_or_default();
         let out = java_command(&libs)
             .args(["kafka.tools.StorageTool", "format", "-t", &cluster_id, "-c"])
             .arg(&config)
