@@ -34,6 +34,9 @@ pub struct Node {
     pub spec: OperatorSpec,
     pub keyed_states: Vec<KeyedStateMeta>,
     pub operator_states: Vec<OperatorStateMeta>,
+    /// A window's late-record sink: the index of that window. It runs in the window's
+    /// subtasks and gets only what the window sends aside.
+    pub side_of: Option<usize>,
 }
 
 impl Node {
@@ -237,6 +240,40 @@ fn declared_state(spec: &OperatorSpec) -> (Vec<KeyedStateMeta>, Vec<OperatorStat
     }
 }
 
+/// The operator's uid, checked: well formed, unique, set where there is state. Without one
+/// it gets `generated`; `place` is how a later duplicate refers to it.
+fn check_uid(
+    op: &OperatorSpec,
+    label: &str,
+    stateful: bool,
+    (generated, place): (String, String),
+    seen: &mut Vec<(String, String)>,
+    problems: &mut Vec<String>,
+) -> String {
+    match op.uid() {
+        Some(u) if u.is_empty() || u.contains(['/', ' ']) => {
+            problems.push(format!(
+                "{label}: uid '{u}' must be non-empty without '/' or spaces"
+            ));
+            u.to_owned()
+        }
+        Some(u) => {
+            if let Some((_, other)) = seen.iter().find(|(s, _)| s == u) {
+                problems.push(format!("{label}: uid '{u}' is already used by {other}"));
+            }
+            seen.push((u.to_owned(), place));
+            u.to_owned()
+        }
+        None if stateful => {
+            problems.push(format!(
+                "{label} keeps state but has no uid: set a uid so its state can be restored after changes"
+            ));
+            generated
+        }
+        None => generated,
+    }
+}
+
 fn is_keyed(spec: &OperatorSpec) -> bool {
     matches!(
         spec,
@@ -432,7 +469,8 @@ impl JobGraph {
             problems.push("operators: a job needs at least a source and a sink".to_owned());
         }
         let mut nodes = Vec::new();
-        let mut seen_uids: Vec<(String, usize)> = Vec::new();
+        let mut seen_uids: Vec<(String, String)> = Vec::new();
+        let mut late_sinks = Vec::new();
         let mut keyed_since_keyby = false;
         for (i, op) in spec.operators.iter().enumerate() {
             let kind = kind_name(op);
@@ -447,30 +485,14 @@ impl JobGraph {
             }
             let (keyed_states, operator_states) = declared_state(op);
             let stateful = !keyed_states.is_empty() || !operator_states.is_empty();
-            let uid = match op.uid() {
-                Some(u) if u.is_empty() || u.contains(['/', ' ']) => {
-                    problems.push(format!(
-                        "{label}: uid '{u}' must be non-empty without '/' or spaces"
-                    ));
-                    u.to_owned()
-                }
-                Some(u) => {
-                    if let Some((_, j)) = seen_uids.iter().find(|(s, _)| s == u) {
-                        problems.push(format!(
-                            "{label}: uid '{u}' is already used by operators[{j}]"
-                        ));
-                    }
-                    seen_uids.push((u.to_owned(), i));
-                    u.to_owned()
-                }
-                None if stateful => {
-                    problems.push(format!(
-                        "{label} keeps state but has no uid: set a uid so its state can be restored after changes"
-                    ));
-                    format!("_{kind}-{i}")
-                }
-                None => format!("_{kind}-{i}"),
-            };
+            let uid = check_uid(
+                op,
+                &label,
+                stateful,
+                (format!("_{kind}-{i}"), format!("operators[{i}]")),
+                &mut seen_uids,
+                &mut problems,
+            );
             let source = matches!(
                 op,
                 OperatorSpec::Generator(_)
@@ -505,6 +527,16 @@ impl JobGraph {
             }
             check_expressions(op, &label, &mut problems);
             super::kafka::check(op, spec, &label, &mut problems);
+            if let OperatorSpec::Window(w) = op
+                && let Some(sink) = &w.late_sink
+            {
+                if w.late_records == spec::LateRecords::Emit {
+                    problems.push(format!(
+                        "{label}: lateRecords: emit and lateSink both say where late records go; keep one"
+                    ));
+                }
+                late_sinks.push((i, label.clone(), sink.to_operator()));
+            }
             nodes.push(Node {
                 index: i,
                 uid,
@@ -517,6 +549,49 @@ impl JobGraph {
                 spec: op.clone(),
                 keyed_states,
                 operator_states,
+                side_of: None,
+            });
+        }
+        // Late-record sinks come after the pipeline's operators, each in its window's stage.
+        for (window, window_label, op) in late_sinks {
+            let kind = kind_name(&op);
+            let index = nodes.len();
+            let label = format!("{window_label}.lateSink ({kind})");
+            let p = nodes[window].parallelism;
+            if let Some(own) = op.parallelism()
+                && own != p
+            {
+                problems.push(format!(
+                    "{label}: parallelism {own}: a late-record sink runs in its window's {p} subtasks; remove it"
+                ));
+            }
+            let (keyed_states, operator_states) = declared_state(&op);
+            let stateful = !operator_states.is_empty();
+            let uid = check_uid(
+                &op,
+                &label,
+                stateful,
+                (
+                    format!("_{kind}-late-{window}"),
+                    format!("operators[{window}].lateSink"),
+                ),
+                &mut seen_uids,
+                &mut problems,
+            );
+            super::kafka::check(&op, spec, &label, &mut problems);
+            nodes.push(Node {
+                index,
+                uid,
+                name: op
+                    .name()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| format!("{kind} (late records)")),
+                kind,
+                parallelism: p,
+                spec: op,
+                keyed_states,
+                operator_states,
+                side_of: Some(window),
             });
         }
         let max_p_nodes = nodes.iter().map(|n| n.parallelism).max().unwrap_or(1);
@@ -569,7 +644,7 @@ impl JobGraph {
     fn stages(nodes: &[Node]) -> Vec<Stage> {
         let mut stages: Vec<Stage> = Vec::new();
         let mut pending_hash = false;
-        for n in nodes {
+        for n in nodes.iter().filter(|n| n.side_of.is_none()) {
             let boundary = match stages.last() {
                 None => Some(None),
                 Some(_) if pending_hash => Some(Some(Partitioning::Hash)),
@@ -592,7 +667,22 @@ impl JobGraph {
             }
             pending_hash = matches!(n.spec, OperatorSpec::KeyBy(_));
         }
+        for n in nodes {
+            if let Some(window) = n.side_of
+                && let Some(stage) = stages.iter_mut().find(|s| s.nodes.contains(&window))
+            {
+                stage.nodes.push(n.index);
+            }
+        }
         stages
+    }
+
+    /// The operator whose output `node` reads: the one before it, or its window.
+    pub fn input_of(&self, node: &Node) -> Option<&Node> {
+        match node.side_of {
+            Some(window) => self.nodes.get(window),
+            None => node.index.checked_sub(1).and_then(|i| self.nodes.get(i)),
+        }
     }
 
     /// The stateful operators as restore planning sees them.
@@ -648,6 +738,55 @@ mod tests {
             ]
         );
         assert_eq!(g.max_parallelism, 128);
+    }
+
+    #[test]
+    fn a_late_sink_runs_in_its_windows_stage_and_is_checked_like_an_operator() {
+        let job = |window: &str| {
+            format!(
+                "name: j\nparallelism: 2\noperators:\n- {{kind: generator, uid: s, parallelism: 1}}\n- {{kind: keyBy, field: key}}\n- {{kind: window, uid: w, size: 1s, aggregate: count, {window}}}\n- {{kind: fileSink, uid: out, path: /tmp/o}}\n"
+            )
+        };
+        let g = build(&job("lateSink: {kind: fileSink, uid: late, path: /tmp/l}")).unwrap();
+        let late = &g.nodes[4];
+        assert_eq!(
+            (late.uid.as_str(), late.kind, late.side_of, late.parallelism),
+            ("late", "fileSink", Some(2), 2)
+        );
+        assert!(late.is_stateful());
+        // The window's stage carries it; the pipeline's flow does not include it.
+        assert_eq!(
+            g.stages.last().map(|s| s.nodes.clone()),
+            Some(vec![2, 3, 4])
+        );
+        assert_eq!(g.input_of(late).map(|n| n.uid.as_str()), Some("w"));
+        assert_eq!(g.input_of(&g.nodes[3]).map(|n| n.uid.as_str()), Some("w"));
+        assert!(g.input_of(&g.nodes[0]).is_none());
+
+        let err = build(&job(
+            "lateRecords: emit, lateSink: {kind: fileSink, path: /tmp/l, parallelism: 3}",
+        ))
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "operators[2] (window 'w'): lateRecords: emit and lateSink both say where late records go",
+            "operators[2] (window 'w').lateSink (fileSink): parallelism 3: a late-record sink runs in its window's 2 subtasks",
+            "operators[2] (window 'w').lateSink (fileSink) keeps state but has no uid",
+        ] {
+            assert!(err.contains(want), "{want}\n{err}");
+        }
+        let err = build(&job("lateSink: {kind: fileSink, uid: out, path: /tmp/l}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("operators[2] (window 'w').lateSink (fileSink): uid 'out' is already used by operators[3]"),
+            "{err}"
+        );
+        let err = JobSpec::from_yaml(&job("lateSink: {kind: count}")).unwrap_err();
+        assert!(
+            err.contains("operators[2] (window): lateSink.kind: unknown variant `count`, expected one of `fileSink`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -451,7 +451,7 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
             .name(format!("sjob-task-{si}-{sub}"))
             .spawn(move || {
                 let built = build_task(&graph, si, sub, restored.as_deref(), &task_job_id, shadow);
-                let (source, chain) = match built {
+                let (source, chain, side_sinks) = match built {
                     Ok(parts) => {
                         let _ = init_tx.send(Ok(()));
                         parts
@@ -469,6 +469,7 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
                     watermarks: graph.watermarks,
                     source,
                     chain,
+                    side_sinks,
                     inputs: input,
                     output,
                     control: ctl_rx,
@@ -573,6 +574,7 @@ fn staged_rows(
 type Parts = (
     Option<(usize, String, Box<dyn sources::Source>)>,
     Vec<ChainOp>,
+    Vec<ChainOp>,
 );
 
 /// Builds one task's source and operators and loads their restored state.
@@ -588,7 +590,8 @@ fn build_task(
     let p = stage.parallelism;
     let range = range_for_subtask(graph.max_parallelism, p, sub);
     let mut source = None;
-    let mut chain = Vec::new();
+    let mut chain: Vec<ChainOp> = Vec::new();
+    let mut side_sinks = Vec::new();
     for &ni in &stage.nodes {
         let node = &graph.nodes[ni];
         let saved = restored.and_then(|r| r.plan.operators.get(&node.uid).map(|op| (r, op)));
@@ -642,15 +645,27 @@ fn build_task(
             }
             op.restored();
         }
-        chain.push(ChainOp {
+        let built = ChainOp {
             node: ni,
             uid: node.uid.clone(),
             stateful: node.is_stateful(),
             op,
             late_counted: 0,
-        });
+            side: None,
+        };
+        match node.side_of {
+            None => chain.push(built),
+            Some(window) => {
+                let producer = chain
+                    .iter_mut()
+                    .find(|c: &&mut ChainOp| c.node == window)
+                    .ok_or_else(|| format!("'{}': its window is not in this task", node.uid))?;
+                producer.side = Some(side_sinks.len());
+                side_sinks.push(built);
+            }
+        }
     }
-    Ok((source, chain))
+    Ok((source, chain, side_sinks))
 }
 
 impl JobHandle {

@@ -41,6 +41,10 @@ pub trait Operator: Send {
     fn late_records_dropped(&self) -> u64 {
         0
     }
+    /// Records sent aside since the last call (a window's late records, for its late sink).
+    fn take_side_output(&mut self) -> Vec<Record> {
+        Vec::new()
+    }
     /// The keyed state to restore into, for keyed operators.
     fn keyed_state(&mut self) -> Option<&mut KeyedState> {
         None

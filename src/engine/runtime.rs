@@ -231,6 +231,19 @@ pub(crate) struct ChainOp {
     pub op: Box<dyn Operator>,
     /// Late records already counted in `Shared::late_dropped`.
     pub late_counted: u64,
+    /// Where this operator's side output goes: an index into `Task::side_sinks`.
+    pub side: Option<usize>,
+}
+
+/// Runs `batch` through a side sink (a window's late-record sink), counting it.
+fn run_side(sink: &mut ChainOp, shared: &Shared, batch: Vec<Record>) -> TaskResult {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    shared.records_in[sink.node].fetch_add(batch.len() as u64, Ordering::Relaxed);
+    sink.op
+        .process(batch, &mut Vec::new())
+        .map_err(|e| format!("operator '{}': {e}", sink.uid))
 }
 
 /// A state file for the writer pool to write.
@@ -314,6 +327,8 @@ pub(crate) struct Task {
     pub watermarks: super::spec::WatermarkConfig,
     pub source: Option<(usize, String, Box<dyn Source>)>,
     pub chain: Vec<ChainOp>,
+    /// Sinks fed by the chain's side outputs (see `ChainOp::side`), outside the chain's flow.
+    pub side_sinks: Vec<ChainOp>,
     /// One channel per upstream subtask (none for a source task).
     pub inputs: Vec<Receiver<Msg>>,
     pub output: Output,
@@ -342,6 +357,13 @@ impl Task {
             c.op.process(batch, &mut out)
                 .map_err(|e| format!("operator '{}': {e}", c.uid))?;
             self.shared.records_out[c.node].fetch_add(out.len() as u64, Ordering::Relaxed);
+            if let Some(k) = c.side {
+                run_side(
+                    &mut self.side_sinks[k],
+                    &self.shared,
+                    c.op.take_side_output(),
+                )?;
+            }
             let late = c.op.late_records_dropped();
             if late != c.late_counted {
                 self.shared.late_dropped[c.node]
@@ -370,6 +392,13 @@ impl Task {
                 self.shared.records_in[c.node].fetch_add(carry.len() as u64, Ordering::Relaxed);
                 c.op.process(std::mem::take(&mut carry), &mut out)
                     .map_err(|e| format!("operator '{}': {e}", c.uid))?;
+                if let Some(k) = c.side {
+                    run_side(
+                        &mut self.side_sinks[k],
+                        &self.shared,
+                        c.op.take_side_output(),
+                    )?;
+                }
             }
             c.op.on_watermark(wm, &mut out)
                 .map_err(|e| format!("operator '{}': {e}", c.uid))?;
@@ -403,12 +432,23 @@ impl Task {
             if !carry.is_empty() {
                 c.op.process(std::mem::take(&mut carry), &mut out)
                     .map_err(|e| format!("operator '{}': {e}", c.uid))?;
+                if let Some(k) = c.side {
+                    run_side(
+                        &mut self.side_sinks[k],
+                        &self.shared,
+                        c.op.take_side_output(),
+                    )?;
+                }
             }
             c.op.finish(&mut out)
                 .map_err(|e| format!("operator '{}': {e}", c.uid))?;
             carry = out;
         }
         self.output.emit(carry);
+        for s in &mut self.side_sinks {
+            s.op.finish(&mut Vec::new())
+                .map_err(|e| format!("operator '{}': {e}", s.uid))?;
+        }
         Ok(())
     }
 
@@ -429,7 +469,7 @@ impl Task {
             };
             let _ = self.writer.send(job);
         }
-        for c in &mut self.chain {
+        for c in self.chain.iter_mut().chain(self.side_sinks.iter_mut()) {
             if !c.stateful {
                 continue;
             }
@@ -458,7 +498,7 @@ impl Task {
         if let Some((_, _, source)) = &mut self.source {
             source.notify_complete(id);
         }
-        for c in &mut self.chain {
+        for c in self.chain.iter_mut().chain(self.side_sinks.iter_mut()) {
             c.op.notify_complete(id)
                 .map_err(|e| format!("operator '{}': completing snapshot {id}: {e}", c.uid))?;
         }
@@ -724,7 +764,7 @@ impl Task {
     /// The cut-over marker has reached this task from every input: its operators (a sink
     /// leaving shadow mode) go live.
     fn cut_over_chain(&mut self) {
-        for c in &mut self.chain {
+        for c in self.chain.iter_mut().chain(self.side_sinks.iter_mut()) {
             c.op.on_cut_over();
         }
     }

@@ -381,6 +381,11 @@ operator_specs! {
         /// downstream as they are with `late: true`.
         #[serde(default, skip_serializing_if = "LateRecords::is_drop")]
         late_records: LateRecords,
+        /// Sends records later than the allowed lateness to this sink instead (Flink's side
+        /// output for late data): a `fileSink`, `kafkaSink`, `stdoutSink` or `discardSink` with
+        /// its fields, run in the window's subtasks. A sink that keeps state needs a `uid`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        late_sink: Option<LateSink>,
     }
     /// Emits the first record of each key and drops the rest.
     Dedupe(DedupeSpec, "dedupe") {}
@@ -592,6 +597,64 @@ pub enum LateRecords {
 impl LateRecords {
     fn is_drop(&self) -> bool {
         *self == LateRecords::Drop
+    }
+}
+
+/// The sink of a window's late records: one of the sink kinds, with that kind's fields.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum LateSink {
+    FileSink(FileSinkSpec),
+    KafkaSink(KafkaSinkSpec),
+    StdoutSink(StdoutSinkSpec),
+    DiscardSink(DiscardSinkSpec),
+}
+
+impl LateSink {
+    const KINDS: &'static [&'static str] = &["fileSink", "kafkaSink", "stdoutSink", "discardSink"];
+
+    /// The sink as an operator of the graph.
+    pub fn to_operator(&self) -> OperatorSpec {
+        match self {
+            LateSink::FileSink(s) => OperatorSpec::FileSink(s.clone()),
+            LateSink::KafkaSink(s) => OperatorSpec::KafkaSink(s.clone()),
+            LateSink::StdoutSink(s) => OperatorSpec::StdoutSink(s.clone()),
+            LateSink::DiscardSink(s) => OperatorSpec::DiscardSink(s.clone()),
+        }
+    }
+}
+
+/// Like `OperatorSpec`'s: one object with every sink kind's fields (a structural schema).
+impl schemars::JsonSchema for LateSink {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "LateSink".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let mut props = serde_json::Map::new();
+        props.insert(
+            "kind".into(),
+            serde_json::json!({
+                "type": "string",
+                "description": "The sink's kind; the other fields that apply depend on it.",
+                "enum": LateSink::KINDS,
+            }),
+        );
+        let subs = [
+            generator.subschema_for::<FileSinkSpec>(),
+            generator.subschema_for::<KafkaSinkSpec>(),
+            generator.subschema_for::<StdoutSinkSpec>(),
+            generator.subschema_for::<DiscardSinkSpec>(),
+        ];
+        for sub in subs {
+            merge_properties(generator, sub, &mut props);
+        }
+        schemars::json_schema!({
+            "type": "object",
+            "description": "The sink of a window's late records.",
+            "required": ["kind"],
+            "properties": props,
+        })
     }
 }
 

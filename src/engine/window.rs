@@ -119,6 +119,16 @@ pub fn window_schema(w: &WindowSpec) -> StateSchema {
     StateSchema { fields }
 }
 
+/// Where records later than the allowed lateness go.
+#[derive(Clone, Copy, PartialEq)]
+enum LateOutcome {
+    Drop,
+    /// Downstream, marked `late: true`.
+    Emit,
+    /// To the window's late sink.
+    Aside,
+}
+
 pub(crate) struct WindowOp {
     assigner: Assigner,
     time_field: Name,
@@ -130,7 +140,9 @@ pub(crate) struct WindowOp {
     end_column: Option<usize>,
     fired_column: Option<usize>,
     lateness: i64,
-    emit_late: bool,
+    late_records: LateOutcome,
+    /// Late records for the late sink, until the task takes them.
+    side: Vec<Record>,
     state: KeyedState,
     /// (due, key group, key, window start): the window fires, or with allowed lateness once
     /// fired, goes, when the watermark reaches `due`. Rebuilt from state on restore.
@@ -224,7 +236,12 @@ impl WindowOp {
                 Some(l) => millis("allowedLateness", l)?,
                 None => 0,
             },
-            emit_late: w.late_records == LateRecords::Emit,
+            late_records: match (&w.late_sink, w.late_records) {
+                (Some(_), _) => LateOutcome::Aside,
+                (None, LateRecords::Emit) => LateOutcome::Emit,
+                (None, LateRecords::Drop) => LateOutcome::Drop,
+            },
+            side: Vec::new(),
             state,
             timers: BTreeSet::new(),
             watermark: i64::MIN,
@@ -552,10 +569,15 @@ impl Operator for WindowOp {
                 Assigner::Session { gap } => self.add_session(kg, key, ts, gap, &rec, out)?,
             };
             if !taken {
-                self.late += 1;
-                if self.emit_late {
-                    rec.set(self.names.late, Value::Bool(true));
-                    out.push(rec);
+                match self.late_records {
+                    LateOutcome::Drop => self.late += 1,
+                    LateOutcome::Emit => {
+                        self.late += 1;
+                        rec.set(self.names.late, Value::Bool(true));
+                        out.push(rec);
+                    }
+                    // As Flink's side output for late data: not counted as dropped.
+                    LateOutcome::Aside => self.side.push(rec),
                 }
             }
         }
@@ -572,6 +594,10 @@ impl Operator for WindowOp {
 
     fn late_records_dropped(&self) -> u64 {
         self.late
+    }
+
+    fn take_side_output(&mut self) -> Vec<Record> {
+        std::mem::take(&mut self.side)
     }
 
     fn snapshot(&mut self, _id: u64) -> Result<SubtaskSnapshot, String> {
@@ -700,6 +726,25 @@ mod tests {
         assert_eq!(out[0]["late"], true);
         assert_eq!(w.late_records_dropped(), 1);
         assert_eq!(w.state.len(), 0, "window state left after its lateness");
+    }
+
+    #[test]
+    fn records_past_the_lateness_go_aside_for_the_late_sink_uncounted() {
+        let mut w = window(
+            "{kind: window, uid: w, size: 10ms, aggregate: count, lateSink: {kind: discardSink}}",
+        );
+        let out = run(&mut w, vec![rec("a", 1, 0)], 9);
+        assert_eq!(out.len(), 1);
+        let out = run(&mut w, vec![rec("a", 2, 0), rec("b", 12, 0)], 9);
+        assert!(out.is_empty(), "{out:?}");
+        let aside = w.take_side_output();
+        assert_eq!(aside.len(), 1);
+        assert_eq!(aside[0].key, Some(Value::from("a")));
+        let json = aside[0].to_json();
+        assert_eq!(json["ts"], 2);
+        assert!(json.get("late").is_none(), "{json}");
+        assert!(w.take_side_output().is_empty(), "taken twice");
+        assert_eq!(w.late_records_dropped(), 0);
     }
 
     #[test]

@@ -104,7 +104,8 @@ pub fn job_overview(job: &JobHandle) -> Value {
     })
 }
 
-/// `GET /jobs/:id/plan`'s `plan`: one node per operator, each fed by the one before it.
+/// `GET /jobs/:id/plan`'s `plan`: one node per operator, each fed by the one before it (a
+/// late-record sink by its window).
 pub fn plan(job: &JobHandle) -> Value {
     let graph = job.graph();
     let mut strategy = vec!["FORWARD"; graph.nodes.len()];
@@ -128,9 +129,9 @@ pub fn plan(job: &JobHandle) -> Value {
                 "description": n.name,
                 "optimizer_properties": {},
             });
-            if n.index > 0 {
+            if let Some(input) = graph.input_of(n) {
                 node["inputs"] = json!([{
-                    "id": vertex_id(&graph.nodes[n.index - 1].uid),
+                    "id": vertex_id(&input.uid),
                     "num": 0,
                     "exchange": "pipelined_bounded",
                     "ship_strategy": strategy[n.index],
