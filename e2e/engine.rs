@@ -966,3 +966,36 @@ operators:
         "no window with its whole total"
     );
 }
+
+/// A bounded generator knows how many records each source subtask has left: exact while the
+/// sources hold at a bound, and none once they have read everything.
+#[test]
+fn a_bounded_generator_shows_the_records_each_subtask_has_left() {
+    let job_spec = spec(
+        "name: left\nparallelism: 2\noperators:\n  - {kind: generator, uid: source, keys: 5, count: 1000, rate: 400, splits: 4}\n  - {kind: discardSink}\n",
+    );
+    let job = engine::start(&job_spec, JobOptions::default()).unwrap();
+    let bound: engine::sources::Bound = (0..4u32)
+        .map(|s| (s.to_string(), 400 + i64::from(s)))
+        .collect();
+    let overrun = job.hold_sources(Some(bound));
+    assert_eq!(overrun, Ok(()));
+    let left = |job: &engine::JobHandle| -> Vec<Option<u64>> {
+        job.sources()
+            .subtasks
+            .iter()
+            .map(|s| s.pending_records)
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !job.sources().holding {
+        assert!(std::time::Instant::now() < deadline, "{:?}", job.sources());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Each split stops at its first index at or past 400 and has 150 of its 250 left; each
+    // subtask owns two splits.
+    assert_eq!(left(&job), vec![Some(300), Some(300)]);
+    job.release_sources(false).unwrap();
+    assert_eq!(job.wait(), JobState::Finished, "{:?}", job.failure());
+    assert_eq!(left(&job), vec![Some(0), Some(0)]);
+}

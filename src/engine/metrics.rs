@@ -214,6 +214,23 @@ impl Collector for JobCollector<'_> {
                 per_source(|s| s.idle),
             ),
             family(
+                "sjob_source_pending_records",
+                "Records a source subtask has yet to read from its splits (Kafka: to the brokers' last stable offsets; Flink's pendingRecords).",
+                MetricType::GAUGE,
+                sources
+                    .subtasks
+                    .iter()
+                    .filter_map(|s| {
+                        s.pending_records.map(|n| {
+                            gauge(
+                                with(vec![label("subtask", &s.subtask.to_string())]),
+                                n as f64,
+                            )
+                        })
+                    })
+                    .collect(),
+            ),
+            family(
                 "sjob_source_alignment_paused",
                 "1 while a source subtask waits because its watermark is more than watermarks.maxDrift ahead of the slowest.",
                 MetricType::GAUGE,
@@ -273,6 +290,9 @@ impl Collector for JobCollector<'_> {
                 ));
             }
         }
+        // A family without samples (e.g. input buffers of a job of one stage) is left out:
+        // the text format cannot carry it.
+        out.retain(|f| !f.get_metric().is_empty());
         out
     }
 }

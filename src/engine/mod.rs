@@ -115,6 +115,11 @@ pub struct SourceSubtaskView {
     pub idle: bool,
     /// Not reading: more than `watermarks.maxDrift` ahead of the slowest source subtask.
     pub paused_for_alignment: bool,
+    /// Its splits and the position of each.
+    pub positions: Vec<crate::savepoint::metadata::SplitPosition>,
+    /// Records left in its splits (Kafka: to the brokers' last stable offsets), where the
+    /// source knows.
+    pub pending_records: Option<u64>,
 }
 
 /// Counters of one operator.
@@ -837,6 +842,8 @@ impl JobHandle {
                 watermark: r.watermark,
                 idle: r.idle,
                 paused_for_alignment: r.paused_for_alignment,
+                positions: r.positions.clone(),
+                pending_records: r.pending_records,
             });
             view.holding &= r.holding && r.epoch == epoch;
             view.settled &= r.epoch == epoch;

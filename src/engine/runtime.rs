@@ -98,6 +98,8 @@ pub(crate) struct SourceReport {
     pub idle: bool,
     /// Not reading: its watermark is more than `watermarks.maxDrift` ahead of the slowest.
     pub paused_for_alignment: bool,
+    /// Records left in its splits, where the source knows.
+    pub pending_records: Option<u64>,
 }
 
 /// What one task shows of itself while it runs.
@@ -695,6 +697,7 @@ impl Task {
         };
         r.idle = flow.idle_input;
         r.paused_for_alignment = flow.paused_for_alignment;
+        r.pending_records = source.pending_records();
         if let Some((epoch, overrun)) = command {
             r.epoch = epoch;
             r.overrun = overrun;

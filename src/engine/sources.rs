@@ -52,6 +52,11 @@ pub trait Source: Send {
     fn skipped(&self) -> u64 {
         0
     }
+    /// Records between this subtask's positions and the end of its splits (Flink's
+    /// `pendingRecords`), where the source knows it.
+    fn pending_records(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The splits of `positions` already past their position in `bound`.
@@ -305,6 +310,18 @@ impl Source for Generator {
     fn on_resume(&mut self) {
         self.started = None;
         self.emitted = 0;
+    }
+
+    /// A bounded generator's records left: split `s` holds indices `s, s + splits, …` below
+    /// `count`. Unbounded: none known.
+    fn pending_records(&self) -> Option<u64> {
+        let count = self.count?;
+        Some(
+            self.owned
+                .iter()
+                .map(|(_, next)| count.saturating_sub(*next).div_ceil(self.splits.max(1)))
+                .sum(),
+        )
     }
 }
 

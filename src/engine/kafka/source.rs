@@ -11,15 +11,63 @@ use crate::engine::sources::{Bound, Poll, Source};
 use crate::engine::spec::{KafkaFormat, KafkaSourceSpec, ParseErrorPolicy, parse_duration};
 use crate::savepoint::metadata::SplitPosition;
 use crate::savepoint::value::{Name, Record, Row, Value, intern};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Partition = (String, i32);
+
+/// How often librdkafka reports the brokers' offsets (for `pending_records`).
+const STATS_INTERVAL_MS: &str = "1000";
+
+/// Each partition's last stable offset on the brokers (where a read-committed consumer's
+/// records end), from librdkafka's statistics, which the consumer's polls deliver.
+#[derive(Clone, Default)]
+struct EndOffsets(Arc<Mutex<HashMap<Partition, i64>>>);
+
+impl ClientContext for EndOffsets {
+    fn stats_raw(&self, statistics: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct Stats {
+            #[serde(default)]
+            topics: HashMap<String, TopicStats>,
+        }
+        #[derive(serde::Deserialize)]
+        struct TopicStats {
+            #[serde(default)]
+            partitions: HashMap<String, PartitionStats>,
+        }
+        #[derive(serde::Deserialize)]
+        struct PartitionStats {
+            ls_offset: i64,
+        }
+        let Ok(stats) = serde_json::from_slice::<Stats>(statistics) else {
+            return;
+        };
+        let mut ends = match self.0.lock() {
+            Ok(e) => e,
+            Err(p) => p.into_inner(),
+        };
+        for (topic, t) in stats.topics {
+            for (partition, p) in t.partitions {
+                // Partition -1 is librdkafka's unassigned queue; offsets < 0 are unknown.
+                if let Ok(id) = partition.parse::<i32>()
+                    && id >= 0
+                    && p.ls_offset >= 0
+                {
+                    ends.insert((topic.clone(), id), p.ls_offset);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for EndOffsets {}
 
 struct Owned {
     /// The offset of the next record to emit.
@@ -42,7 +90,8 @@ pub struct KafkaSource {
     discovery_every: Duration,
     subtask: u32,
     parallelism: u32,
-    consumer: Option<BaseConsumer>,
+    consumer: Option<BaseConsumer<EndOffsets>>,
+    end_offsets: EndOffsets,
     owned: BTreeMap<Partition, Owned>,
     /// Every partition's offset in the restored snapshot (all subtasks').
     restored: Option<HashMap<Partition, i64>>,
@@ -99,6 +148,7 @@ impl KafkaSource {
             subtask,
             parallelism,
             consumer: None,
+            end_offsets: EndOffsets::default(),
             owned: BTreeMap::new(),
             restored: None,
             discovered_once: false,
@@ -117,14 +167,14 @@ impl KafkaSource {
         })
     }
 
-    fn consumer(&mut self) -> Result<&BaseConsumer, String> {
+    fn consumer(&mut self) -> Result<&BaseConsumer<EndOffsets>, String> {
         if self.consumer.is_none() {
             let group = self
                 .spec
                 .group_id
                 .clone()
                 .unwrap_or_else(|| format!("sjob-{}", self.uid));
-            let c: BaseConsumer = client_config(
+            let c: BaseConsumer<EndOffsets> = client_config(
                 &self.spec.bootstrap_servers,
                 &[
                     ("group.id", group.as_str()),
@@ -133,10 +183,11 @@ impl KafkaSource {
                     ("isolation.level", "read_committed"),
                     ("auto.offset.reset", "earliest"),
                     ("enable.partition.eof", "false"),
+                    ("statistics.interval.ms", STATS_INTERVAL_MS),
                 ],
                 &self.spec.properties,
             )
-            .create()
+            .create_with_context(self.end_offsets.clone())
             .map_err(|e| format!("kafkaSource '{}': {e}", self.uid))?;
             self.consumer = Some(c);
         }
@@ -642,5 +693,17 @@ impl Source for KafkaSource {
 
     fn skipped(&self) -> u64 {
         self.skipped
+    }
+
+    fn pending_records(&self) -> Option<u64> {
+        let ends = match self.end_offsets.0.lock() {
+            Ok(e) => e,
+            Err(p) => p.into_inner(),
+        };
+        // Unknown until the statistics have covered every owned partition.
+        self.owned.iter().try_fold(0u64, |sum, (part, o)| {
+            let end = *ends.get(part)?;
+            Some(sum + end.saturating_sub(o.next).max(0) as u64)
+        })
     }
 }

@@ -381,6 +381,8 @@ async fn sources(State(s): Shared, Path(id): Path<String>) -> Response {
             "watermark": s.watermark,
             "idle": s.idle,
             "paused-for-alignment": s.paused_for_alignment,
+            "positions": s.positions,
+            "pending-records": s.pending_records,
         })).collect::<Vec<_>>(),
     }))
     .into_response()
