@@ -1204,12 +1204,32 @@ async fn flinks_rest_cluster_client_reads_every_response_and_drives_savepoints()
         "ok /jobs/:id/exceptions JobExceptionsInfoWithHistory".to_owned(),
         "ok /jobs/:id/checkpoints CheckpointingStatistics".to_owned(),
         "ok /jobs/:id/checkpoints/config CheckpointConfigInfo".to_owned(),
+        // A source has no input watermark, as in Flink.
+        "ok watermarks generator".to_owned(),
     ] {
         assert!(
             out.lines().any(|l| l == line),
             "missing {line:?} in:\n{out}"
         );
     }
+    // The counter's two subtasks, each with the generator's event time (ts = index).
+    let counter = out
+        .lines()
+        .find_map(|l| l.strip_prefix("ok watermarks count "))
+        .unwrap_or_else(|| panic!("no watermarks of the counter in:\n{out}"));
+    let marks: Vec<(&str, i64)> = counter
+        .split(' ')
+        .map(|m| {
+            let (id, v) = m.split_once('=').unwrap();
+            (id, v.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        marks.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        ["0.currentInputWatermark", "1.currentInputWatermark"],
+        "{out}"
+    );
+    assert!(marks.iter().all(|(_, w)| *w > 0), "{out}");
 
     std::fs::write(d.join("a-file"), "x").unwrap();
     let sp_dir = d.join("sp2");
@@ -1277,6 +1297,12 @@ async fn flink_only_paths_say_what_to_use_and_v1_paths_are_served() {
             format!("/v1/jobs/{id}/rescaling?parallelism=3"),
             400,
             "spec.parallelism",
+        ),
+        (
+            "GET",
+            format!("/jobs/{id}/vertices/0123456789abcdef0123456789abcdef/watermarks"),
+            404,
+            "No vertex with ID '0123456789abcdef0123456789abcdef' exists.",
         ),
     ] {
         let resp = http

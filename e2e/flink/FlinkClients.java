@@ -21,6 +21,7 @@ import org.apache.flink.runtime.rest.messages.JobExceptionsHeaders;
 import org.apache.flink.runtime.rest.messages.JobIdsWithStatusesOverviewHeaders;
 import org.apache.flink.runtime.rest.messages.JobMessageParameters;
 import org.apache.flink.runtime.rest.messages.JobPlanHeaders;
+import org.apache.flink.runtime.rest.messages.JobVertexMessageParameters;
 import org.apache.flink.runtime.rest.messages.JobsOverviewHeaders;
 import org.apache.flink.runtime.rest.messages.MessageHeaders;
 import org.apache.flink.runtime.rest.messages.MessageParameters;
@@ -30,6 +31,9 @@ import org.apache.flink.runtime.rest.messages.job.JobDetailsHeaders;
 import org.apache.flink.runtime.rest.messages.job.JobDetailsInfo;
 import org.apache.flink.runtime.rest.messages.job.JobExceptionsMessageParameters;
 import org.apache.flink.runtime.rest.messages.job.JobStatusInfoHeaders;
+import org.apache.flink.runtime.rest.messages.job.metrics.JobVertexWatermarksHeaders;
+import org.apache.flink.runtime.rest.messages.job.metrics.Metric;
+import org.apache.flink.runtime.rest.messages.job.metrics.MetricCollectionResponseBody;
 
 /**
  * Flink's own REST client (RestClusterClient, as Flink's Kubernetes operator uses it) against a
@@ -136,6 +140,19 @@ public final class FlinkClients {
         for (Object[] e : endpoints) {
             Object body = step((String) e[0], () -> get(client, (MessageHeaders) e[1], (MessageParameters) e[2]));
             System.out.println("ok " + e[0] + " " + body.getClass().getSimpleName());
+        }
+        // Each vertex's input watermarks, as the web UI reads them: "ok watermarks <name> <id>=<value> ...".
+        for (JobDetailsInfo.JobVertexDetailsInfo v : details.getJobVertexInfos()) {
+            JobVertexMessageParameters params = forJob(new JobVertexMessageParameters(), job);
+            params.jobVertexIdPathParameter.resolve(v.getJobVertexID());
+            MetricCollectionResponseBody body = (MetricCollectionResponseBody) step(
+                    "/jobs/:id/vertices/:vid/watermarks",
+                    () -> get(client, JobVertexWatermarksHeaders.INSTANCE, params));
+            StringBuilder line = new StringBuilder("ok watermarks " + v.getName());
+            for (Metric m : body.getMetrics()) {
+                line.append(' ').append(m.getId()).append('=').append(m.getValue());
+            }
+            System.out.println(line);
         }
     }
 

@@ -134,6 +134,9 @@ pub struct VertexStats {
     /// The smallest watermark among its subtasks' inputs (a source: the one it sends); None
     /// before the first.
     pub watermark: Option<i64>,
+    /// Each subtask's input watermark (i64::MIN before its first), as Flink's
+    /// `currentInputWatermark`.
+    pub subtask_watermarks: Vec<i64>,
     /// Records dropped as later than the watermark allows.
     pub late_records_dropped: u64,
     /// Per subtask, per input: how full the input channel is (0 to 1).
@@ -728,9 +731,13 @@ impl JobHandle {
                 // The stage's input is its first operator's.
                 let heads_stage =
                     stage.is_some_and(|si| self.graph.stages[si].nodes.first() == Some(&n.index));
-                let watermark = tasks
+                let subtask_watermarks: Vec<i64> = tasks
                     .iter()
                     .map(|t| t.watermark.load(Ordering::Relaxed))
+                    .collect();
+                let watermark = subtask_watermarks
+                    .iter()
+                    .copied()
                     .min()
                     .filter(|w| *w != i64::MIN);
                 VertexStats {
@@ -741,6 +748,7 @@ impl JobHandle {
                     records_in: self.shared.records_in[n.index].load(Ordering::Relaxed),
                     records_out: self.shared.records_out[n.index].load(Ordering::Relaxed),
                     watermark,
+                    subtask_watermarks,
                     late_records_dropped: self.shared.late_dropped[n.index].load(Ordering::Relaxed),
                     input_usage: tasks
                         .iter()

@@ -143,6 +143,29 @@ pub fn plan(job: &JobHandle) -> Value {
     json!({ "jid": job.id(), "name": graph.name, "type": "STREAMING", "nodes": nodes })
 }
 
+/// `GET /jobs/:id/vertices/:vid/watermarks`: `[{id: "<subtask>.currentInputWatermark",
+/// value}]`, values as strings (Long.MIN_VALUE before the first), as Flink's metric store
+/// gives them; a source has no input, so none (as in Flink; `/jobs/:id/sources` has what
+/// sources send). None: no such vertex.
+pub fn vertex_watermarks(job: &JobHandle, vertex: &str) -> Option<Value> {
+    let node = job
+        .graph()
+        .nodes
+        .iter()
+        .find(|n| vertex_id(&n.uid) == vertex)?;
+    if node.is_source() {
+        return Some(json!([]));
+    }
+    let v = job.vertices().into_iter().nth(node.index)?;
+    Some(Value::Array(
+        v.subtask_watermarks
+            .iter()
+            .enumerate()
+            .map(|(i, w)| json!({ "id": format!("{i}.currentInputWatermark"), "value": w.to_string() }))
+            .collect(),
+    ))
+}
+
 /// `GET /jobs/:id`.
 pub fn job_details(job: &JobHandle) -> Value {
     let (start, end, duration) = times(job);

@@ -157,6 +157,10 @@ fn routes(state: Arc<RestState>) -> Router {
         .route("/jobs/{id}/stop", post(stop_job))
         .route("/jobs/{id}/rescaling", patch(rescale))
         .route("/jobs/{id}/rescaling/{trigger}", get(rescale))
+        .route(
+            "/jobs/{id}/vertices/{vertex}/watermarks",
+            get(vertex_watermarks),
+        )
         .route("/jobs/{id}/checkpoints", get(checkpoints))
         .route("/jobs/{id}/checkpoints/config", get(checkpoint_config))
         .route("/jobs/{id}/sources", get(sources))
@@ -224,6 +228,24 @@ async fn job_plan(State(s): Shared, Path(id): Path<String>) -> Response {
 
 async fn job_exceptions(State(s): Shared, Path(id): Path<String>) -> Response {
     for_job(&s, &id, flink::exceptions)
+}
+
+/// Flink's `GET /jobs/:id/vertices/:vid/watermarks`: each subtask's input watermark.
+async fn vertex_watermarks(
+    State(s): Shared,
+    Path((id, vertex)): Path<(String, String)>,
+) -> Response {
+    let job = match the_job(&s, &id) {
+        Ok(job) => job,
+        Err(e) => return e.into_response(),
+    };
+    match flink::vertex_watermarks(job, &vertex) {
+        Some(body) => Json(body).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("No vertex with ID '{vertex}' exists."),
+        ),
+    }
 }
 
 async fn checkpoint_config(State(s): Shared, Path(id): Path<String>) -> Response {
