@@ -3,6 +3,7 @@
 //!
 //!   cargo bench --bench engine -- throughput [SECONDS] [KEYS] [PARALLELISM]
 //!   cargo bench --bench engine -- windows [SECONDS] [KEYS] [PARALLELISM] [SIZE_MS]
+//!   cargo bench --bench engine -- skew [SECONDS] [EVERY_S] [KEYS] [PARALLELISM] [SIZE_MS]
 //!   cargo bench --bench engine -- savepoint [KEYS] [PAYLOAD_BYTES] [DIR]
 //!
 //! Each prints one JSON object per line.
@@ -68,6 +69,89 @@ fn windows(seconds: u64, keys: u64, parallelism: u32, size_ms: u64) {
     println!(
         "{{\"bench\":\"windows\",\"engine\":\"sjob\",\"keys\":{keys},\"parallelism\":{parallelism},\"size_ms\":{size_ms},\"seconds\":{dt:.2},\"records_per_s\":{rps:.0},\"peak_rss_mb\":{:.1}}}",
         peak_rss_mb()
+    );
+}
+
+fn rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+        })
+        .sum()
+}
+
+/// The windows job of `windows` (10 s windows by default) at full speed for `seconds`, a
+/// savepoint every `every` seconds: its size, the resident memory, and how far apart the
+/// source splits are (records), one JSON line per sample; then the largest sample over the
+/// smallest. State that grows without bound shows as a ratio that grows with the run.
+fn skew(seconds: u64, every: u64, keys: u64, parallelism: u32, size_ms: u64) {
+    let aggregates = "[{name: n, aggregate: count}, {name: total, aggregate: sum, field: value}, {name: low, aggregate: min, field: value}, {name: high, aggregate: max, field: value}, {name: mean, aggregate: avg, field: value}]";
+    let yaml = format!(
+        "name: skew\nparallelism: {parallelism}\noperators:\n  - {{kind: generator, uid: source, keys: {keys}}}\n  - {{kind: keyBy, field: key}}\n  - {{kind: window, uid: windows, size: {size_ms}ms, aggregates: {aggregates}}}\n  - {{kind: discardSink}}\n"
+    );
+    let spec = JobSpec::from_yaml(&yaml).expect("bench job parses");
+    let dir = std::env::temp_dir().join(format!("sjob-bench-skew-{}", std::process::id()));
+    let job = engine::start(&spec, JobOptions::default()).expect("bench job starts");
+    let started = Instant::now();
+    let (mut sizes, mut rss) = (Vec::new(), Vec::new());
+    while started.elapsed() < Duration::from_secs(seconds) {
+        std::thread::sleep(Duration::from_secs(every));
+        let positions: Vec<i64> = job.sources().positions.iter().map(|p| p.position).collect();
+        let gap = positions.iter().max().unwrap_or(&0) - positions.iter().min().unwrap_or(&0);
+        let sp = job
+            .savepoint(dir.to_str().expect("temp dir is UTF-8"))
+            .expect("savepoint");
+        let mb = dir_bytes(std::path::Path::new(&sp)) as f64 / 1e6;
+        let _ = std::fs::remove_dir_all(&sp);
+        let (r, t) = (rss_mb(), started.elapsed().as_secs());
+        println!(
+            "{{\"bench\":\"skew\",\"engine\":\"sjob\",\"t_s\":{t},\"savepoint_mb\":{mb:.2},\"rss_mb\":{r:.1},\"split_gap_records\":{gap},\"records_in\":{}}}",
+            records_in(&job, "windows")
+        );
+        sizes.push(mb);
+        rss.push(r);
+    }
+    job.cancel();
+    job.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let ratio = |v: &[f64]| {
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+        hi / lo.max(1e-9)
+    };
+    // One savepoint's size depends on when windows last fired; growth shows in the medians.
+    let growth = |v: &[f64]| {
+        let median = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+        };
+        let (early, late) = v.split_at(v.len() / 2);
+        median(late) / median(early).max(1e-9)
+    };
+    println!(
+        "{{\"bench\":\"skew-summary\",\"engine\":\"sjob\",\"samples\":{},\"savepoint_max_over_min\":{:.2},\"savepoint_late_over_early_median\":{:.2},\"rss_max_over_min\":{:.2},\"rss_late_over_early_median\":{:.2}}}",
+        sizes.len(),
+        ratio(&sizes),
+        growth(&sizes),
+        ratio(&rss),
+        growth(&rss)
     );
 }
 
@@ -238,6 +322,13 @@ fn main() {
             num(3, 2) as u32,
             num(4, 1_000_000),
         ),
+        Some("skew") => skew(
+            num(1, 600),
+            num(2, 30),
+            num(3, 100_000),
+            num(4, 2) as u32,
+            num(5, 10_000),
+        ),
         Some("write") => write_only(
             args.get(1)
                 .map(String::as_str)
@@ -251,7 +342,7 @@ fn main() {
                 .unwrap_or("/tmp/sjob-bench-savepoints"),
         ),
         _ => eprintln!(
-            "usage: engine throughput [SECONDS] [KEYS] [P] | windows [SECONDS] [KEYS] [P] [SIZE_MS] | savepoint [KEYS] [PAYLOAD_BYTES] [DIR] | write [DIR]"
+            "usage: engine throughput [SECONDS] [KEYS] [P] | windows [SECONDS] [KEYS] [P] [SIZE_MS] | skew [SECONDS] [EVERY_S] [KEYS] [P] [SIZE_MS] | savepoint [KEYS] [PAYLOAD_BYTES] [DIR] | write [DIR]"
         ),
     }
 }

@@ -184,6 +184,11 @@ impl Output {
         match self.partitioning {
             Some(Partitioning::Hash) => {
                 let p = n as u32;
+                // Sized up front: grown by doubling, a batch is copied a few times over.
+                let share = records.len() / n + records.len() / (4 * n) + 8;
+                for buf in &mut self.buffers {
+                    buf.reserve(share);
+                }
                 for rec in records {
                     let kg = match &rec.key {
                         Some(k) => key_group(k, self.max_parallelism),

@@ -18,10 +18,15 @@ use super::operators::{Operator, add, key_of, pick_max, pick_min};
 use super::spec::{LateRecords, WindowAggregate, WindowSpec};
 use super::state::KeyedState;
 use crate::savepoint::schema::{FieldSchema, FieldType, StateSchema};
-use crate::savepoint::statefile::{StateEntry, SubtaskSnapshot};
-use crate::savepoint::value::{Name, Record, Row, Value, intern};
-use std::collections::{BTreeMap, BTreeSet};
+use crate::savepoint::statefile::{MapEntries, StateEntry, SubtaskSnapshot};
+use crate::savepoint::value::{Fields, Name, Record, Row, Value, intern};
+use smallvec::SmallVec;
+use std::collections::BTreeMap;
 use std::sync::Arc;
+
+/// The windows due at one watermark: (key group, key, window start). Most fixed windows of
+/// many keys end together; a window of its own end needs no allocation.
+type Due = SmallVec<[(u32, Value, i64); 1]>;
 
 /// One aggregate as a window computes it.
 #[derive(Clone, Debug)]
@@ -119,6 +124,18 @@ pub fn window_schema(w: &WindowSpec) -> StateSchema {
     StateSchema { fields }
 }
 
+/// `slot += v`, as `add` does it; integers without building a new value.
+fn add_in_place(slot: &mut Value, v: &Value) -> Result<(), String> {
+    if let (Value::Int(a), Value::Int(b)) = (&mut *slot, v)
+        && let Some(sum) = a.checked_add(*b)
+    {
+        *a = sum;
+        return Ok(());
+    }
+    *slot = add(slot, v)?;
+    Ok(())
+}
+
 /// Where records later than the allowed lateness go.
 #[derive(Clone, Copy, PartialEq)]
 enum LateOutcome {
@@ -146,7 +163,9 @@ pub(crate) struct WindowOp {
     state: KeyedState,
     /// (due, key group, key, window start): the window fires, or with allowed lateness once
     /// fired, goes, when the watermark reaches `due`. Rebuilt from state on restore.
-    timers: BTreeSet<(i64, u32, Value, i64)>,
+    /// Entries are not removed when a window changes (a session merged or extended): a
+    /// timer whose due no longer matches its window's is stale and skipped when it comes.
+    timers: BTreeMap<i64, Due>,
     watermark: i64,
     late: u64,
     names: OutNames,
@@ -243,7 +262,7 @@ impl WindowOp {
             },
             side: Vec::new(),
             state,
-            timers: BTreeSet::new(),
+            timers: BTreeMap::new(),
             watermark: i64::MIN,
             late: 0,
             names: OutNames {
@@ -310,14 +329,24 @@ impl WindowOp {
             let v = a.field.and_then(|f| rec.get(f)).unwrap_or(&Value::Null);
             let c = a.column;
             match a.function {
-                WindowAggregate::Count => row[c] = add(&row[c], &Value::Int(1))?,
-                WindowAggregate::Sum => row[c] = add(&row[c], v)?,
-                WindowAggregate::Min => row[c] = pick_min(&row[c], v),
-                WindowAggregate::Max => row[c] = pick_max(&row[c], v),
+                WindowAggregate::Count => add_in_place(&mut row[c], &Value::Int(1))?,
+                WindowAggregate::Sum => add_in_place(&mut row[c], v)?,
+                WindowAggregate::Min => {
+                    let m = pick_min(&row[c], v);
+                    if m != row[c] {
+                        row[c] = m;
+                    }
+                }
+                WindowAggregate::Max => {
+                    let m = pick_max(&row[c], v);
+                    if m != row[c] {
+                        row[c] = m;
+                    }
+                }
                 WindowAggregate::Avg => {
                     if !matches!(v, Value::Null) {
-                        row[c] = add(&row[c], v)?;
-                        row[c + 1] = add(&row[c + 1], &Value::Int(1))?;
+                        add_in_place(&mut row[c], v)?;
+                        add_in_place(&mut row[c + 1], &Value::Int(1))?;
                     }
                 }
             }
@@ -343,10 +372,11 @@ impl WindowOp {
     }
 
     fn result(&self, key: &Value, start: i64, end: i64, row: &[Value]) -> Record {
-        let mut rec = Record::default();
-        rec.set(self.names.key, key.clone());
-        rec.set(self.names.start, Value::Int(start));
-        rec.set(self.names.end, Value::Int(end));
+        // Pushed, not set: the names are distinct (the job file's check).
+        let mut fields = Fields::with_capacity(3 + self.aggs.len() + self.reduce.len());
+        fields.push((self.names.key, key.clone()));
+        fields.push((self.names.start, Value::Int(start)));
+        fields.push((self.names.end, Value::Int(end)));
         for a in &self.aggs {
             let v = match a.function {
                 WindowAggregate::Avg => match (row[a.column].as_f64(), &row[a.column + 1]) {
@@ -355,12 +385,12 @@ impl WindowOp {
                 },
                 _ => row[a.column].clone(),
             };
-            rec.set(a.out, v);
+            fields.push((a.out, v));
         }
         for f in &self.reduce {
-            rec.set(f.name, row[f.column].clone());
+            fields.push((f.name, row[f.column].clone()));
         }
-        rec
+        Record { fields, key: None }
     }
 
     fn end_of(&self, start: i64, row: &[Value]) -> i64 {
@@ -409,7 +439,7 @@ impl WindowOp {
         }
         let table = self.state.table_mut(0, kg);
         if table.get(key).is_none() {
-            table.insert(key.clone(), StateEntry::Map(BTreeMap::new()));
+            table.insert(key.clone(), StateEntry::Map(MapEntries::with_capacity(1)));
         }
         let Some(StateEntry::Map(windows)) = table.get_mut(key) else {
             return Err("window: state of another kind under this key".into());
@@ -428,8 +458,7 @@ impl WindowOp {
         }
         let result = refire.then(|| row.to_vec());
         if created {
-            self.timers
-                .insert((self.due(end, refire), kg, key.clone(), start));
+            self.add_timer(self.due(end, refire), kg, key.clone(), start);
         }
         if let Some(row) = result {
             // A late record within the allowed lateness: the window fires again, updated.
@@ -458,7 +487,11 @@ impl WindowOp {
         // walking back from the last one starting by `end` finds them all.
         let mut merged: Vec<(i64, Row)> = Vec::new();
         if let Some(StateEntry::Map(windows)) = self.state.table(0, kg).get(key) {
-            for (s, row) in windows.range(..=Value::Int(end)).rev() {
+            let after = match windows.find_index(&Value::Int(end)) {
+                Ok(i) => i + 1,
+                Err(i) => i,
+            };
+            for (s, row) in (0..after).rev().filter_map(|i| windows.get_indexed(i)) {
                 let Value::Int(s) = s else { continue };
                 let e = self.end_of(*s, row);
                 if e < start {
@@ -473,12 +506,11 @@ impl WindowOp {
             return Ok(false);
         }
         let mut row: Vec<Value> = self.empty.to_vec();
+        // The merged sessions' timers go stale; the same session unchanged keeps its own.
+        let mut unchanged = false;
         for (s, old) in &merged {
             Self::merge(&self.aggs, &mut row, old)?;
-            let old_end = self.end_of(*s, old);
-            let old_fired = self.fired(old);
-            self.timers
-                .remove(&(self.due(old_end, old_fired), kg, key.clone(), *s));
+            unchanged |= *s == start && self.end_of(*s, old) == end;
         }
         Self::accumulate(&self.aggs, &self.reduce, &self.uid, &mut row, rec)?;
         row[end_column] = Value::Int(end);
@@ -487,9 +519,13 @@ impl WindowOp {
             // A session that reaches past the watermark again fires again when it ends.
             row[c] = Value::Bool(refire);
         }
+        let was_fired = merged
+            .iter()
+            .find(|(s, _)| *s == start)
+            .is_some_and(|(_, old)| self.fired(old));
         let table = self.state.table_mut(0, kg);
         if table.get(key).is_none() {
-            table.insert(key.clone(), StateEntry::Map(BTreeMap::new()));
+            table.insert(key.clone(), StateEntry::Map(MapEntries::with_capacity(1)));
         }
         let Some(StateEntry::Map(windows)) = table.get_mut(key) else {
             return Err("window: state of another kind under this key".into());
@@ -498,53 +534,67 @@ impl WindowOp {
             windows.remove(&Value::Int(*s));
         }
         windows.insert(Value::Int(start), Row::from(row.clone()));
-        self.timers
-            .insert((self.due(end, refire), kg, key.clone(), start));
+        // Registered once per (due, window): a second timer at the same due would fire it twice.
+        if !(unchanged && was_fired == refire) {
+            self.add_timer(self.due(end, refire), kg, key.clone(), start);
+        }
         if refire {
             out.push(self.result(key, start, end, &row));
         }
         Ok(true)
     }
 
+    fn add_timer(&mut self, due: i64, kg: u32, key: Value, start: i64) {
+        self.timers.entry(due).or_default().push((kg, key, start));
+    }
+
     fn fire(&mut self, up_to: i64, out: &mut Vec<Record>) {
-        while let Some(first) = self.timers.first() {
-            if first.0 > up_to {
+        while let Some(first) = self.timers.first_entry() {
+            if *first.key() > up_to {
                 break;
             }
-            let Some((_, kg, key, start)) = self.timers.pop_first() else {
-                break;
-            };
-            let row = match self.state.table(0, kg).get(&key) {
-                Some(StateEntry::Map(windows)) => windows.get(&Value::Int(start)).cloned(),
-                _ => None,
-            };
-            let Some(row) = row else { continue };
-            let end = self.end_of(start, &row);
-            let fired = self.fired(&row);
-            if !fired {
-                out.push(self.result(&key, start, end, &row));
+            let (due, windows) = first.remove_entry();
+            for (kg, key, start) in windows {
+                self.fire_one(due, kg, key, start, out);
             }
-            let keep = !fired && self.lateness > 0 && !self.is_late(end);
-            let table = self.state.table_mut(0, kg);
-            let mut now_empty = false;
-            if let Some(StateEntry::Map(windows)) = table.get_mut(&key) {
-                if keep {
-                    if let (Some(c), Some(r)) =
-                        (self.fired_column, windows.get_mut(&Value::Int(start)))
-                    {
-                        Arc::make_mut(r)[c] = Value::Bool(true);
-                    }
-                } else {
-                    windows.remove(&Value::Int(start));
-                    now_empty = windows.is_empty();
-                }
-            }
-            if now_empty {
-                table.remove(&key);
-            }
+        }
+    }
+
+    /// Fires (or with allowed lateness, keeps as fired or drops) one window whose timer is
+    /// due, unless the timer is stale.
+    fn fire_one(&mut self, due: i64, kg: u32, key: Value, start: i64, out: &mut Vec<Record>) {
+        let row = match self.state.table(0, kg).get(&key) {
+            Some(StateEntry::Map(windows)) => windows.get(&Value::Int(start)).cloned(),
+            _ => None,
+        };
+        let Some(row) = row else { return };
+        let end = self.end_of(start, &row);
+        let fired = self.fired(&row);
+        if self.due(end, fired) != due {
+            return;
+        }
+        if !fired {
+            out.push(self.result(&key, start, end, &row));
+        }
+        let keep = !fired && self.lateness > 0 && !self.is_late(end);
+        let table = self.state.table_mut(0, kg);
+        let mut now_empty = false;
+        if let Some(StateEntry::Map(windows)) = table.get_mut(&key) {
             if keep {
-                self.timers.insert((self.due(end, true), kg, key, start));
+                if let (Some(c), Some(r)) = (self.fired_column, windows.get_mut(&Value::Int(start)))
+                {
+                    Arc::make_mut(r)[c] = Value::Bool(true);
+                }
+            } else {
+                windows.remove(&Value::Int(start));
+                now_empty = windows.is_empty();
             }
+        }
+        if now_empty {
+            table.remove(&key);
+        }
+        if keep {
+            self.add_timer(self.due(end, true), kg, key, start);
         }
     }
 }
@@ -612,13 +662,14 @@ impl Operator for WindowOp {
     }
 
     fn restored(&mut self) {
-        let mut timers = BTreeSet::new();
+        let mut timers: BTreeMap<i64, Due> = BTreeMap::new();
         for (kg, key, entry) in self.state.iter(0) {
             if let StateEntry::Map(windows) = entry {
-                for (start, row) in windows {
+                for (start, row) in windows.iter() {
                     if let Value::Int(s) = start {
                         let end = self.end_of(*s, row);
-                        timers.insert((self.due(end, self.fired(row)), kg, key.clone(), *s));
+                        let due = self.due(end, self.fired(row));
+                        timers.entry(due).or_default().push((kg, key.clone(), *s));
                     }
                 }
             }

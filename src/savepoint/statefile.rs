@@ -16,15 +16,18 @@ use super::metadata::{
 };
 use super::store::{Store, StoreError};
 use super::value::{Row, Value};
-use std::collections::BTreeMap;
 use std::sync::Arc;
+
+/// One key's map state, sorted by map key. A flat vector: a key holds few entries (a window
+/// operator's, one or two windows), where a B-tree allocates a node for eleven.
+pub type MapEntries = litemap::LiteMap<Value, Row>;
 
 /// The state one key holds in one keyed state.
 #[derive(Clone, Debug, PartialEq)]
 pub enum StateEntry {
     Value(Row),
     List(Vec<Row>),
-    Map(BTreeMap<Value, Row>),
+    Map(MapEntries),
 }
 
 pub use super::grouptable::GroupTable;
@@ -107,7 +110,7 @@ fn decode_entry(r: &mut Reader<'_>, kind: KeyedStateKind) -> Result<StateEntry, 
         }
         KeyedStateKind::Map => {
             let n = r.varint()?;
-            let mut map = BTreeMap::new();
+            let mut map = MapEntries::new();
             for _ in 0..n {
                 let k = r.value()?;
                 map.insert(k, r.row()?);
