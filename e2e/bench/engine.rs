@@ -3,7 +3,7 @@
 //!
 //!   cargo bench --bench engine -- throughput [SECONDS] [KEYS] [PARALLELISM]
 //!   cargo bench --bench engine -- windows [SECONDS] [KEYS] [PARALLELISM] [SIZE_MS]
-//!   cargo bench --bench engine -- skew [SECONDS] [EVERY_S] [KEYS] [PARALLELISM] [SIZE_MS]
+//!   cargo bench --bench engine -- skew [SECONDS] [EVERY_S] [KEYS] [PARALLELISM] [SIZE_MS] [MAX_DRIFT]
 //!   cargo bench --bench engine -- savepoint [KEYS] [PAYLOAD_BYTES] [DIR]
 //!
 //! Each prints one JSON object per line.
@@ -99,10 +99,20 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
 /// savepoint every `every` seconds: its size, the resident memory, and how far apart the
 /// source splits are (records), one JSON line per sample; then the largest sample over the
 /// smallest. State that grows without bound shows as a ratio that grows with the run.
-fn skew(seconds: u64, every: u64, keys: u64, parallelism: u32, size_ms: u64) {
+fn skew(
+    seconds: u64,
+    every: u64,
+    keys: u64,
+    parallelism: u32,
+    size_ms: u64,
+    max_drift: Option<&str>,
+) {
     let aggregates = "[{name: n, aggregate: count}, {name: total, aggregate: sum, field: value}, {name: low, aggregate: min, field: value}, {name: high, aggregate: max, field: value}, {name: mean, aggregate: avg, field: value}]";
     let yaml = format!(
-        "name: skew\nparallelism: {parallelism}\noperators:\n  - {{kind: generator, uid: source, keys: {keys}}}\n  - {{kind: keyBy, field: key}}\n  - {{kind: window, uid: windows, size: {size_ms}ms, aggregates: {aggregates}}}\n  - {{kind: discardSink}}\n"
+        "name: skew\nparallelism: {parallelism}\n{}operators:\n  - {{kind: generator, uid: source, keys: {keys}}}\n  - {{kind: keyBy, field: key}}\n  - {{kind: window, uid: windows, size: {size_ms}ms, aggregates: {aggregates}}}\n  - {{kind: discardSink}}\n",
+        max_drift
+            .map(|d| format!("watermarks: {{maxDrift: {d}}}\n"))
+            .unwrap_or_default()
     );
     let spec = JobSpec::from_yaml(&yaml).expect("bench job parses");
     let dir = std::env::temp_dir().join(format!("sjob-bench-skew-{}", std::process::id()));
@@ -146,7 +156,8 @@ fn skew(seconds: u64, every: u64, keys: u64, parallelism: u32, size_ms: u64) {
         median(late) / median(early).max(1e-9)
     };
     println!(
-        "{{\"bench\":\"skew-summary\",\"engine\":\"sjob\",\"samples\":{},\"savepoint_max_over_min\":{:.2},\"savepoint_late_over_early_median\":{:.2},\"rss_max_over_min\":{:.2},\"rss_late_over_early_median\":{:.2}}}",
+        "{{\"bench\":\"skew-summary\",\"engine\":\"sjob\",\"max_drift\":\"{}\",\"samples\":{},\"savepoint_max_over_min\":{:.2},\"savepoint_late_over_early_median\":{:.2},\"rss_max_over_min\":{:.2},\"rss_late_over_early_median\":{:.2}}}",
+        max_drift.unwrap_or("none"),
         sizes.len(),
         ratio(&sizes),
         growth(&sizes),
@@ -328,6 +339,7 @@ fn main() {
             num(3, 100_000),
             num(4, 2) as u32,
             num(5, 10_000),
+            args.get(6).map(String::as_str),
         ),
         Some("write") => write_only(
             args.get(1)
@@ -342,7 +354,7 @@ fn main() {
                 .unwrap_or("/tmp/sjob-bench-savepoints"),
         ),
         _ => eprintln!(
-            "usage: engine throughput [SECONDS] [KEYS] [P] | windows [SECONDS] [KEYS] [P] [SIZE_MS] | skew [SECONDS] [EVERY_S] [KEYS] [P] [SIZE_MS] | savepoint [KEYS] [PAYLOAD_BYTES] [DIR] | write [DIR]"
+            "usage: engine throughput [SECONDS] [KEYS] [P] | windows [SECONDS] [KEYS] [P] [SIZE_MS] | skew [SECONDS] [EVERY_S] [KEYS] [P] [SIZE_MS] [MAX_DRIFT] | savepoint [KEYS] [PAYLOAD_BYTES] [DIR] | write [DIR]"
         ),
     }
 }

@@ -5,7 +5,8 @@
 # sample (savepoint MB, resident MB; sjob also the gap between its source splits) and, per
 # engine, the largest sample over the smallest: flat state stays within 2x.
 #
-# Env: SECONDS_RUN (600), EVERY (30), KEYS (100000), FLINK_HOME (/tmp/sjob-flink),
+# Env: SECONDS_RUN (600), EVERY (30), KEYS (100000), MAX_DRIFT (sjob's watermarks.maxDrift, e.g.
+# 10s; none by default, as Flink's job has no alignment), FLINK_HOME (/tmp/sjob-flink),
 # FLINK_REST_PORT (8081).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,7 +21,7 @@ say "building (release)"
 cargo bench --bench engine --no-run >/dev/null 2>&1 || cargo bench --bench engine --no-run
 jar=$(bash e2e/flink/flink-local.sh job | tail -n 1)
 say "sjob, ${SECONDS_RUN} s"
-cargo bench -q --bench engine -- skew "$SECONDS_RUN" "$EVERY" "$KEYS" 2 10000
+cargo bench -q --bench engine -- skew "$SECONDS_RUN" "$EVERY" "$KEYS" 2 10000 ${MAX_DRIFT:+"$MAX_DRIFT"}
 say "Flink, ${SECONDS_RUN} s"
 bash e2e/flink/flink-local.sh start >&2
 trap 'bash e2e/flink/flink-local.sh stop >&2' EXIT

@@ -242,6 +242,30 @@ pub(crate) struct ChainOp {
     pub side: Option<usize>,
 }
 
+/// Runs `batch` through one operator of a chain into `out`: counted in, its side output into
+/// its side sink, its late records counted.
+fn process_one(
+    c: &mut ChainOp,
+    side_sinks: &mut [ChainOp],
+    shared: &Shared,
+    batch: Vec<Record>,
+    out: &mut Vec<Record>,
+) -> TaskResult {
+    shared.records_in[c.node].fetch_add(batch.len() as u64, Ordering::Relaxed);
+    c.op.process(batch, out)
+        .map_err(|e| format!("operator '{}': {e}", c.uid))?;
+    if let Some(sink) = c.side.and_then(|k| side_sinks.get_mut(k)) {
+        run_side(sink, shared, c.op.take_side_output())?;
+    }
+    let late = c.op.late_records_dropped();
+    if late != c.late_counted {
+        shared.late_dropped[c.node]
+            .fetch_add(late.saturating_sub(c.late_counted), Ordering::Relaxed);
+        c.late_counted = late;
+    }
+    Ok(())
+}
+
 /// Runs `batch` through a side sink (a window's late-record sink), counting it.
 fn run_side(sink: &mut ChainOp, shared: &Shared, batch: Vec<Record>) -> TaskResult {
     if batch.is_empty() {
@@ -358,25 +382,10 @@ impl Task {
             if batch.is_empty() {
                 return Ok(());
             }
-            self.shared.records_in[c.node].fetch_add(batch.len() as u64, Ordering::Relaxed);
             // Empty: most operators hand their (changed) input batch on as the output.
             let mut out = Vec::new();
-            c.op.process(batch, &mut out)
-                .map_err(|e| format!("operator '{}': {e}", c.uid))?;
+            process_one(c, &mut self.side_sinks, &self.shared, batch, &mut out)?;
             self.shared.records_out[c.node].fetch_add(out.len() as u64, Ordering::Relaxed);
-            if let Some(k) = c.side {
-                run_side(
-                    &mut self.side_sinks[k],
-                    &self.shared,
-                    c.op.take_side_output(),
-                )?;
-            }
-            let late = c.op.late_records_dropped();
-            if late != c.late_counted {
-                self.shared.late_dropped[c.node]
-                    .fetch_add(late.saturating_sub(c.late_counted), Ordering::Relaxed);
-                c.late_counted = late;
-            }
             batch = out;
         }
         self.output.emit(batch);
@@ -396,16 +405,8 @@ impl Task {
             let mut out = Vec::new();
             let c = &mut self.chain[k];
             if !carry.is_empty() {
-                self.shared.records_in[c.node].fetch_add(carry.len() as u64, Ordering::Relaxed);
-                c.op.process(std::mem::take(&mut carry), &mut out)
-                    .map_err(|e| format!("operator '{}': {e}", c.uid))?;
-                if let Some(k) = c.side {
-                    run_side(
-                        &mut self.side_sinks[k],
-                        &self.shared,
-                        c.op.take_side_output(),
-                    )?;
-                }
+                let batch = std::mem::take(&mut carry);
+                process_one(c, &mut self.side_sinks, &self.shared, batch, &mut out)?;
             }
             c.op.on_watermark(wm, &mut out)
                 .map_err(|e| format!("operator '{}': {e}", c.uid))?;
@@ -437,15 +438,8 @@ impl Task {
             let mut out = Vec::new();
             let c = &mut self.chain[k];
             if !carry.is_empty() {
-                c.op.process(std::mem::take(&mut carry), &mut out)
-                    .map_err(|e| format!("operator '{}': {e}", c.uid))?;
-                if let Some(k) = c.side {
-                    run_side(
-                        &mut self.side_sinks[k],
-                        &self.shared,
-                        c.op.take_side_output(),
-                    )?;
-                }
+                let batch = std::mem::take(&mut carry);
+                process_one(c, &mut self.side_sinks, &self.shared, batch, &mut out)?;
             }
             c.op.finish(&mut out)
                 .map_err(|e| format!("operator '{}': {e}", c.uid))?;
