@@ -5,6 +5,7 @@
 //!   cargo bench --bench engine -- windows [SECONDS] [KEYS] [PARALLELISM] [SIZE_MS]
 //!   cargo bench --bench engine -- skew [SECONDS] [EVERY_S] [KEYS] [PARALLELISM] [SIZE_MS] [MAX_DRIFT]
 //!   cargo bench --bench engine -- savepoint [KEYS] [PAYLOAD_BYTES] [DIR]
+//!   cargo bench --bench engine -- bounded count|windows-1000s|windows-1ms [RECORDS]
 //!
 //! Each prints one JSON object per line.
 
@@ -46,10 +47,51 @@ fn percentile(v: &mut [u64], p: f64) -> u64 {
     v[i]
 }
 
-fn throughput(seconds: u64, keys: u64, parallelism: u32) {
-    let yaml = format!(
-        "name: count\nparallelism: {parallelism}\noperators:\n  - {{kind: generator, uid: source, keys: {keys}}}\n  - {{kind: keyBy, field: key}}\n  - {{kind: count, uid: counter}}\n  - {{kind: discardSink}}\n"
+/// The keyed count job: unbounded, or `count` records.
+fn count_yaml(keys: u64, parallelism: u32, count: Option<u64>) -> String {
+    let count = count.map(|n| format!(", count: {n}")).unwrap_or_default();
+    format!(
+        "name: count\nparallelism: {parallelism}\noperators:\n  - {{kind: generator, uid: source, keys: {keys}{count}}}\n  - {{kind: keyBy, field: key}}\n  - {{kind: count, uid: counter}}\n  - {{kind: discardSink}}\n"
+    )
+}
+
+/// The windows job (five aggregates): unbounded, or `count` records.
+fn windows_yaml(keys: u64, parallelism: u32, size_ms: u64, count: Option<u64>) -> String {
+    let aggregates = "[{name: n, aggregate: count}, {name: total, aggregate: sum, field: value}, {name: low, aggregate: min, field: value}, {name: high, aggregate: max, field: value}, {name: mean, aggregate: avg, field: value}]";
+    let count = count.map(|n| format!(", count: {n}")).unwrap_or_default();
+    format!(
+        "name: windows\nparallelism: {parallelism}\noperators:\n  - {{kind: generator, uid: source, keys: {keys}{count}}}\n  - {{kind: keyBy, field: key}}\n  - {{kind: window, uid: windows, size: {size_ms}ms, aggregates: {aggregates}}}\n  - {{kind: discardSink}}\n"
+    )
+}
+
+/// Runs one workload over `records` records to its end (for `e2e/bench/instructions.sh`, which
+/// counts the instructions under callgrind): `count`, `windows-1000s` or `windows-1ms`, 100,000
+/// keys, p=2.
+fn bounded(workload: &str, records: u64) {
+    let yaml = match workload {
+        "count" => count_yaml(100_000, 2, Some(records)),
+        "windows-1000s" => windows_yaml(100_000, 2, 1_000_000, Some(records)),
+        "windows-1ms" => windows_yaml(100_000, 2, 1, Some(records)),
+        other => {
+            eprintln!(
+                "bounded: unknown workload '{other}'; expected count, windows-1000s or windows-1ms"
+            );
+            std::process::exit(2);
+        }
+    };
+    let spec = JobSpec::from_yaml(&yaml).expect("bench job parses");
+    let started = Instant::now();
+    let job = engine::start(&spec, JobOptions::default()).expect("bench job starts");
+    let state = job.wait();
+    assert_eq!(state, JobState::Finished, "{:?}", job.failure());
+    println!(
+        "{{\"bench\":\"bounded\",\"workload\":\"{workload}\",\"records\":{records},\"seconds\":{:.2}}}",
+        started.elapsed().as_secs_f64()
     );
+}
+
+fn throughput(seconds: u64, keys: u64, parallelism: u32) {
+    let yaml = count_yaml(keys, parallelism, None);
     let (dt, rps) = records_per_s(&yaml, "counter", seconds);
     println!(
         "{{\"bench\":\"throughput\",\"engine\":\"sjob\",\"keys\":{keys},\"parallelism\":{parallelism},\"seconds\":{dt:.2},\"records_per_s\":{rps:.0},\"peak_rss_mb\":{:.1}}}",
@@ -61,10 +103,7 @@ fn throughput(seconds: u64, keys: u64, parallelism: u32) {
 /// avg of the value) over the generator's records (ts i ms, key i mod keys): with 100,000
 /// keys, 1,000 s windows hold 10 records per key, 1 ms windows one record each.
 fn windows(seconds: u64, keys: u64, parallelism: u32, size_ms: u64) {
-    let aggregates = "[{name: n, aggregate: count}, {name: total, aggregate: sum, field: value}, {name: low, aggregate: min, field: value}, {name: high, aggregate: max, field: value}, {name: mean, aggregate: avg, field: value}]";
-    let yaml = format!(
-        "name: windows\nparallelism: {parallelism}\noperators:\n  - {{kind: generator, uid: source, keys: {keys}}}\n  - {{kind: keyBy, field: key}}\n  - {{kind: window, uid: windows, size: {size_ms}ms, aggregates: {aggregates}}}\n  - {{kind: discardSink}}\n"
-    );
+    let yaml = windows_yaml(keys, parallelism, size_ms, None);
     let (dt, rps) = records_per_s(&yaml, "windows", seconds);
     println!(
         "{{\"bench\":\"windows\",\"engine\":\"sjob\",\"keys\":{keys},\"parallelism\":{parallelism},\"size_ms\":{size_ms},\"seconds\":{dt:.2},\"records_per_s\":{rps:.0},\"peak_rss_mb\":{:.1}}}",
@@ -107,13 +146,14 @@ fn skew(
     size_ms: u64,
     max_drift: Option<&str>,
 ) {
-    let aggregates = "[{name: n, aggregate: count}, {name: total, aggregate: sum, field: value}, {name: low, aggregate: min, field: value}, {name: high, aggregate: max, field: value}, {name: mean, aggregate: avg, field: value}]";
-    let yaml = format!(
-        "name: skew\nparallelism: {parallelism}\n{}operators:\n  - {{kind: generator, uid: source, keys: {keys}}}\n  - {{kind: keyBy, field: key}}\n  - {{kind: window, uid: windows, size: {size_ms}ms, aggregates: {aggregates}}}\n  - {{kind: discardSink}}\n",
-        max_drift
-            .map(|d| format!("watermarks: {{maxDrift: {d}}}\n"))
-            .unwrap_or_default()
-    );
+    let yaml = match max_drift {
+        Some(d) => windows_yaml(keys, parallelism, size_ms, None).replacen(
+            "operators:",
+            &format!("watermarks: {{maxDrift: {d}}}\noperators:"),
+            1,
+        ),
+        None => windows_yaml(keys, parallelism, size_ms, None),
+    };
     let spec = JobSpec::from_yaml(&yaml).expect("bench job parses");
     let dir = std::env::temp_dir().join(format!("sjob-bench-skew-{}", std::process::id()));
     let job = engine::start(&spec, JobOptions::default()).expect("bench job starts");
@@ -341,6 +381,10 @@ fn main() {
             num(5, 10_000),
             args.get(6).map(String::as_str),
         ),
+        Some("bounded") => bounded(
+            args.get(1).map(String::as_str).unwrap_or("count"),
+            num(2, 500_000),
+        ),
         Some("write") => write_only(
             args.get(1)
                 .map(String::as_str)
@@ -354,7 +398,7 @@ fn main() {
                 .unwrap_or("/tmp/sjob-bench-savepoints"),
         ),
         _ => eprintln!(
-            "usage: engine throughput [SECONDS] [KEYS] [P] | windows [SECONDS] [KEYS] [P] [SIZE_MS] | skew [SECONDS] [EVERY_S] [KEYS] [P] [SIZE_MS] [MAX_DRIFT] | savepoint [KEYS] [PAYLOAD_BYTES] [DIR] | write [DIR]"
+            "usage: engine throughput [SECONDS] [KEYS] [P] | windows [SECONDS] [KEYS] [P] [SIZE_MS] | skew [SECONDS] [EVERY_S] [KEYS] [P] [SIZE_MS] [MAX_DRIFT] | savepoint [KEYS] [PAYLOAD_BYTES] [DIR] | bounded WORKLOAD [RECORDS] | write [DIR]"
         ),
     }
 }
