@@ -52,6 +52,12 @@ scenarios = [
     ("6. API writes while nothing changes", "writes", pick("operator_footprint", "api_writes_in_window"), [], "lower", "target 0"),
     ("7. retention sweep, 10,000 savepoints", "s", pick("retention_sweep", "sweep_s"), [], "lower", ""),
     ("7. retention sweep: operator API calls", "calls", pick("retention_sweep", "operator_api_calls_total"), [], "lower", ""),
+    ("8. instructions per record, keyed count", "instructions",
+     pick("instructions", "instructions_per_record", workload="count"), [], "lower", "callgrind, N and 2N records"),
+    ("8. instructions per record, 1,000 s windows", "instructions",
+     pick("instructions", "instructions_per_record", workload="windows-1000s"), [], "lower", "firing included"),
+    ("8. instructions per record, 1 ms windows", "instructions",
+     pick("instructions", "instructions_per_record", workload="windows-1ms"), [], "lower", ""),
 ]
 
 results = []

@@ -14,6 +14,7 @@
 #   6. operator footprint: resident memory idle and with 1,000 StatefulJobs, reconciles and
 #      API writes per job while nothing changes
 #   7. retention sweep over 10,000 savepoints: time and API calls
+#   8. instructions per record of the keyed count and the window workloads (sjob, callgrind)
 #
 # Env: RUNS (3), SECONDS_MEASURED (20), OUT (target/bench), FLINK_HOME (/tmp/sjob-flink),
 # FLINK_REST_PORT (8081), FLINK_TASK_HEAP_MB (4096: room for Flink's ~1.5 GB of live heap state in
@@ -65,6 +66,12 @@ for run in $(seq "$RUNS"); do
   say "run $run of $RUNS: retention sweep over 10,000 savepoints"
   cargo bench -q --bench operator -- retention 10000 | record
 done
+say "instructions per record (callgrind; counts do not depend on the machine's load)"
+if command -v valgrind >/dev/null; then
+  bash e2e/bench/instructions.sh | record
+else
+  say "valgrind not found (apt-get install -y valgrind): no instruction counts"
+fi
 
 py=python3
 if ! python3 -c "import matplotlib" 2>/dev/null; then
