@@ -23,15 +23,20 @@ fn records_in(job: &JobHandle, uid: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn peak_rss_mb() -> f64 {
+/// A memory figure of this process from /proc/self/status (`VmHWM:` peak, `VmRSS:` now), in MB.
+fn status_mb(field: &str) -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kb| kb.parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
+}
+
+fn peak_rss_mb() -> f64 {
+    status_mb("VmHWM:")
 }
 
 fn reset_peak_rss() {
@@ -112,14 +117,7 @@ fn windows(seconds: u64, keys: u64, parallelism: u32, size_ms: u64) {
 }
 
 fn rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
+    status_mb("VmRSS:")
 }
 
 fn dir_bytes(dir: &std::path::Path) -> u64 {

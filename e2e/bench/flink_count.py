@@ -19,16 +19,7 @@ EXTRA = sys.argv[8:]
 
 
 def taskmanager_peak_rss_mb():
-    """VmHWM of the TaskManager started by flink-local.sh (0 when it cannot be read)."""
-    try:
-        home = os.environ.get("FLINK_HOME", "/tmp/sjob-flink")
-        pid = open(os.path.join(home, "taskmanager.pid")).read().strip()
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return 0
+    return flink_rest.taskmanager_mb("VmHWM:")
 
 
 def call(method, path, body=None, headers=None):

@@ -49,3 +49,17 @@ def dir_bytes(location):
     """The bytes of every file of a savepoint directory."""
     d = local_path(location)
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
+
+
+def taskmanager_mb(field):
+    """A memory figure of the TaskManager started by flink-local.sh from /proc/<pid>/status
+    (`VmHWM:` peak, `VmRSS:` now), in MB; 0 when it cannot be read."""
+    try:
+        home = os.environ.get("FLINK_HOME", "/tmp/sjob-flink")
+        pid = open(os.path.join(home, "taskmanager.pid")).read().strip()
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith(field):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return 0

@@ -20,15 +20,7 @@ SIZE_MS = int(sys.argv[7]) if len(sys.argv) > 7 else 10000
 
 
 def taskmanager_rss_mb():
-    home = os.environ.get("FLINK_HOME", "/tmp/sjob-flink")
-    try:
-        pid = open(os.path.join(home, "taskmanager.pid")).read().strip()
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return 0
+    return flink_rest.taskmanager_mb("VmRSS:")
 
 
 jar_id = flink_rest.upload(REST, JAR)
