@@ -864,16 +864,18 @@ operators:
         "source subtasks drifted apart: gaps {gaps:?}"
     );
     // A tumbling window's state swings with the firing phase (a savepoint just after windows
-    // fired holds little), so one sample says little; growth shows in the medians: the later
-    // half's may not be above twice the earlier half's (without alignment it keeps doubling).
+    // fired holds little; measured 192 K to 555 K bytes with the gap held), so one sample says
+    // little: the later half's median may not be above twice the earlier half's largest
+    // (without alignment it keeps doubling, e.g. 373 K to 1.6 M in 9 s).
     let median = |part: &[u64]| {
         let mut v = part.to_vec();
         v.sort_unstable();
         v[v.len() / 2]
     };
     let (early, late) = sizes.split_at(sizes.len() / 2);
+    let early_max = early.iter().copied().max().unwrap_or(0);
     assert!(
-        median(late) <= 2 * median(early),
+        median(late) <= 2 * early_max,
         "window state grew: savepoint sizes {sizes:?}, gaps {gaps:?}"
     );
 }
