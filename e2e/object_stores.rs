@@ -584,7 +584,9 @@ fn throttling_is_retried_and_an_outage_fails_checkpoints_while_the_job_runs_on()
     let proxy = FaultProxy::start(s3().endpoint());
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("out");
-    let records = 200_000;
+    // 50 s of records: the job must outlast a first checkpoint, the throttling, an outage longer
+    // than the store's retries (up to 20 s) and two checkpoints after it, on a loaded machine too.
+    let records = 500_000;
     std::fs::write(
         work.path().join("job.yaml"),
         count_job(&out, &format!("s3://{BUCKET}/fault-test"), records, 10_000),
