@@ -78,11 +78,11 @@ impl Expr {
     pub fn eval(&self, rec: &Record, acc: Option<&[(&str, &Value)]>) -> Result<Value, String> {
         let mut ctx = cel::Context::with_env(env());
         for (n, v) in &rec.fields {
-            ctx.add_variable_from_value(*n, to_cel(v));
+            ctx.add_variable_from_value(n.as_str(), to_cel(v));
         }
         ctx.add_variable_from_value(
             "record",
-            fields_map(rec.fields.iter().map(|(n, v)| (*n, v))),
+            fields_map(rec.fields.iter().map(|(n, v)| (n.as_str(), v))),
         );
         if let Some(acc) = acc {
             ctx.add_variable_from_value("acc", fields_map(acc.iter().copied()));

@@ -172,7 +172,7 @@ impl Operator for MapOp {
                 values.push(e.eval(rec, None)?);
             }
             for ((name, _), v) in self.set.iter().zip(values) {
-                rec.set(name, v);
+                rec.set(*name, v);
             }
             if !self.drop.is_empty() {
                 rec.fields.retain(|(n, _)| !self.drop.contains(n));
@@ -384,7 +384,7 @@ impl Operator for ReduceOp {
                 .fields
                 .iter()
                 .zip(current.iter())
-                .map(|(f, v)| (f.name, v))
+                .map(|(f, v)| (f.name.as_str(), v))
                 .collect();
             let mut next = Vec::with_capacity(self.fields.len());
             for f in &self.fields {

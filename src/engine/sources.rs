@@ -6,7 +6,6 @@ use super::spec::{FileFormat, OperatorSpec};
 use crate::savepoint::metadata::SplitPosition;
 use crate::savepoint::value::{Fields, Name, Record, Row, Value, intern};
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub enum Poll {
@@ -183,7 +182,7 @@ impl Generator {
             let mut p = format!("{i:016x}");
             p.truncate(n);
             p.extend(std::iter::repeat_n('.', n.saturating_sub(p.len())));
-            fields.push((self.names[4], Value::Str(Arc::from(p.as_str()))));
+            fields.push((self.names[4], Value::from(p.as_str())));
         }
         Record { fields, key: None }
     }

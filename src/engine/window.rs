@@ -303,7 +303,7 @@ impl WindowOp {
         let acc: Vec<(&str, &Value)> = reduce
             .iter()
             .zip(&before)
-            .map(|(f, v)| (f.name, v))
+            .map(|(f, v)| (f.name.as_str(), v))
             .collect();
         for f in reduce {
             let v = f

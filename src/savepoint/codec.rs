@@ -5,7 +5,6 @@
 //! UTF-8 bytes). Lengths and counts are unsigned LEB128 varints.
 
 use super::value::{Row, Value};
-use std::sync::Arc;
 
 const NULL: u8 = 0;
 const FALSE: u8 = 1;
@@ -122,7 +121,7 @@ impl<'a> Reader<'a> {
                 let start = self.pos;
                 let bytes = self.take(len)?;
                 let s = std::str::from_utf8(bytes).map_err(|_| DecodeError::Utf8(start))?;
-                Value::Str(Arc::from(s))
+                Value::from(s)
             }
             tag => return Err(DecodeError::BadTag { tag, at }),
         })

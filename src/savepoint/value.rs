@@ -2,12 +2,13 @@
 //!
 //! `Value` is deliberately small: null, bool, 64-bit int, 64-bit float and string. It has a
 //! total order and a hash (floats by bit pattern) so it can be a key, a map-state key and a
-//! sort key alike. Field names are interned as `&'static str`: there are few distinct names
+//! sort key alike. Field names are interned (`Name`, one pointer): there are few distinct names
 //! (they come from job files and input schemas) and records are cloned across threads on the
 //! hot path, where reference counting would bounce cache lines between cores.
 
+use arcstr::ArcStr;
 use std::cmp::Ordering;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -19,7 +20,7 @@ pub enum Value {
     Bool(bool),
     Int(i64),
     Float(f64),
-    Str(Arc<str>),
+    Str(ArcStr),
 }
 
 impl Value {
@@ -67,8 +68,8 @@ impl Value {
                 Some(i) => Value::Int(i),
                 None => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
             },
-            serde_json::Value::String(s) => Value::Str(Arc::from(s.as_str())),
-            other => Value::Str(Arc::from(other.to_string().as_str())),
+            serde_json::Value::String(s) => Value::Str(ArcStr::from(s.as_str())),
+            other => Value::Str(ArcStr::from(other.to_string())),
         }
     }
 
@@ -102,7 +103,7 @@ impl From<bool> for Value {
 }
 impl From<&str> for Value {
     fn from(v: &str) -> Self {
-        Value::Str(Arc::from(v))
+        Value::Str(ArcStr::from(v))
     }
 }
 
@@ -156,19 +157,71 @@ impl fmt::Display for Value {
     }
 }
 
-/// An interned field name.
-pub type Name = &'static str;
+/// An interned field name: one thin pointer, equal to another exactly when it is the same
+/// name (only `intern` makes one, and it makes each text once), so finding a field compares
+/// pointers, not text.
+#[derive(Clone, Copy)]
+pub struct Name(&'static &'static str);
 
-/// Interns a field name: the same text always yields the same `&'static str`.
+impl Name {
+    pub fn as_str(self) -> &'static str {
+        self.0
+    }
+}
+
+impl PartialEq for Name {
+    fn eq(&self, other: &Name) -> bool {
+        std::ptr::eq(self.0, other.0)
+    }
+}
+impl Eq for Name {}
+
+impl PartialEq<str> for Name {
+    fn eq(&self, other: &str) -> bool {
+        *self.0 == other
+    }
+}
+impl PartialEq<&str> for Name {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl Hash for Name {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.hash(state)
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.0
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl fmt::Debug for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(*self.0, f)
+    }
+}
+
+/// Interns a field name: the same text always yields the same `Name`.
 pub fn intern(name: &str) -> Name {
-    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    static NAMES: OnceLock<Mutex<HashMap<&'static str, Name>>> = OnceLock::new();
     thread_local! {
-        static LOCAL: std::cell::RefCell<HashSet<&'static str>> = std::cell::RefCell::new(HashSet::new());
+        static LOCAL: std::cell::RefCell<HashMap<&'static str, Name>> = std::cell::RefCell::new(HashMap::new());
     }
     if let Some(found) = LOCAL.with(|l| l.borrow().get(name).copied()) {
         return found;
     }
-    let names = NAMES.get_or_init(|| Mutex::new(HashSet::new()));
+    let names = NAMES.get_or_init(|| Mutex::new(HashMap::new()));
     let mut guard = match names.lock() {
         Ok(g) => g,
         Err(poisoned) => poisoned.into_inner(),
@@ -176,12 +229,13 @@ pub fn intern(name: &str) -> Name {
     let found = match guard.get(name) {
         Some(found) => *found,
         None => {
-            let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
-            guard.insert(leaked);
-            leaked
+            let text: &'static str = Box::leak(name.to_owned().into_boxed_str());
+            let made = Name(Box::leak(Box::new(text)));
+            guard.insert(text, made);
+            made
         }
     };
-    LOCAL.with(|l| l.borrow_mut().insert(found));
+    LOCAL.with(|l| l.borrow_mut().insert(found.0, found));
     found
 }
 
@@ -207,7 +261,7 @@ impl Record {
         }
     }
 
-    pub fn get(&self, name: &str) -> Option<&Value> {
+    pub fn get(&self, name: Name) -> Option<&Value> {
         self.fields.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
     }
 
@@ -222,7 +276,7 @@ impl Record {
     pub fn to_json(&self) -> serde_json::Value {
         let mut map = serde_json::Map::with_capacity(self.fields.len());
         for (n, v) in &self.fields {
-            map.insert((*n).to_owned(), v.to_json());
+            map.insert(n.to_string(), v.to_json());
         }
         serde_json::Value::Object(map)
     }
@@ -251,7 +305,24 @@ mod tests {
     fn interning_returns_the_same_pointer() {
         let a = intern("amount");
         let b = intern(&String::from("amount"));
-        assert!(std::ptr::eq(a, b));
+        assert!(std::ptr::eq(a.as_str(), b.as_str()));
+        assert_eq!(a, b);
+        assert_ne!(a, intern("amounts"));
+        assert_eq!(a, "amount");
+        // Equal names are the same name, so a record finds a field by any interning of it.
+        let rec = Record {
+            fields: [(a, Value::Int(1))].into_iter().collect(),
+            key: None,
+        };
+        assert_eq!(rec.get(intern("amount")), Some(&Value::Int(1)));
+        assert_eq!(rec.get(intern("other")), None);
+    }
+
+    #[test]
+    fn a_value_and_a_field_are_small() {
+        // What a record moves per field: a name pointer and a 16-byte value.
+        assert_eq!(std::mem::size_of::<Value>(), 16);
+        assert_eq!(std::mem::size_of::<(Name, Value)>(), 24);
     }
 
     #[test]
@@ -284,12 +355,11 @@ mod tests {
 /// last value, as `serde_json::Map` does; nested arrays and objects become their JSON text,
 /// as `Value::from_json` makes them.
 mod json {
-    use super::{Fields, Record, Value, intern};
+    use super::{Fields, Name, Record, Value, intern};
     use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
     use serde::ser::SerializeMap;
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
     use std::fmt;
-    use std::sync::Arc;
 
     struct JsonValue<'a>(&'a Value);
 
@@ -312,13 +382,13 @@ mod json {
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
             let mut m = s.serialize_map(Some(self.0.fields.len()))?;
             for (n, v) in &self.0.fields {
-                m.serialize_entry(n, &JsonValue(v))?;
+                m.serialize_entry(n.as_str(), &JsonValue(v))?;
             }
             m.end()
         }
     }
 
-    struct FieldName(&'static str);
+    struct FieldName(Name);
 
     impl<'de> Deserialize<'de> for FieldName {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -376,7 +446,7 @@ mod json {
             Ok(FieldValue(Value::Float(f)))
         }
         fn visit_str<E: de::Error>(self, s: &str) -> Result<FieldValue, E> {
-            Ok(FieldValue(Value::Str(Arc::from(s))))
+            Ok(FieldValue(Value::from(s)))
         }
         fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<FieldValue, A::Error> {
             let v = serde_json::Value::deserialize(de::value::SeqAccessDeserializer::new(seq))?;
@@ -442,11 +512,11 @@ mod json_tests {
         let via: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(text).unwrap();
         let expected = Record::from_json_object(&via);
         for (n, v) in &expected.fields {
-            assert_eq!(direct.get(n), Some(v), "{n}");
+            assert_eq!(direct.get(*n), Some(v), "{n}");
         }
         assert_eq!(direct.fields.len(), expected.fields.len());
         assert_eq!(
-            direct.get("b"),
+            direct.get(intern("b")),
             Some(&Value::Int(3)),
             "the last of a repeated name"
         );

@@ -17,7 +17,7 @@ use super::{client_config, default_prefix};
 use crate::engine::operators::Operator;
 use crate::engine::spec::{DeliveryGuarantee, KafkaFormat, KafkaSinkSpec, parse_duration};
 use crate::savepoint::statefile::SubtaskSnapshot;
-use crate::savepoint::value::{Record, Row, Value};
+use crate::savepoint::value::{Name, Record, Row, Value, intern};
 use rdkafka::ClientContext;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
@@ -81,6 +81,10 @@ pub struct KafkaSink {
     staged: Vec<Staged>,
     shadow: bool,
     timeout_ms: String,
+    /// `topicField`, `keyField` and `valueField`, interned.
+    topic_field: Option<Name>,
+    key_field: Option<Name>,
+    value_field: Name,
 }
 
 fn transactional(spec: &KafkaSinkSpec) -> bool {
@@ -117,6 +121,9 @@ impl KafkaSink {
             staged: Vec::new(),
             shadow,
             timeout_ms: timeout.as_millis().to_string(),
+            topic_field: spec.topic_field.as_deref().map(intern),
+            key_field: spec.key_field.as_deref().map(intern),
+            value_field: intern(&spec.value_field),
         })
     }
 
@@ -171,7 +178,7 @@ impl KafkaSink {
     }
 
     fn encode(&self, rec: &Record) -> Result<(String, Option<String>, Vec<u8>), String> {
-        let topic = match (&self.spec.topic, &self.spec.topic_field) {
+        let topic = match (&self.spec.topic, self.topic_field) {
             (Some(t), _) => t.clone(),
             (None, Some(f)) => match rec.get(f) {
                 Some(Value::Str(s)) => s.to_string(),
@@ -185,7 +192,7 @@ impl KafkaSink {
             },
             (None, None) => return Err(self.err("topic", "not set")),
         };
-        let key = self.spec.key_field.as_ref().and_then(|f| match rec.get(f) {
+        let key = self.key_field.and_then(|f| match rec.get(f) {
             Some(Value::Str(s)) => Some(s.to_string()),
             Some(Value::Null) | None => None,
             Some(v) => Some(v.to_json().to_string()),
@@ -196,7 +203,7 @@ impl KafkaSink {
                 rec.write_json(&mut out).map_err(|e| self.err("json", e))?;
                 out
             }
-            KafkaFormat::Raw => match rec.get(&self.spec.value_field) {
+            KafkaFormat::Raw => match rec.get(self.value_field) {
                 Some(Value::Str(s)) => s.as_bytes().to_vec(),
                 Some(Value::Null) | None => Vec::new(),
                 Some(v) => v.to_json().to_string().into_bytes(),
