@@ -8,7 +8,7 @@ use super::state::KeyedState;
 use crate::savepoint::keygroups::KeyGroupRange;
 use crate::savepoint::schema::FieldType;
 use crate::savepoint::statefile::{StateEntry, SubtaskSnapshot};
-use crate::savepoint::value::{Fields, Name, Record, Row, Value, intern};
+use crate::savepoint::value::{Fields, Key, Name, Record, Row, Value, intern};
 use std::sync::Arc;
 
 /// One operator instance (one subtask) inside a task.
@@ -66,7 +66,7 @@ fn keyed_snapshot(state: &KeyedState) -> SubtaskSnapshot {
 
 const NO_KEY: &str = "a record without a key reached a keyed operator";
 
-pub(crate) fn key_of(rec: &Record) -> Result<&Value, String> {
+pub(crate) fn key_of(rec: &Record) -> Result<&Key, String> {
     rec.key.as_ref().ok_or_else(|| NO_KEY.to_owned())
 }
 
@@ -214,7 +214,9 @@ struct KeyByOp {
 impl Operator for KeyByOp {
     fn process(&mut self, mut input: Vec<Record>, out: &mut Vec<Record>) -> Result<(), String> {
         for rec in &mut input {
-            rec.key = Some(rec.get(self.field).cloned().unwrap_or(Value::Null));
+            rec.key = Some(Key::new(
+                rec.get(self.field).cloned().unwrap_or(Value::Null),
+            ));
         }
         hand_over(input, out);
         Ok(())
@@ -306,7 +308,7 @@ impl Operator for AggOp {
     fn process(&mut self, mut input: Vec<Record>, out: &mut Vec<Record>) -> Result<(), String> {
         for rec in &mut input {
             let key = rec.key.take().ok_or_else(|| NO_KEY.to_owned())?;
-            let kg = self.state.group_of(&key)?;
+            let kg = self.state.group_of_key(&key)?;
             let input_value = match self.field {
                 None => Value::Int(1),
                 Some(f) => {
@@ -323,7 +325,7 @@ impl Operator for AggOp {
                 }
             };
             let table = self.state.table_mut(0, kg);
-            let result = match table.get_mut(&key) {
+            let result = match table.get_mut_hashed(key.hash, &key.value) {
                 Some(StateEntry::Value(row)) => {
                     let current = &row[0];
                     let next = match self.kind {
@@ -334,8 +336,9 @@ impl Operator for AggOp {
                     next
                 }
                 _ => {
-                    table.insert(
-                        key.clone(),
+                    table.insert_hashed(
+                        key.hash,
+                        key.value.clone(),
                         StateEntry::Value(Row::from([input_value.clone()])),
                     );
                     input_value
@@ -343,7 +346,7 @@ impl Operator for AggOp {
             };
             // The input record becomes the output, in place: key and result.
             rec.fields.clear();
-            rec.fields.push((*KEY, key));
+            rec.fields.push((*KEY, key.value));
             rec.fields.push((self.out_field, result));
         }
         hand_over(input, out);
@@ -375,8 +378,8 @@ impl Operator for ReduceOp {
         out.reserve(input.len());
         for rec in input {
             let key = key_of(&rec)?.clone();
-            let kg = self.state.group_of(&key)?;
-            let current: Row = match self.state.table(0, kg).get(&key) {
+            let kg = self.state.group_of_key(&key)?;
+            let current: Row = match self.state.table(0, kg).get_hashed(key.hash, &key.value) {
                 Some(StateEntry::Value(row)) => row.clone(),
                 _ => self.fields.iter().map(|f| f.default.clone()).collect(),
             };
@@ -405,11 +408,13 @@ impl Operator for ReduceOp {
                 next.push(f.ty.coerce(v));
             }
             let mut fields = Fields::with_capacity(next.len() + 1);
-            fields.push((*KEY, key.clone()));
+            fields.push((*KEY, key.value.clone()));
             fields.extend(self.fields.iter().map(|f| f.name).zip(next.iter().cloned()));
-            self.state
-                .table_mut(0, kg)
-                .insert(key, StateEntry::Value(Row::from(next)));
+            self.state.table_mut(0, kg).insert_hashed(
+                key.hash,
+                key.value,
+                StateEntry::Value(Row::from(next)),
+            );
             out.push(Record { fields, key: None });
         }
         Ok(())
@@ -431,11 +436,12 @@ impl Operator for DedupeOp {
         out.reserve(input.len());
         for mut rec in input {
             let key = key_of(&rec)?;
-            let kg = self.state.group_of(key)?;
+            let kg = self.state.group_of_key(key)?;
             let table = self.state.table_mut(0, kg);
-            if !table.contains_key(key) {
-                table.insert(
-                    key.clone(),
+            if table.get_hashed(key.hash, &key.value).is_none() {
+                table.insert_hashed(
+                    key.hash,
+                    key.value.clone(),
                     StateEntry::Value(Row::from([Value::Bool(true)])),
                 );
                 rec.key = None;

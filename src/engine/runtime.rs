@@ -19,7 +19,7 @@ use super::graph::Partitioning;
 use super::operators::Operator;
 use super::sources::Bound;
 use super::sources::{Poll, Source};
-use crate::savepoint::keygroups::{key_group, subtask_for_key_group};
+use crate::savepoint::keygroups::{key_group_of_hash, subtask_for_key_group};
 use crate::savepoint::metadata::SplitPosition;
 use crate::savepoint::paths;
 use crate::savepoint::statefile::{self, SubtaskSnapshot};
@@ -191,7 +191,7 @@ impl Output {
                 }
                 for rec in records {
                     let kg = match &rec.key {
-                        Some(k) => key_group(k, self.max_parallelism),
+                        Some(k) => key_group_of_hash(k.hash, self.max_parallelism),
                         None => 0,
                     };
                     let target = subtask_for_key_group(self.max_parallelism, p, kg) as usize;

@@ -6,9 +6,9 @@
 //! (see `savepoint::grouptable`). Processing goes on while the bytes are written, and the
 //! stall is bounded by the size of one shard, not of the whole state.
 
-use crate::savepoint::keygroups::{KeyGroupRange, key_group};
+use crate::savepoint::keygroups::{KeyGroupRange, key_group, key_group_of_hash};
 use crate::savepoint::statefile::{GroupTable, KeyedSnapshot, StateEntry};
-use crate::savepoint::value::Value;
+use crate::savepoint::value::{Key, Value};
 use std::sync::Arc;
 
 pub struct KeyedState {
@@ -40,7 +40,18 @@ impl KeyedState {
 
     /// The key group of a key, checked against this subtask's range.
     pub fn group_of(&self, key: &Value) -> Result<u32, String> {
-        let kg = key_group(key, self.max_parallelism);
+        self.checked(key, key_group(key, self.max_parallelism))
+    }
+
+    /// `group_of` a record's key, from the hash it carries.
+    pub fn group_of_key(&self, key: &Key) -> Result<u32, String> {
+        self.checked(
+            &key.value,
+            key_group_of_hash(key.hash, self.max_parallelism),
+        )
+    }
+
+    fn checked(&self, key: &Value, kg: u32) -> Result<u32, String> {
         if self.range.contains(kg) {
             Ok(kg)
         } else {

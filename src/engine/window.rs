@@ -19,7 +19,7 @@ use super::spec::{LateRecords, WindowAggregate, WindowSpec};
 use super::state::KeyedState;
 use crate::savepoint::schema::{FieldSchema, FieldType, StateSchema};
 use crate::savepoint::statefile::{MapEntries, StateEntry, SubtaskSnapshot};
-use crate::savepoint::value::{Fields, Name, Record, Row, Value, intern};
+use crate::savepoint::value::{Fields, Key, Name, Record, Row, Value, intern};
 use smallvec::SmallVec;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -428,7 +428,7 @@ impl WindowOp {
     fn add_fixed(
         &mut self,
         kg: u32,
-        key: &Value,
+        key: &Key,
         start: i64,
         end: i64,
         rec: &Record,
@@ -438,10 +438,11 @@ impl WindowOp {
             return Ok(false);
         }
         let table = self.state.table_mut(0, kg);
-        if table.get(key).is_none() {
-            table.insert(key.clone(), StateEntry::Map(MapEntries::with_capacity(1)));
-        }
-        let Some(StateEntry::Map(windows)) = table.get_mut(key) else {
+        let StateEntry::Map(windows) =
+            table.get_or_insert_with_hashed(key.hash, key.value.clone(), || {
+                StateEntry::Map(MapEntries::with_capacity(1))
+            })
+        else {
             return Err("window: state of another kind under this key".into());
         };
         let mut created = false;
@@ -458,11 +459,11 @@ impl WindowOp {
         }
         let result = refire.then(|| row.to_vec());
         if created {
-            self.add_timer(self.due(end, refire), kg, key.clone(), start);
+            self.add_timer(self.due(end, refire), kg, key.value.clone(), start);
         }
         if let Some(row) = result {
             // A late record within the allowed lateness: the window fires again, updated.
-            out.push(self.result(key, start, end, &row));
+            out.push(self.result(&key.value, start, end, &row));
         }
         Ok(true)
     }
@@ -472,7 +473,7 @@ impl WindowOp {
     fn add_session(
         &mut self,
         kg: u32,
-        key: &Value,
+        key: &Key,
         ts: i64,
         gap: i64,
         rec: &Record,
@@ -486,7 +487,9 @@ impl WindowOp {
         // The sessions this record's [ts, ts + gap) touches: sessions do not overlap, so
         // walking back from the last one starting by `end` finds them all.
         let mut merged: Vec<(i64, Row)> = Vec::new();
-        if let Some(StateEntry::Map(windows)) = self.state.table(0, kg).get(key) {
+        if let Some(StateEntry::Map(windows)) =
+            self.state.table(0, kg).get_hashed(key.hash, &key.value)
+        {
             let after = match windows.find_index(&Value::Int(end)) {
                 Ok(i) => i + 1,
                 Err(i) => i,
@@ -524,10 +527,11 @@ impl WindowOp {
             .find(|(s, _)| *s == start)
             .is_some_and(|(_, old)| self.fired(old));
         let table = self.state.table_mut(0, kg);
-        if table.get(key).is_none() {
-            table.insert(key.clone(), StateEntry::Map(MapEntries::with_capacity(1)));
-        }
-        let Some(StateEntry::Map(windows)) = table.get_mut(key) else {
+        let StateEntry::Map(windows) =
+            table.get_or_insert_with_hashed(key.hash, key.value.clone(), || {
+                StateEntry::Map(MapEntries::with_capacity(1))
+            })
+        else {
             return Err("window: state of another kind under this key".into());
         };
         for (s, _) in &merged {
@@ -536,10 +540,10 @@ impl WindowOp {
         windows.insert(Value::Int(start), Row::from(row.clone()));
         // Registered once per (due, window): a second timer at the same due would fire it twice.
         if !(unchanged && was_fired == refire) {
-            self.add_timer(self.due(end, refire), kg, key.clone(), start);
+            self.add_timer(self.due(end, refire), kg, key.value.clone(), start);
         }
         if refire {
-            out.push(self.result(key, start, end, &row));
+            out.push(self.result(&key.value, start, end, &row));
         }
         Ok(true)
     }
@@ -604,7 +608,7 @@ impl Operator for WindowOp {
         for mut rec in input {
             // The key is borrowed: cloned only for a new key's state or a new window's timer.
             let key = key_of(&rec)?;
-            let kg = self.state.group_of(key)?;
+            let kg = self.state.group_of_key(key)?;
             let ts = self.timestamp(&rec)?;
             let taken = match self.assigner {
                 Assigner::Fixed { size, slide } => {
@@ -697,7 +701,7 @@ mod tests {
         let mut r = Record::default();
         r.set(intern("ts"), Value::Int(ts));
         r.set(intern("value"), Value::Int(value));
-        r.key = Some(Value::from(key));
+        r.key = Some(Key::new(Value::from(key)));
         r
     }
 
@@ -790,7 +794,7 @@ mod tests {
         assert!(out.is_empty(), "{out:?}");
         let aside = w.take_side_output();
         assert_eq!(aside.len(), 1);
-        assert_eq!(aside[0].key, Some(Value::from("a")));
+        assert_eq!(aside[0].key, Some(Key::new(Value::from("a"))));
         let json = aside[0].to_json();
         assert_eq!(json["ts"], 2);
         assert!(json.get("late").is_none(), "{json}");

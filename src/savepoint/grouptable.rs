@@ -8,10 +8,11 @@
 //! costs one flat hash probe (a persistent trie, the alternative, costs a pointer hop per level
 //! on every lookup, snapshot or not).
 
+use super::keygroups::key_hash;
 use super::statefile::StateEntry;
 use super::value::Value;
-use std::collections::HashMap;
-use std::hash::BuildHasher;
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry;
 use std::sync::Arc;
 
 /// A table splits its shards in two (all at once) when they hold more than this on average, so
@@ -19,66 +20,78 @@ use std::sync::Arc;
 /// the state size, and a small table stays one flat map.
 const SPLIT_ABOVE: usize = 128;
 
-type Shard = HashMap<Value, StateEntry, foldhash::fast::RandomState>;
+/// Entries are found by the key's `key_hash`, the hash that picked its key group: a record
+/// carries it from the partitioner (`Key`), so a lookup hashes nothing.
+type Shard = HashTable<(Value, StateEntry)>;
 
 #[derive(Clone, Default)]
 pub struct GroupTable {
     /// A power of two long (or empty before the first write). A key's shard is picked by the
-    /// top bits of a fixed hash of it, so doubling the shards splits each one in two.
+    /// top bits of its hash, so doubling the shards splits each one in two.
     shards: Vec<Arc<Shard>>,
     len: usize,
 }
 
-/// The shard of `key` among `shards` (a power of two): the top bits of a fixed hash, so the
-/// same key always picks the same shard. (The shard's own map hashes with another seed.)
-fn shard_index(key: &Value, shards: usize) -> usize {
+/// The shard of a key hash among `shards` (a power of two): its top bits.
+fn shard_index(hash: u64, shards: usize) -> usize {
     if shards <= 1 {
         return 0;
     }
-    let hash = foldhash::fast::FixedState::with_seed(0x5eed_0f5a_0b5e).hash_one(key);
     (hash >> (64 - shards.trailing_zeros())) as usize
 }
 
+/// The hash a shard's table places an entry by. The keys of one table share the low bits of
+/// `key_hash` (their key group) and those of one shard its top bits, so the bits are mixed
+/// first (the finaliser of MurmurHash3).
+fn slot_hash(hash: u64) -> u64 {
+    let mut h = hash;
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+fn entry_hash(entry: &(Value, StateEntry)) -> u64 {
+    slot_hash(key_hash(&entry.0))
+}
+
 impl GroupTable {
-    fn index(&self, key: &Value) -> usize {
-        shard_index(key, self.shards.len())
-    }
-
-    fn shard(&self, key: &Value) -> Option<&Shard> {
-        self.shards.get(self.index(key)).map(|s| s.as_ref())
-    }
-
-    /// The shard of `key`, copied first if a snapshot still reads it.
-    fn shard_mut(&mut self, key: &Value) -> &mut Shard {
-        if self.shards.is_empty() {
-            self.shards.push(Arc::default());
-        }
-        let i = self.index(key);
-        Arc::make_mut(&mut self.shards[i])
-    }
-
-    /// Doubles the shards once they hold more than `SPLIT_ABOVE` on average. Amortised like a
-    /// hash map's growth; a shard a snapshot still reads is copied, not moved.
-    fn maybe_split(&mut self) {
+    /// The shard `hash` goes to, ready for one more entry: the shards are doubled first once
+    /// they hold `SPLIT_ABOVE` on average (amortised like a hash map's growth; a shard a
+    /// snapshot still reads is copied, not moved). Doubling before knowing whether the key is
+    /// new lets the caller insert or update with a single probe.
+    fn shard_for_write(&mut self, hash: u64) -> usize {
         let n = self.shards.len();
-        if self.len <= n * SPLIT_ABOVE {
-            return;
-        }
-        let mut next: Vec<Shard> = (0..n * 2).map(|_| Shard::default()).collect();
-        let mut place = |k: Value, e: StateEntry| {
-            next[shard_index(&k, n * 2)].insert(k, e);
-        };
-        for shard in std::mem::take(&mut self.shards) {
-            match Arc::try_unwrap(shard) {
-                Ok(owned) => owned.into_iter().for_each(|(k, e)| place(k, e)),
-                Err(shared) => shared.iter().for_each(|(k, e)| place(k.clone(), e.clone())),
+        if n == 0 {
+            self.shards.push(Arc::default());
+        } else if self.len >= n * SPLIT_ABOVE {
+            let mut next: Vec<Shard> = (0..n * 2).map(|_| Shard::new()).collect();
+            let mut place = |k: Value, e: StateEntry| {
+                let h = key_hash(&k);
+                next[shard_index(h, n * 2)].insert_unique(slot_hash(h), (k, e), entry_hash);
+            };
+            for shard in std::mem::take(&mut self.shards) {
+                match Arc::try_unwrap(shard) {
+                    Ok(owned) => owned.into_iter().for_each(|(k, e)| place(k, e)),
+                    Err(shared) => shared.iter().for_each(|(k, e)| place(k.clone(), e.clone())),
+                }
             }
+            self.shards = next.into_iter().map(Arc::new).collect();
         }
-        self.shards = next.into_iter().map(Arc::new).collect();
+        shard_index(hash, self.shards.len())
     }
 
     pub fn get(&self, key: &Value) -> Option<&StateEntry> {
-        self.shard(key)?.get(key)
+        self.get_hashed(key_hash(key), key)
+    }
+
+    /// `get` of a key whose `key_hash` is known.
+    pub fn get_hashed(&self, hash: u64, key: &Value) -> Option<&StateEntry> {
+        let shard = self.shards.get(shard_index(hash, self.shards.len()))?;
+        shard
+            .find(slot_hash(hash), |(k, _)| k == key)
+            .map(|(_, e)| e)
     }
 
     pub fn contains_key(&self, key: &Value) -> bool {
@@ -86,22 +99,47 @@ impl GroupTable {
     }
 
     pub fn get_mut(&mut self, key: &Value) -> Option<&mut StateEntry> {
-        let i = self.index(key);
+        self.get_mut_hashed(key_hash(key), key)
+    }
+
+    /// `get_mut` of a key whose `key_hash` is known.
+    pub fn get_mut_hashed(&mut self, hash: u64, key: &Value) -> Option<&mut StateEntry> {
+        let i = shard_index(hash, self.shards.len());
         let shard = self.shards.get_mut(i)?;
+        let slot = slot_hash(hash);
         // No copy of a shard a snapshot still reads just to find the key absent.
-        if Arc::get_mut(shard).is_none() && !shard.contains_key(key) {
+        if Arc::get_mut(shard).is_none() && shard.find(slot, |(k, _)| k == key).is_none() {
             return None;
         }
-        Arc::make_mut(shard).get_mut(key)
+        Arc::make_mut(shard)
+            .find_mut(slot, |(k, _)| k == key)
+            .map(|(_, e)| e)
     }
 
     pub fn insert(&mut self, key: Value, entry: StateEntry) -> Option<StateEntry> {
-        let old = self.shard_mut(&key).insert(key, entry);
-        if old.is_none() {
-            self.len += 1;
-            self.maybe_split();
+        self.insert_hashed(key_hash(&key), key, entry)
+    }
+
+    /// `insert` of a key whose `key_hash` is known.
+    pub fn insert_hashed(
+        &mut self,
+        hash: u64,
+        key: Value,
+        entry: StateEntry,
+    ) -> Option<StateEntry> {
+        let i = self.shard_for_write(hash);
+        match Arc::make_mut(&mut self.shards[i]).entry(
+            slot_hash(hash),
+            |(k, _)| *k == key,
+            entry_hash,
+        ) {
+            Entry::Occupied(mut found) => Some(std::mem::replace(&mut found.get_mut().1, entry)),
+            Entry::Vacant(free) => {
+                free.insert((key, entry));
+                self.len += 1;
+                None
+            }
         }
-        old
     }
 
     /// The entry of `key`, inserted from `make` if absent.
@@ -110,22 +148,43 @@ impl GroupTable {
         key: Value,
         make: impl FnOnce() -> StateEntry,
     ) -> &mut StateEntry {
-        if !self.contains_key(&key) {
-            self.len += 1;
-            self.maybe_split();
+        self.get_or_insert_with_hashed(key_hash(&key), key, make)
+    }
+
+    /// `get_or_insert_with` of a key whose `key_hash` is known.
+    pub fn get_or_insert_with_hashed(
+        &mut self,
+        hash: u64,
+        key: Value,
+        make: impl FnOnce() -> StateEntry,
+    ) -> &mut StateEntry {
+        let i = self.shard_for_write(hash);
+        let len = &mut self.len;
+        match Arc::make_mut(&mut self.shards[i]).entry(
+            slot_hash(hash),
+            |(k, _)| *k == key,
+            entry_hash,
+        ) {
+            Entry::Occupied(found) => &mut found.into_mut().1,
+            Entry::Vacant(free) => {
+                *len += 1;
+                &mut free.insert((key, make())).into_mut().1
+            }
         }
-        self.shard_mut(&key).entry(key).or_insert_with(make)
     }
 
     pub fn remove(&mut self, key: &Value) -> Option<StateEntry> {
-        if !self.contains_key(key) {
+        let hash = key_hash(key);
+        if self.get_hashed(hash, key).is_none() {
             return None;
         }
-        let old = self.shard_mut(key).remove(key);
-        if old.is_some() {
-            self.len -= 1;
-        }
-        old
+        let i = shard_index(hash, self.shards.len());
+        let found = Arc::make_mut(&mut self.shards[i])
+            .find_entry(slot_hash(hash), |(k, _)| k == key)
+            .ok()?;
+        let ((_, old), _) = found.remove();
+        self.len -= 1;
+        Some(old)
     }
 
     pub fn len(&self) -> usize {
@@ -138,7 +197,9 @@ impl GroupTable {
 
     /// Every entry, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&Value, &StateEntry)> {
-        self.shards.iter().flat_map(|s| s.iter())
+        self.shards
+            .iter()
+            .flat_map(|s| s.iter().map(|(k, e)| (k, e)))
     }
 }
 

@@ -31,7 +31,12 @@ pub fn key_hash(key: &Value) -> u64 {
 
 /// The key group a key belongs to.
 pub fn key_group(key: &Value, max_parallelism: u32) -> u32 {
-    (key_hash(key) % u64::from(max_parallelism.max(1))) as u32
+    key_group_of_hash(key_hash(key), max_parallelism)
+}
+
+/// The key group of a key whose `key_hash` is known.
+pub fn key_group_of_hash(hash: u64, max_parallelism: u32) -> u32 {
+    (hash % u64::from(max_parallelism.max(1))) as u32
 }
 
 /// An inclusive range of key groups; `end < start` is the empty range.

@@ -250,7 +250,22 @@ pub type Fields = smallvec::SmallVec<[(Name, Value); INLINE_FIELDS]>;
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Record {
     pub fields: Fields,
-    pub key: Option<Value>,
+    pub key: Option<Key>,
+}
+
+/// A record's key with its `key_hash`, computed once by the keyBy: the partitioner takes the
+/// key group from it and the keyed state finds the entry by it, neither hashing again.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Key {
+    pub value: Value,
+    pub hash: u64,
+}
+
+impl Key {
+    pub fn new(value: Value) -> Key {
+        let hash = super::keygroups::key_hash(&value);
+        Key { value, hash }
+    }
 }
 
 impl Record {
