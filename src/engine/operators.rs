@@ -278,14 +278,24 @@ pub(crate) fn add(a: &Value, b: &Value) -> Result<Value, String> {
     })
 }
 
-/// The smaller of the two (a null current value is replaced).
-pub(crate) fn pick_min(current: &Value, v: &Value) -> Value {
-    pick(AggKind::Min, current, v)
+/// A window's `min`: `current` becomes `v` when `v` is smaller or `current` is null; a null
+/// `v` (a record without the field, a session without values) changes nothing.
+pub(crate) fn keep_min(current: &mut Value, v: &Value) {
+    keep_extreme(current, v, std::cmp::Ordering::Less)
 }
 
-/// The larger of the two (a null current value is replaced).
-pub(crate) fn pick_max(current: &Value, v: &Value) -> Value {
-    pick(AggKind::Max, current, v)
+/// A window's `max`, as `keep_min`.
+pub(crate) fn keep_max(current: &mut Value, v: &Value) {
+    keep_extreme(current, v, std::cmp::Ordering::Greater)
+}
+
+fn keep_extreme(current: &mut Value, v: &Value, wanted: std::cmp::Ordering) {
+    if matches!(v, Value::Null) {
+        return;
+    }
+    if matches!(current, Value::Null) || compare_num(v, current) == wanted {
+        *current = v.clone();
+    }
 }
 
 fn pick(kind: AggKind, current: &Value, v: &Value) -> Value {
@@ -298,6 +308,10 @@ fn pick(kind: AggKind, current: &Value, v: &Value) -> Value {
 }
 
 fn compare_num(a: &Value, b: &Value) -> std::cmp::Ordering {
+    if let (Value::Int(x), Value::Int(y)) = (a, b) {
+        // Exact, where the float comparison below would round above 2^53.
+        return x.cmp(y);
+    }
     match (a.as_f64(), b.as_f64()) {
         (Some(x), Some(y)) => x.total_cmp(&y),
         _ => a.cmp(b),

@@ -14,7 +14,7 @@
 //! `lateRecords: emit`.
 
 use super::expr::Expr;
-use super::operators::{Operator, add, key_of, pick_max, pick_min};
+use super::operators::{Operator, add, keep_max, keep_min, key_of};
 use super::spec::{LateRecords, WindowAggregate, WindowSpec};
 use super::state::KeyedState;
 use crate::savepoint::schema::{FieldSchema, FieldType, StateSchema};
@@ -331,18 +331,8 @@ impl WindowOp {
             match a.function {
                 WindowAggregate::Count => add_in_place(&mut row[c], &Value::Int(1))?,
                 WindowAggregate::Sum => add_in_place(&mut row[c], v)?,
-                WindowAggregate::Min => {
-                    let m = pick_min(&row[c], v);
-                    if m != row[c] {
-                        row[c] = m;
-                    }
-                }
-                WindowAggregate::Max => {
-                    let m = pick_max(&row[c], v);
-                    if m != row[c] {
-                        row[c] = m;
-                    }
-                }
+                WindowAggregate::Min => keep_min(&mut row[c], v),
+                WindowAggregate::Max => keep_max(&mut row[c], v),
                 WindowAggregate::Avg => {
                     if !matches!(v, Value::Null) {
                         add_in_place(&mut row[c], v)?;
@@ -360,8 +350,8 @@ impl WindowOp {
             let c = a.column;
             match a.function {
                 WindowAggregate::Count | WindowAggregate::Sum => into[c] = add(&into[c], &from[c])?,
-                WindowAggregate::Min => into[c] = pick_min(&into[c], &from[c]),
-                WindowAggregate::Max => into[c] = pick_max(&into[c], &from[c]),
+                WindowAggregate::Min => keep_min(&mut into[c], &from[c]),
+                WindowAggregate::Max => keep_max(&mut into[c], &from[c]),
                 WindowAggregate::Avg => {
                     into[c] = add(&into[c], &from[c])?;
                     into[c + 1] = add(&into[c + 1], &from[c + 1])?;
@@ -740,6 +730,29 @@ mod tests {
         let out = run(&mut w, vec![rec("a", 3, 100)], 9);
         assert!(out.is_empty());
         assert_eq!(w.late_records_dropped(), 1);
+    }
+
+    #[test]
+    fn min_and_max_skip_records_without_the_field_and_compare_large_ints_exactly() {
+        let mut w = window(
+            "{kind: window, uid: w, size: 10ms, aggregates: [{name: n, aggregate: count}, {name: low, aggregate: min, field: value}, {name: high, aggregate: max, field: value}]}",
+        );
+        let mut bare = Record::default();
+        bare.set(intern("ts"), Value::Int(2));
+        bare.key = Some(Key::new(Value::from("a")));
+        // 2^53 + 1 and 2^53 are the same f64.
+        let big = (1i64 << 53) + 1;
+        let out = run(
+            &mut w,
+            vec![rec("a", 1, big), rec("a", 3, big - 1), bare],
+            9,
+        );
+        assert_eq!(
+            out,
+            vec![
+                serde_json::json!({"key": "a", "windowStart": 0, "windowEnd": 10, "n": 3, "low": big - 1, "high": big})
+            ]
+        );
     }
 
     #[test]
