@@ -318,7 +318,6 @@ fn write_only(dir: &str) {
     use sjob::savepoint::keygroups::{key_group, range_for_subtask};
     use sjob::savepoint::statefile::{GroupTable, KeyedSnapshot, StateEntry, SubtaskSnapshot};
     use sjob::savepoint::value::Value;
-    use std::sync::Arc;
     let range = range_for_subtask(128, 1, 0);
     let mut groups: Vec<GroupTable> = (0..128).map(|_| GroupTable::default()).collect();
     for i in 0..2_000_000i64 {
@@ -341,7 +340,7 @@ fn write_only(dir: &str) {
     let snap = SubtaskSnapshot {
         keyed: Some(KeyedSnapshot {
             range,
-            tables: vec![groups.into_iter().map(Arc::new).collect()],
+            tables: vec![groups],
         }),
         operator_lists: vec![],
     };

@@ -16,7 +16,6 @@ use super::metadata::{
 };
 use super::store::{Store, StoreError};
 use super::value::{Row, Value};
-use std::sync::Arc;
 
 /// One key's map state, sorted by map key. A flat vector: a key holds few entries (a window
 /// operator's, one or two windows), where a B-tree allocates a node for eleven.
@@ -48,7 +47,7 @@ pub struct SubtaskSnapshot {
 pub struct KeyedSnapshot {
     pub range: KeyGroupRange,
     /// `tables[state][i]` is key group `range.start + i` of that state.
-    pub tables: Vec<Vec<Arc<GroupTable>>>,
+    pub tables: Vec<Vec<GroupTable>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -451,7 +450,7 @@ mod tests {
                 Value::Int(i64::from(kg)),
                 StateEntry::Value(vec![Value::Int(i64::from(kg) * 2)].into()),
             );
-            groups.push(Arc::new(t));
+            groups.push(t);
         }
         let snap = SubtaskSnapshot {
             keyed: Some(KeyedSnapshot {
