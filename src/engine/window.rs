@@ -17,6 +17,7 @@ use super::expr::Expr;
 use super::operators::{Operator, add, keep_max, keep_min, key_of};
 use super::spec::{LateRecords, WindowAggregate, WindowSpec};
 use super::state::KeyedState;
+use crate::savepoint::keygroups::key_hash;
 use crate::savepoint::schema::{FieldSchema, FieldType, StateSchema};
 use crate::savepoint::statefile::{MapEntries, StateEntry, SubtaskSnapshot};
 use crate::savepoint::value::{Fields, Key, Name, Record, Row, Value, intern};
@@ -543,13 +544,24 @@ impl WindowOp {
     }
 
     fn fire(&mut self, up_to: i64, out: &mut Vec<Record>) {
-        while let Some(first) = self.timers.first_entry() {
-            if *first.key() > up_to {
-                break;
+        // The due timers taken off in one split, not one by one from the front (each removal
+        // shifts a tree node). Again while firing registers timers that are due already.
+        loop {
+            let later = match up_to.checked_add(1) {
+                Some(bound) => self.timers.split_off(&bound),
+                None => BTreeMap::new(),
+            };
+            let due = std::mem::replace(&mut self.timers, later);
+            if due.is_empty() {
+                return;
             }
-            let (due, windows) = first.remove_entry();
-            for (kg, key, start) in windows {
-                self.fire_one(due, kg, key, start, out);
+            // Sized up front: a watermark can fire thousands of windows, and a vector grown
+            // by doubling copies its records over and over.
+            out.reserve(due.values().map(|w| w.len()).sum());
+            for (at, windows) in due {
+                for (kg, key, start) in windows {
+                    self.fire_one(at, kg, key, start, out);
+                }
             }
         }
     }
@@ -557,7 +569,8 @@ impl WindowOp {
     /// Fires (or with allowed lateness, keeps as fired or drops) one window whose timer is
     /// due, unless the timer is stale.
     fn fire_one(&mut self, due: i64, kg: u32, key: Value, start: i64, out: &mut Vec<Record>) {
-        let row = match self.state.table(0, kg).get(&key) {
+        let hash = key_hash(&key);
+        let row = match self.state.table(0, kg).get_hashed(hash, &key) {
             Some(StateEntry::Map(windows)) => windows.get(&Value::Int(start)).cloned(),
             _ => None,
         };
@@ -573,7 +586,7 @@ impl WindowOp {
         let keep = !fired && self.lateness > 0 && !self.is_late(end);
         let table = self.state.table_mut(0, kg);
         let mut now_empty = false;
-        if let Some(StateEntry::Map(windows)) = table.get_mut(&key) {
+        if let Some(StateEntry::Map(windows)) = table.get_mut_hashed(hash, &key) {
             if keep {
                 if let (Some(c), Some(r)) = (self.fired_column, windows.get_mut(&Value::Int(start)))
                 {
@@ -585,7 +598,7 @@ impl WindowOp {
             }
         }
         if now_empty {
-            table.remove(&key);
+            table.remove_hashed(hash, &key);
         }
         if keep {
             self.add_timer(self.due(end, true), kg, key, start);

@@ -174,7 +174,11 @@ impl GroupTable {
     }
 
     pub fn remove(&mut self, key: &Value) -> Option<StateEntry> {
-        let hash = key_hash(key);
+        self.remove_hashed(key_hash(key), key)
+    }
+
+    /// `remove` of a key whose `key_hash` is known.
+    pub fn remove_hashed(&mut self, hash: u64, key: &Value) -> Option<StateEntry> {
         // Absent: no copy of a shard a snapshot still reads.
         self.get_hashed(hash, key)?;
         let i = shard_index(hash, self.shards.len());
