@@ -15,6 +15,7 @@ pub mod sinks;
 pub mod sources;
 pub mod spec;
 pub mod state;
+mod timers;
 mod window;
 
 use coordinator::{CheckpointConfig, CoordMsg, Coordinator, Status, StatusCell, TriggerRequest};

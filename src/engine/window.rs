@@ -17,17 +17,15 @@ use super::expr::Expr;
 use super::operators::{Operator, add, keep_max, keep_min, key_of};
 use super::spec::{LateRecords, WindowAggregate, WindowSpec};
 use super::state::KeyedState;
+use super::timers::Timers;
 use crate::savepoint::keygroups::key_hash;
 use crate::savepoint::schema::{FieldSchema, FieldType, StateSchema};
 use crate::savepoint::statefile::{MapEntries, StateEntry, SubtaskSnapshot};
 use crate::savepoint::value::{Fields, Key, Name, Record, Row, Value, intern};
-use smallvec::SmallVec;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// The windows due at one watermark: (key group, key, window start). Most fixed windows of
-/// many keys end together; a window of its own end needs no allocation.
-type Due = SmallVec<[(u32, Value, i64); 1]>;
+/// A window due at a watermark: (key group, key, window start).
+type Due = (u32, Value, i64);
 
 /// One aggregate as a window computes it.
 #[derive(Clone, Debug)]
@@ -166,7 +164,7 @@ pub(crate) struct WindowOp {
     /// fired, goes, when the watermark reaches `due`. Rebuilt from state on restore.
     /// Entries are not removed when a window changes (a session merged or extended): a
     /// timer whose due no longer matches its window's is stale and skipped when it comes.
-    timers: BTreeMap<i64, Due>,
+    timers: Timers<Due>,
     watermark: i64,
     late: u64,
     names: OutNames,
@@ -263,7 +261,7 @@ impl WindowOp {
             },
             side: Vec::new(),
             state,
-            timers: BTreeMap::new(),
+            timers: Timers::default(),
             watermark: i64::MIN,
             late: 0,
             names: OutNames {
@@ -540,24 +538,19 @@ impl WindowOp {
     }
 
     fn add_timer(&mut self, due: i64, kg: u32, key: Value, start: i64) {
-        self.timers.entry(due).or_default().push((kg, key, start));
+        self.timers.add(due, (kg, key, start));
     }
 
     fn fire(&mut self, up_to: i64, out: &mut Vec<Record>) {
-        // The due timers taken off in one split, not one by one from the front (each removal
-        // shifts a tree node). Again while firing registers timers that are due already.
+        // Again while firing registers timers that are due already.
         loop {
-            let later = match up_to.checked_add(1) {
-                Some(bound) => self.timers.split_off(&bound),
-                None => BTreeMap::new(),
-            };
-            let due = std::mem::replace(&mut self.timers, later);
+            let due = self.timers.take_due(up_to);
             if due.is_empty() {
                 return;
             }
             // Sized up front: a watermark can fire thousands of windows, and a vector grown
             // by doubling copies its records over and over.
-            out.reserve(due.values().map(|w| w.len()).sum());
+            out.reserve(due.iter().map(|(_, w)| w.len()).sum());
             for (at, windows) in due {
                 for (kg, key, start) in windows {
                     self.fire_one(at, kg, key, start, out);
@@ -669,14 +662,14 @@ impl Operator for WindowOp {
     }
 
     fn restored(&mut self) {
-        let mut timers: BTreeMap<i64, Due> = BTreeMap::new();
+        let mut timers = Timers::default();
         for (kg, key, entry) in self.state.iter(0) {
             if let StateEntry::Map(windows) = entry {
                 for (start, row) in windows.iter() {
                     if let Value::Int(s) = start {
                         let end = self.end_of(*s, row);
                         let due = self.due(end, self.fired(row));
-                        timers.entry(due).or_default().push((kg, key.clone(), *s));
+                        timers.add(due, (kg, key.clone(), *s));
                     }
                 }
             }

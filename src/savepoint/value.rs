@@ -338,6 +338,8 @@ mod tests {
         // What a record moves per field: a name pointer and a 16-byte value.
         assert_eq!(std::mem::size_of::<Value>(), 16);
         assert_eq!(std::mem::size_of::<(Name, Value)>(), 24);
+        // Five fields inline, and the key with its hash.
+        assert_eq!(std::mem::size_of::<Record>(), 152);
     }
 
     #[test]
