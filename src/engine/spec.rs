@@ -564,7 +564,9 @@ pub enum NumType {
 pub enum WindowAggregate {
     Count,
     Sum,
+    /// The smallest of the field's values (null values left out).
     Min,
+    /// The largest of the field's values (null values left out).
     Max,
     /// The mean of the field's numbers (null values left out), as a float.
     Avg,
