@@ -344,6 +344,8 @@ impl Operator for AggOp {
                     let current = &row[0];
                     let next = match self.kind {
                         AggKind::Count | AggKind::Sum => add(current, &input_value)?,
+                        // A record without the field leaves min and max as they are.
+                        _ if matches!(input_value, Value::Null) => current.clone(),
                         kind => pick(kind, current, &input_value),
                     };
                     Arc::make_mut(row)[0] = self.ty.coerce(next.clone());
@@ -469,5 +471,41 @@ impl Operator for DedupeOp {
     }
     fn keyed_state(&mut self) -> Option<&mut KeyedState> {
         Some(&mut self.state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keyed_min() -> AggOp {
+        let state = KeyedState::new(KeyGroupRange { start: 0, end: 127 }, 128, 1);
+        AggOp::new(AggKind::Min, Some("price"), FieldType::Int, state)
+    }
+
+    fn rec(price: Option<i64>) -> Record {
+        let mut r = Record::default();
+        if let Some(p) = price {
+            r.set(intern("price"), Value::Int(p));
+        }
+        r.key = Some(Key::new(Value::from("a")));
+        r
+    }
+
+    #[test]
+    fn a_keyed_min_keeps_its_value_over_a_record_without_the_field() {
+        let mut op = keyed_min();
+        let mut out = Vec::new();
+        op.process(vec![rec(Some(7)), rec(None), rec(Some(9))], &mut out)
+            .unwrap();
+        let mins: Vec<Option<&Value>> = out.iter().map(|r| r.get(intern("min"))).collect();
+        assert_eq!(
+            mins,
+            [
+                Some(&Value::Int(7)),
+                Some(&Value::Int(7)),
+                Some(&Value::Int(7))
+            ]
+        );
     }
 }

@@ -428,7 +428,7 @@ impl WindowOp {
         }
         let table = self.state.table_mut(0, kg);
         let StateEntry::Map(windows) =
-            table.get_or_insert_with_hashed(key.hash, key.value.clone(), || {
+            table.get_or_insert_with_hashed(key.hash, &key.value, || {
                 StateEntry::Map(MapEntries::with_capacity(1))
             })
         else {
@@ -517,7 +517,7 @@ impl WindowOp {
             .is_some_and(|(_, old)| self.fired(old));
         let table = self.state.table_mut(0, kg);
         let StateEntry::Map(windows) =
-            table.get_or_insert_with_hashed(key.hash, key.value.clone(), || {
+            table.get_or_insert_with_hashed(key.hash, &key.value, || {
                 StateEntry::Map(MapEntries::with_capacity(1))
             })
         else {

@@ -142,33 +142,25 @@ impl GroupTable {
         }
     }
 
-    /// The entry of `key`, inserted from `make` if absent.
-    pub fn get_or_insert_with(
-        &mut self,
-        key: Value,
-        make: impl FnOnce() -> StateEntry,
-    ) -> &mut StateEntry {
-        self.get_or_insert_with_hashed(key_hash(&key), key, make)
-    }
-
-    /// `get_or_insert_with` of a key whose `key_hash` is known.
+    /// The entry of a key whose `key_hash` is known, inserted from `make` if absent (the key
+    /// cloned only then).
     pub fn get_or_insert_with_hashed(
         &mut self,
         hash: u64,
-        key: Value,
+        key: &Value,
         make: impl FnOnce() -> StateEntry,
     ) -> &mut StateEntry {
         let i = self.shard_for_write(hash);
         let len = &mut self.len;
         match Arc::make_mut(&mut self.shards[i]).entry(
             slot_hash(hash),
-            |(k, _)| *k == key,
+            |(k, _)| k == key,
             entry_hash,
         ) {
             Entry::Occupied(found) => &mut found.into_mut().1,
             Entry::Vacant(free) => {
                 *len += 1;
-                &mut free.insert((key, make())).into_mut().1
+                &mut free.insert((key.clone(), make())).into_mut().1
             }
         }
     }
