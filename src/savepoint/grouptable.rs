@@ -94,10 +94,6 @@ impl GroupTable {
             .map(|(_, e)| e)
     }
 
-    pub fn contains_key(&self, key: &Value) -> bool {
-        self.get(key).is_some()
-    }
-
     pub fn get_mut(&mut self, key: &Value) -> Option<&mut StateEntry> {
         self.get_mut_hashed(key_hash(key), key)
     }
