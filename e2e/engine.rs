@@ -201,6 +201,79 @@ fn rescaling_two_to_three_to_one_keeps_results_exact() {
     assert_exactly_once(&out, count, keys);
 }
 
+/// Every block `_metadata` records for `uid`'s state files: (stored bytes, raw length if
+/// compressed), and the compression each file names.
+fn blocks_of(
+    sp: &str,
+    uid: &str,
+) -> (
+    Vec<(u64, Option<u64>)>,
+    Vec<Option<sjob::savepoint::metadata::Compression>>,
+) {
+    let meta = sjob::savepoint::metadata::SnapshotMetadata::read(
+        &sjob::savepoint::store::Store::open(sp).unwrap(),
+    )
+    .unwrap();
+    let op = meta.operator(uid).unwrap();
+    let blocks = op
+        .subtasks
+        .iter()
+        .flat_map(|t| t.key_groups.iter().flat_map(|k| k.blocks.iter()))
+        .map(|b| (b.len, b.raw_len))
+        .collect();
+    (blocks, op.subtasks.iter().map(|t| t.compression).collect())
+}
+
+#[test]
+fn compressed_state_restores_rescaled_into_a_job_without_compression() {
+    use sjob::savepoint::metadata::Compression;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let sps = dir.path().join("sp");
+    // Enough keys that every key group's block is worth compressing.
+    let (count, keys) = (120_000, 20_000);
+    let packed = spec(&count_job(&out, count, keys, 60_000, 2, ""));
+    assert_eq!(packed.state_compression, Compression::Lz4, "the default");
+    let sp1 = run_and_savepoint(&packed, None, Some(2), "counter", 30_000, &sps);
+    let (blocks, named) = blocks_of(&sp1, "counter");
+    assert_eq!(named, vec![Some(Compression::Lz4); 2]);
+    assert!(
+        blocks.iter().all(|(_, raw)| raw.is_some()),
+        "every key group compressed: {blocks:?}"
+    );
+    let stored: u64 = blocks.iter().map(|b| b.0).sum();
+    let raw: u64 = blocks.iter().map(|b| b.1.unwrap_or(b.0)).sum();
+    assert!(stored * 3 / 2 < raw, "{stored} stored of {raw}");
+
+    // Compression is the writer's choice: a job that writes none reads the compressed state
+    // (here rescaled 2 -> 3, so each new subtask reads parts of the old files).
+    let plain_yaml = count_job(&out, count, keys, 60_000, 2, "").replacen(
+        "name: counts\n",
+        "name: counts\nstateCompression: none\n",
+        1,
+    );
+    let plain = spec(&plain_yaml);
+    assert_eq!(plain.state_compression, Compression::None);
+    let sp2 = run_and_savepoint(&plain, Some(&sp1), Some(3), "counter", 70_000, &sps);
+    let (blocks, named) = blocks_of(&sp2, "counter");
+    assert_eq!(named, vec![None; 3]);
+    assert!(blocks.iter().all(|(_, raw)| raw.is_none()), "{blocks:?}");
+
+    // And back: the uncompressed savepoint restores into the compressing job, which ends
+    // with every count exactly once.
+    let job = engine::start(
+        &packed,
+        JobOptions {
+            savepoint: Some(sp2),
+            parallelism: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(job.wait(), JobState::Finished, "{:?}", job.failure());
+    assert_exactly_once(&out, count, keys);
+}
+
 const PEAK: &str =
     "  - kind: keyBy\n    field: key\n  - kind: max\n    uid: peak\n    field: count\n";
 

@@ -229,10 +229,11 @@ fn stalls(job: &JobHandle, mut until: impl FnMut() -> bool) -> Vec<u64> {
     out
 }
 
-fn savepoint(keys: u64, payload: usize, dir: &str) {
+fn savepoint(keys: u64, payload: usize, dir: &str, compression: &str) {
     let yaml = format!(
         r#"name: big-state
 parallelism: 2
+stateCompression: {compression}
 operators:
   - {{kind: generator, uid: source, keys: {keys}, payloadBytes: {payload}}}
   - {{kind: keyBy, field: key}}
@@ -265,6 +266,9 @@ operators:
         Err(_) => false,
     });
     let sp_s = t.elapsed().as_secs_f64();
+    if std::env::var_os("SJOB_BENCH_STALLS").is_some() {
+        eprintln!("stalls during the savepoint (µs per 5 ms): {during:?}");
+    }
     match result {
         Some(Ok(_)) => {}
         other => panic!("savepoint failed: {other:?}"),
@@ -282,7 +286,10 @@ operators:
         &sjob::savepoint::store::Store::open(&path).expect("savepoint path"),
     )
     .expect("savepoint metadata");
-    let mb = meta.total_bytes() as f64 / 1e6;
+    // Rates are of the state's encoded size, before compression: the same state gives the
+    // same figure whatever the compression.
+    let mb = meta.raw_state_bytes() as f64 / 1e6;
+    let stored_mb = meta.total_bytes() as f64 / 1e6;
 
     reset_peak_rss();
     let t = Instant::now();
@@ -303,7 +310,7 @@ operators:
     job.cancel();
     job.wait();
     println!(
-        "{{\"bench\":\"savepoint\",\"engine\":\"sjob\",\"keys\":{keys},\"state_mb\":{mb:.1},\"fill_s\":{fill_s:.1},\"savepoint_s\":{sp_s:.3},\"savepoint_mb_per_s\":{:.0},\"stop_savepoint_s\":{stop_s:.3},\"stop_savepoint_mb_per_s\":{:.0},\"restore_s\":{restore_s:.3},\"restore_load_s\":{loaded_s:.3},\"restore_mb_per_s\":{:.0},\"stall_p99_ms_during\":{:.2},\"stall_max_ms_during\":{:.2},\"stall_p99_ms_baseline\":{:.2},\"peak_rss_mb_running\":{rss_run:.0},\"peak_rss_mb_restore\":{rss_restore:.0},\"path\":\"{path}\"}}",
+        "{{\"bench\":\"savepoint\",\"engine\":\"sjob\",\"keys\":{keys},\"compression\":\"{compression}\",\"state_mb\":{mb:.1},\"stored_mb\":{stored_mb:.1},\"fill_s\":{fill_s:.1},\"savepoint_s\":{sp_s:.3},\"savepoint_mb_per_s\":{:.0},\"stop_savepoint_s\":{stop_s:.3},\"stop_savepoint_mb_per_s\":{:.0},\"restore_s\":{restore_s:.3},\"restore_load_s\":{loaded_s:.3},\"restore_mb_per_s\":{:.0},\"stall_p99_ms_during\":{:.2},\"stall_max_ms_during\":{:.2},\"stall_p99_ms_baseline\":{:.2},\"peak_rss_mb_running\":{rss_run:.0},\"peak_rss_mb_restore\":{rss_restore:.0},\"path\":\"{path}\"}}",
         mb / sp_s,
         mb / stop_s,
         mb / restore_s,
@@ -314,7 +321,9 @@ operators:
 }
 
 /// The state-file writer alone: 2M entries of a 240-byte string, written once.
-fn write_only(dir: &str) {
+fn write_only(dir: &str, compression: &str) {
+    let compression: sjob::savepoint::metadata::Compression =
+        serde_yaml::from_str(compression).expect("compression: lz4 or none");
     use sjob::savepoint::keygroups::{key_group, range_for_subtask};
     use sjob::savepoint::statefile::{GroupTable, KeyedSnapshot, StateEntry, SubtaskSnapshot};
     use sjob::savepoint::value::Value;
@@ -347,12 +356,14 @@ fn write_only(dir: &str) {
     let _ = std::fs::remove_dir_all(dir);
     let store = sjob::savepoint::store::Store::open(dir).expect("store");
     let t = Instant::now();
-    let st = sjob::savepoint::statefile::write(&store, "operators/x-0-y", 0, &snap).expect("write");
+    let st = sjob::savepoint::statefile::write(&store, "operators/x-0-y", 0, &snap, compression)
+        .expect("write");
     let s = t.elapsed().as_secs_f64();
     println!(
-        "{{\"bench\":\"write\",\"mb\":{:.0},\"seconds\":{s:.3},\"mb_per_s\":{:.0}}}",
+        "{{\"bench\":\"write\",\"compression\":\"{compression}\",\"mb\":{:.0},\"stored_mb\":{:.0},\"seconds\":{s:.3},\"mb_per_s\":{:.0}}}",
+        st.raw_bytes() as f64 / 1e6,
         st.size as f64 / 1e6,
-        st.size as f64 / 1e6 / s
+        st.raw_bytes() as f64 / 1e6 / s
     );
 }
 
@@ -386,6 +397,7 @@ fn main() {
             args.get(1)
                 .map(String::as_str)
                 .unwrap_or("/tmp/sjob-bench-write"),
+            args.get(2).map(String::as_str).unwrap_or("lz4"),
         ),
         Some("savepoint") => savepoint(
             num(1, 4_000_000),
@@ -393,9 +405,10 @@ fn main() {
             args.get(3)
                 .map(String::as_str)
                 .unwrap_or("/tmp/sjob-bench-savepoints"),
+            args.get(4).map(String::as_str).unwrap_or("lz4"),
         ),
         _ => eprintln!(
-            "usage: engine throughput [SECONDS] [KEYS] [P] | windows [SECONDS] [KEYS] [P] [SIZE_MS] | skew [SECONDS] [EVERY_S] [KEYS] [P] [SIZE_MS] [MAX_DRIFT] | savepoint [KEYS] [PAYLOAD_BYTES] [DIR] | bounded WORKLOAD [RECORDS] | write [DIR]"
+            "usage: engine throughput [SECONDS] [KEYS] [P] | windows [SECONDS] [KEYS] [P] [SIZE_MS] | skew [SECONDS] [EVERY_S] [KEYS] [P] [SIZE_MS] [MAX_DRIFT] | savepoint [KEYS] [PAYLOAD_BYTES] [DIR] [lz4|none] | bounded WORKLOAD [RECORDS] | write [DIR] [lz4|none]"
         ),
     }
 }

@@ -408,6 +408,7 @@ impl Coordinator {
             dir: dir.clone(),
             stop: req.stop.is_some(),
             aborted: AtomicBool::new(false),
+            compression: self.graph.state_compression,
         });
         {
             let exhausted = match self.shared.source_gate.lock() {

@@ -4,7 +4,7 @@
 use super::expr::Expr;
 use super::spec::{self, JobSpec, NumType, OperatorSpec, WindowAggregate};
 use crate::savepoint::keygroups::{Distribution, MAX_MAX_PARALLELISM, default_max_parallelism};
-use crate::savepoint::metadata::{KeyedStateKind, KeyedStateMeta, OperatorStateMeta};
+use crate::savepoint::metadata::{Compression, KeyedStateKind, KeyedStateMeta, OperatorStateMeta};
 use crate::savepoint::restore::OperatorDecl;
 use crate::savepoint::schema::{FieldSchema, FieldType, StateSchema};
 
@@ -74,6 +74,7 @@ pub struct JobGraph {
     pub watermarks: spec::WatermarkConfig,
     pub max_parallelism: u32,
     pub max_parallelism_explicit: bool,
+    pub state_compression: Compression,
     pub nodes: Vec<Node>,
     pub stages: Vec<Stage>,
 }
@@ -636,6 +637,7 @@ impl JobGraph {
             watermarks,
             max_parallelism,
             max_parallelism_explicit: explicit,
+            state_compression: spec.state_compression,
             nodes,
             stages,
         })

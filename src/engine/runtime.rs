@@ -20,7 +20,7 @@ use super::operators::Operator;
 use super::sources::Bound;
 use super::sources::{Poll, Source};
 use crate::savepoint::keygroups::{key_group_of_hash, subtask_for_key_group};
-use crate::savepoint::metadata::SplitPosition;
+use crate::savepoint::metadata::{Compression, SplitPosition};
 use crate::savepoint::paths;
 use crate::savepoint::statefile::{self, SubtaskSnapshot};
 use crate::savepoint::store::Store;
@@ -39,6 +39,8 @@ pub(crate) struct Barrier {
     pub stop: bool,
     /// Set by the coordinator when the snapshot has failed: writers skip its state files.
     pub aborted: AtomicBool,
+    /// How the state files' blocks are compressed (the job's `stateCompression`).
+    pub compression: Compression,
 }
 
 pub(crate) enum Element {
@@ -306,10 +308,15 @@ pub(crate) fn start_writers(
                             continue;
                         }
                         let rel = paths::state_file(&job.uid, job.subtask);
-                        let result =
-                            statefile::write(&job.barrier.dir, &rel, job.subtask, &job.snapshot)
-                                .map(|st| (st, job.positions))
-                                .map_err(|e| e.to_string());
+                        let result = statefile::write(
+                            &job.barrier.dir,
+                            &rel,
+                            job.subtask,
+                            &job.snapshot,
+                            job.barrier.compression,
+                        )
+                        .map(|st| (st, job.positions))
+                        .map_err(|e| e.to_string());
                         let _ = coord.send(CoordMsg::Ack {
                             id: job.barrier.id,
                             node: job.node,

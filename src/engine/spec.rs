@@ -1,6 +1,7 @@
 //! The job file: the declarative pipeline that `sjob run` executes and that a StatefulJob
 //! carries in its spec. See `config/samples/` for examples and README.md for the reference.
 
+use crate::savepoint::metadata::Compression;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -18,6 +19,14 @@ pub struct JobSpec {
     /// Periodic checkpoints, for crash recovery.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoints: Option<CheckpointSpec>,
+    /// How savepoints and checkpoints compress their state files' blocks: `lz4` (each block
+    /// that shrinks by at least an eighth is stored compressed) or `none`.
+    #[serde(
+        default = "default_compression",
+        skip_serializing_if = "is_default_compression"
+    )]
+    #[schemars(extend("default" = "lz4"))]
+    pub state_compression: Compression,
     /// How sources make watermarks: how often, when an input counts as idle, and how far
     /// one source subtask may run ahead of the slowest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -28,6 +37,14 @@ pub struct JobSpec {
 
 fn one() -> u32 {
     1
+}
+
+fn default_compression() -> Compression {
+    Compression::default()
+}
+
+fn is_default_compression(c: &Compression) -> bool {
+    *c == Compression::default()
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -734,6 +751,19 @@ impl JobSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_compression_defaults_to_what_the_schema_says() {
+        let schema = schemars::schema_for!(JobSpec);
+        let said = &schema.as_value()["properties"]["stateCompression"]["default"];
+        assert_eq!(said, &serde_json::to_value(Compression::default()).unwrap());
+        let spec = JobSpec::from_yaml("name: x\noperators: []\n").unwrap();
+        assert_eq!(spec.state_compression, Compression::Lz4);
+        let err = JobSpec::from_yaml("name: x\nstateCompression: zstd\noperators: []\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("zstd") && err.contains("lz4"), "{err}");
+    }
 
     #[test]
     fn parses_a_pipeline() {

@@ -9,6 +9,7 @@
 //! on every lookup, snapshot or not).
 
 use super::keygroups::key_hash;
+use super::prefetch::prefetch_row;
 use super::statefile::StateEntry;
 use super::value::Value;
 use hashbrown::HashTable;
@@ -18,7 +19,7 @@ use std::sync::Arc;
 /// A table splits its shards in two (all at once) when they hold more than this on average, so
 /// a copy after a barrier is of at most about this many entries per record processed, whatever
 /// the state size, and a small table stays one flat map.
-const SPLIT_ABOVE: usize = 128;
+const SPLIT_ABOVE: usize = 64;
 
 /// Entries are found by the key's `key_hash`, the hash that picked its key group: a record
 /// carries it from the partitioner (`Key`), so a lookup hashes nothing.
@@ -54,6 +55,17 @@ fn slot_hash(hash: u64) -> u64 {
 
 fn entry_hash(entry: &(Value, StateEntry)) -> u64 {
     slot_hash(key_hash(&entry.0))
+}
+
+/// A shard to write to: copied first if a snapshot still reads it. The copy takes a
+/// reference to every entry's row, each at its own heap address: those are asked for all at
+/// once before copying, so the misses overlap (the copy is what a task pays right after a
+/// barrier).
+fn writable(shard: &mut Arc<Shard>) -> &mut Shard {
+    if Arc::get_mut(shard).is_none() {
+        shard.iter().for_each(|(_, e)| prefetch_row(e));
+    }
+    Arc::make_mut(shard)
 }
 
 impl GroupTable {
@@ -107,7 +119,7 @@ impl GroupTable {
         if Arc::get_mut(shard).is_none() && shard.find(slot, |(k, _)| k == key).is_none() {
             return None;
         }
-        Arc::make_mut(shard)
+        writable(shard)
             .find_mut(slot, |(k, _)| k == key)
             .map(|(_, e)| e)
     }
@@ -124,11 +136,7 @@ impl GroupTable {
         entry: StateEntry,
     ) -> Option<StateEntry> {
         let i = self.shard_for_write(hash);
-        match Arc::make_mut(&mut self.shards[i]).entry(
-            slot_hash(hash),
-            |(k, _)| *k == key,
-            entry_hash,
-        ) {
+        match writable(&mut self.shards[i]).entry(slot_hash(hash), |(k, _)| *k == key, entry_hash) {
             Entry::Occupied(mut found) => Some(std::mem::replace(&mut found.get_mut().1, entry)),
             Entry::Vacant(free) => {
                 free.insert((key, entry));
@@ -148,11 +156,7 @@ impl GroupTable {
     ) -> &mut StateEntry {
         let i = self.shard_for_write(hash);
         let len = &mut self.len;
-        match Arc::make_mut(&mut self.shards[i]).entry(
-            slot_hash(hash),
-            |(k, _)| k == key,
-            entry_hash,
-        ) {
+        match writable(&mut self.shards[i]).entry(slot_hash(hash), |(k, _)| k == key, entry_hash) {
             Entry::Occupied(found) => &mut found.into_mut().1,
             Entry::Vacant(free) => {
                 *len += 1;
@@ -170,7 +174,7 @@ impl GroupTable {
         // Absent: no copy of a shard a snapshot still reads.
         self.get_hashed(hash, key)?;
         let i = shard_index(hash, self.shards.len());
-        let found = Arc::make_mut(&mut self.shards[i])
+        let found = writable(&mut self.shards[i])
             .find_entry(slot_hash(hash), |(k, _)| k == key)
             .ok()?;
         let ((_, old), _) = found.remove();

@@ -11,7 +11,11 @@ use super::store::{Store, StoreError};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-pub const FORMAT_VERSION: u32 = 1;
+/// The format this build writes. Version 2 added compressed blocks; version 1 files (no
+/// compression) read as before.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format this build reads.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 pub const METADATA_FILE: &str = "_metadata";
 /// State files live below this directory of a snapshot.
 pub const OPERATORS_DIR: &str = "operators";
@@ -124,12 +128,40 @@ pub struct SplitPosition {
     pub position: i64,
 }
 
-/// A byte range of a state file with its checksum.
+/// How the blocks of a state file are compressed. Each block is stored compressed only when
+/// that saves at least an eighth of its bytes; one that does not is stored as it is.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Blocks stored as they are encoded.
+    None,
+    /// LZ4 block format, per block.
+    #[default]
+    Lz4,
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Compression::None => "none",
+            Compression::Lz4 => "lz4",
+        })
+    }
+}
+
+/// A byte range of a state file with its checksum (over the stored bytes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Block {
     pub offset: u64,
     pub len: u64,
     pub crc32c: u32,
+    /// Set when the block is stored compressed (by the file's `compression`): its length
+    /// once decompressed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_len: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -148,6 +180,24 @@ pub struct SubtaskState {
     /// Keyed entries in the file (all states), for inspection.
     #[serde(default)]
     pub keyed_entries: u64,
+    /// How blocks with a `rawLen` are compressed; absent when none is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
+}
+
+impl SubtaskState {
+    /// The file's size with every compressed block counted at its decompressed length.
+    pub fn raw_bytes(&self) -> u64 {
+        let blocks = self
+            .key_groups
+            .iter()
+            .flat_map(|k| k.blocks.iter())
+            .chain(self.operator_state.iter());
+        blocks.fold(self.size, |n, b| match b.raw_len {
+            Some(raw) => n.saturating_sub(b.len).saturating_add(raw),
+            None => n,
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -167,7 +217,9 @@ pub enum MetadataError {
     Incomplete(String),
     #[error("{path} is corrupt: {reason}")]
     Corrupt { path: String, reason: String },
-    #[error("{path} has format version {found}; this sjob reads version {FORMAT_VERSION}")]
+    #[error(
+        "{path} has format version {found}; this sjob reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}"
+    )]
     Version { path: String, found: u32 },
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -180,6 +232,15 @@ impl SnapshotMetadata {
 
     pub fn total_bytes(&self) -> u64 {
         self.operators.iter().map(|o| o.state_bytes()).sum()
+    }
+
+    /// The state files' size before compression.
+    pub fn raw_state_bytes(&self) -> u64 {
+        self.operators
+            .iter()
+            .flat_map(|o| o.subtasks.iter())
+            .map(SubtaskState::raw_bytes)
+            .sum()
     }
 
     pub fn encode(&self) -> Result<Vec<u8>, serde_json::Error> {
@@ -222,7 +283,7 @@ impl SnapshotMetadata {
         }
         let v: VersionOnly =
             serde_json::from_str(body).map_err(|e| corrupt(format!("invalid JSON: {e}")))?;
-        if v.format_version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&v.format_version) {
             return Err(MetadataError::Version {
                 path: path.to_owned(),
                 found: v.format_version,
@@ -294,6 +355,23 @@ mod tests {
         );
         let err = SnapshotMetadata::decode(&bytes[..bytes.len() / 2], "x").unwrap_err();
         assert!(err.to_string().contains("trailer is missing"), "{err}");
+    }
+
+    #[test]
+    fn version_1_reads_and_a_newer_version_is_refused() {
+        let mut m = sample();
+        m.format_version = 1;
+        let bytes = m.encode().unwrap();
+        assert_eq!(SnapshotMetadata::decode(&bytes, "x").unwrap(), m);
+        m.format_version = FORMAT_VERSION + 1;
+        let err = SnapshotMetadata::decode(&m.encode().unwrap(), "old/_metadata")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("old/_metadata has format version 3")
+                && err.contains("reads versions 1 to 2"),
+            "{err}"
+        );
     }
 
     #[test]

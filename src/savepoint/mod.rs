@@ -8,6 +8,7 @@ pub mod grouptable;
 pub mod keygroups;
 pub mod metadata;
 pub mod paths;
+mod prefetch;
 pub mod restore;
 pub mod schema;
 pub mod statefile;

@@ -11,10 +11,11 @@
 use super::codec::{DecodeError, Reader, put_row, put_value, put_varint};
 use super::keygroups::KeyGroupRange;
 use super::metadata::{
-    Block, FORMAT_VERSION, KeyGroupsIndex, KeyedStateKind, KeyedStateMeta, STATE_FILE_MAGIC,
-    SubtaskState,
+    Block, Compression, FORMAT_VERSION, KeyGroupsIndex, KeyedStateKind, KeyedStateMeta,
+    OLDEST_FORMAT_VERSION, STATE_FILE_MAGIC, SubtaskState,
 };
-use super::store::{Store, StoreError};
+use super::prefetch::{prefetch_inner, prefetch_outer};
+use super::store::{Store, StoreError, StoreWriter};
 use super::value::{Row, Value};
 
 /// One key's map state, sorted by map key. A flat vector: a key holds few entries (a window
@@ -33,6 +34,9 @@ pub use super::grouptable::GroupTable;
 
 /// `SJST` and the u16 format version.
 const HEADER_LEN: u64 = 6;
+
+/// Blocks shorter than this are stored as they are: too small to gain from compression.
+const MIN_COMPRESSED_BLOCK: usize = 64;
 
 /// The most bytes of a state file fetched at once when restoring.
 const READ_CHUNK: u64 = 64 << 20;
@@ -73,6 +77,8 @@ pub enum StateFileError {
     },
     #[error("state file {path} is corrupt: {reason}")]
     Invalid { path: String, reason: String },
+    #[error("cannot compress a block of state file {path}: {reason}")]
+    Compress { path: String, reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -119,12 +125,51 @@ fn decode_entry(r: &mut Reader<'_>, kind: KeyedStateKind) -> Result<StateEntry, 
     })
 }
 
+/// How many entries ahead of the encoder their memory is asked for (see `prefetch`).
+const PREFETCH_AHEAD: usize = 8;
+
+/// Stores `raw` (one encoded block) at the writer's position, compressed into `scratch` when
+/// `compression` asks for it and that saves at least an eighth of the bytes.
+fn put_block(
+    w: &mut StoreWriter,
+    raw: &[u8],
+    compression: Compression,
+    scratch: &mut Vec<u8>,
+) -> Result<Block, StateFileError> {
+    let mut stored = raw;
+    let mut raw_len = None;
+    if compression == Compression::Lz4 && raw.len() >= MIN_COMPRESSED_BLOCK {
+        let max = lz4_flex::block::get_maximum_output_size(raw.len());
+        if scratch.len() < max {
+            scratch.resize(max, 0);
+        }
+        let n =
+            lz4_flex::block::compress_into(raw, scratch).map_err(|e| StateFileError::Compress {
+                path: w.location(),
+                reason: e.to_string(),
+            })?;
+        if n < raw.len() - raw.len() / 8 {
+            stored = &scratch[..n];
+            raw_len = Some(raw.len() as u64);
+        }
+    }
+    let block = Block {
+        offset: w.position(),
+        len: stored.len() as u64,
+        crc32c: crc32c::crc32c(stored),
+        raw_len,
+    };
+    w.write(stored)?;
+    Ok(block)
+}
+
 /// Writes one subtask's state file and returns its entry for `_metadata`.
 pub fn write(
     dir: &Store,
     rel: &str,
     index: u32,
     snap: &SubtaskSnapshot,
+    compression: Compression,
 ) -> Result<SubtaskState, StateFileError> {
     let mut w = dir.writer(rel);
     let mut header = Vec::with_capacity(HEADER_LEN as usize);
@@ -133,6 +178,8 @@ pub fn write(
     w.write(&header)?;
     let mut entries = 0u64;
     let mut buf = Vec::with_capacity(1 << 20);
+    let mut scratch = Vec::new();
+    let mut listed: Vec<(&Value, &StateEntry)> = Vec::new();
     let key_groups = match &snap.keyed {
         None => None,
         Some(keyed) => {
@@ -143,17 +190,20 @@ pub fn write(
                     let group = &table[i];
                     put_varint(&mut buf, group.len() as u64);
                     entries += group.len() as u64;
-                    for (key, entry) in group.iter() {
+                    listed.clear();
+                    listed.extend(group.iter());
+                    for (n, (key, entry)) in listed.iter().enumerate() {
+                        if let Some((k, e)) = listed.get(n + 2 * PREFETCH_AHEAD) {
+                            prefetch_outer(k, e);
+                        }
+                        if let Some((_, e)) = listed.get(n + PREFETCH_AHEAD) {
+                            prefetch_inner(e);
+                        }
                         put_value(&mut buf, key);
                         encode_entry(&mut buf, entry);
                     }
                 }
-                blocks.push(Block {
-                    offset: w.position(),
-                    len: buf.len() as u64,
-                    crc32c: crc32c::crc32c(&buf),
-                });
-                w.write(&buf)?;
+                blocks.push(put_block(&mut w, &buf, compression, &mut scratch)?);
             }
             Some(KeyGroupsIndex {
                 range: keyed.range,
@@ -171,14 +221,13 @@ pub fn write(
                 put_row(&mut buf, row);
             }
         }
-        let block = Block {
-            offset: w.position(),
-            len: buf.len() as u64,
-            crc32c: crc32c::crc32c(&buf),
-        };
-        w.write(&buf)?;
-        Some(block)
+        Some(put_block(&mut w, &buf, compression, &mut scratch)?)
     };
+    let compressed = key_groups
+        .iter()
+        .flat_map(|k| k.blocks.iter())
+        .chain(operator_state.iter())
+        .any(|b| b.raw_len.is_some());
     let (size, crc32c) = w.finish()?;
     Ok(SubtaskState {
         index,
@@ -188,6 +237,7 @@ pub fn write(
         key_groups,
         operator_state,
         keyed_entries: entries,
+        compression: compressed.then_some(compression),
     })
 }
 
@@ -211,27 +261,59 @@ fn check_size(dir: &Store, st: &SubtaskState) -> Result<String, StateFileError> 
     }
 }
 
+/// The stored bytes of `block`, checked against its checksum, then decompressed into
+/// `scratch` if the block is stored compressed.
 fn verified<'a>(
     path: &str,
+    st: &SubtaskState,
     bytes: &'a [u8],
     base: u64,
     block: &Block,
     what: &str,
+    scratch: &'a mut Vec<u8>,
 ) -> Result<&'a [u8], StateFileError> {
+    let invalid = |reason: String| StateFileError::Invalid {
+        path: path.to_owned(),
+        reason,
+    };
     let start = (block.offset - base) as usize;
     let slice = bytes
         .get(start..start + block.len as usize)
-        .ok_or_else(|| StateFileError::Invalid {
-            path: path.to_owned(),
-            reason: format!("{what} lies outside the file"),
-        })?;
+        .ok_or_else(|| invalid(format!("{what} lies outside the file")))?;
     if crc32c::crc32c(slice) != block.crc32c {
         return Err(StateFileError::Checksum {
             path: path.to_owned(),
             block: what.to_owned(),
         });
     }
-    Ok(slice)
+    let Some(raw_len) = block.raw_len else {
+        return Ok(slice);
+    };
+    match st.compression {
+        Some(Compression::Lz4) => {}
+        Some(Compression::None) | None => {
+            return Err(invalid(format!(
+                "_metadata records {what} as compressed but names no compression for the file"
+            )));
+        }
+    }
+    // LZ4 expands at most 255-fold: a larger recorded length is damage, not a reason to
+    // allocate it.
+    if raw_len > block.len.saturating_mul(255) {
+        return Err(invalid(format!(
+            "_metadata records {raw_len} bytes for {what} once decompressed, more than its {} stored bytes can hold",
+            block.len
+        )));
+    }
+    scratch.clear();
+    scratch.resize(raw_len as usize, 0);
+    match lz4_flex::block::decompress_into(slice, scratch) {
+        Ok(n) if n as u64 == raw_len => Ok(&scratch[..]),
+        Ok(n) => Err(invalid(format!(
+            "{what} decompresses to {n} bytes, _metadata records {raw_len}"
+        ))),
+        Err(e) => Err(invalid(format!("{what} does not decompress: {e}"))),
+    }
 }
 
 /// Reads the key groups of `wanted` that this file holds, calling `sink(state, kg, key, entry)`
@@ -268,6 +350,7 @@ pub fn read_key_groups(
     // Fetch contiguous blocks in chunks of at most READ_CHUNK bytes, so a large state is
     // never held twice (raw and decoded) in full.
     let blocks = &index.blocks[first..=last];
+    let mut scratch = Vec::new();
     let mut i = 0;
     while i < blocks.len() {
         let start = blocks[i].offset;
@@ -281,7 +364,7 @@ pub fn read_key_groups(
         for (n, block) in blocks[i..=j].iter().enumerate() {
             let kg = overlap.start + (i + n) as u32;
             let what = format!("key group {kg}");
-            let slice = verified(&path, &bytes, start, block, &what)?;
+            let slice = verified(&path, st, &bytes, start, block, &what, &mut scratch)?;
             decode_key_group_block(slice, states, |s, key, entry| sink(s, kg, key, entry))
                 .map_err(|source| StateFileError::Decode {
                     path: path.clone(),
@@ -312,7 +395,8 @@ pub fn read_operator_lists(
     }
     let bytes = dir.get_range(&st.file, block.offset..block.offset + block.len)?;
     let what = "operator state";
-    let slice = verified(&path, &bytes, block.offset, block, what)?;
+    let mut scratch = Vec::new();
+    let slice = verified(&path, st, &bytes, block.offset, block, what, &mut scratch)?;
     decode_operator_block(slice, count).map_err(|source| StateFileError::Decode {
         path: path.clone(),
         block: what.to_owned(),
@@ -368,11 +452,11 @@ fn check_header(path: &str, header: &[u8]) -> Result<(), StateFileError> {
         });
     }
     let version = u16::from_le_bytes([header[4], header[5]]);
-    if u32::from(version) != FORMAT_VERSION {
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&u32::from(version)) {
         return Err(StateFileError::Invalid {
             path: path.to_owned(),
             reason: format!(
-                "it has state file format version {version}; this sjob reads version {FORMAT_VERSION}"
+                "it has state file format version {version}; this sjob reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}"
             ),
         });
     }
@@ -459,7 +543,9 @@ mod tests {
             }),
             operator_lists: vec![vec![vec![Value::from("split-0"), Value::Int(7)].into()]],
         };
-        let st = write(&store, "operators/c-0-x", 0, &snap).unwrap();
+        let st = write(&store, "operators/c-0-x", 0, &snap, Compression::Lz4).unwrap();
+        // Blocks this small are stored as they are.
+        assert_eq!(st.compression, None);
         let metas = vec![KeyedStateMeta {
             name: "count".into(),
             kind: KeyedStateKind::Value,
@@ -498,5 +584,135 @@ mod tests {
         std::fs::write(&file, &bytes[..bytes.len() - 5]).unwrap();
         let err = read_key_groups(&store, &st, &metas, range, |_, _, _, _| {}).unwrap_err();
         assert!(err.to_string().contains("c-0-x is truncated"), "{err}");
+    }
+
+    fn compressible_snapshot(range: KeyGroupRange) -> SubtaskSnapshot {
+        let mut groups = Vec::new();
+        for kg in range.iter() {
+            let mut t = GroupTable::default();
+            for i in 0..200 {
+                let payload = format!("{i:08x}{}", ".".repeat(100));
+                t.insert(
+                    Value::Int(i64::from(kg) * 1000 + i),
+                    StateEntry::Value(vec![Value::from(payload.as_str())].into()),
+                );
+            }
+            groups.push(t);
+        }
+        SubtaskSnapshot {
+            keyed: Some(KeyedSnapshot {
+                range,
+                tables: vec![groups],
+            }),
+            // Too short to compress: stored as it is beside compressed blocks.
+            operator_lists: vec![vec![vec![Value::Int(1)].into()]],
+        }
+    }
+
+    fn string_state() -> Vec<KeyedStateMeta> {
+        vec![KeyedStateMeta {
+            name: "latest".into(),
+            kind: KeyedStateKind::Value,
+            schema: StateSchema::single("payload", FieldType::String),
+        }]
+    }
+
+    fn read_all(
+        store: &Store,
+        st: &SubtaskState,
+        range: KeyGroupRange,
+    ) -> Result<Vec<(u32, Value, StateEntry)>, StateFileError> {
+        let mut seen = Vec::new();
+        read_key_groups(store, st, &string_state(), range, |_, kg, k, e| {
+            seen.push((kg, k, e))
+        })?;
+        Ok(seen)
+    }
+
+    #[test]
+    fn compressed_blocks_read_back_the_same_entries_and_damage_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().display().to_string()).unwrap();
+        let range = KeyGroupRange { start: 0, end: 3 };
+        let snap = compressible_snapshot(range);
+        let plain = write(&store, "operators/p-0-x", 0, &snap, Compression::None).unwrap();
+        let packed = write(&store, "operators/c-0-x", 0, &snap, Compression::Lz4).unwrap();
+        assert_eq!(plain.compression, None);
+        assert_eq!(packed.compression, Some(Compression::Lz4));
+        let blocks = &packed.key_groups.as_ref().unwrap().blocks;
+        assert!(blocks.iter().all(|b| b.raw_len.is_some()), "{blocks:?}");
+        assert_eq!(packed.operator_state.unwrap().raw_len, None);
+        assert!(
+            packed.size * 3 < plain.size,
+            "{} vs {}",
+            packed.size,
+            plain.size
+        );
+        assert_eq!(packed.raw_bytes(), plain.size);
+        let want = read_all(&store, &plain, range).unwrap();
+        assert_eq!(want.len(), 4 * 200);
+        assert_eq!(read_all(&store, &packed, range).unwrap(), want);
+        assert_eq!(
+            read_operator_lists(&store, &packed, 1).unwrap(),
+            read_operator_lists(&store, &plain, 1).unwrap()
+        );
+        verify_layout(&store, &packed).unwrap();
+        verify(&store, &packed).unwrap();
+
+        // A recorded length the stored bytes cannot hold is refused before allocating it.
+        let mut lying = packed.clone();
+        lying.key_groups.as_mut().unwrap().blocks[1].raw_len = Some(u64::MAX);
+        let err = read_all(&store, &lying, range).unwrap_err().to_string();
+        assert!(
+            err.contains("c-0-x is corrupt") && err.contains("key group 1"),
+            "{err}"
+        );
+        // A wrong one is named too.
+        let mut short = packed.clone();
+        short.key_groups.as_mut().unwrap().blocks[2].raw_len = Some(100);
+        let err = read_all(&store, &short, range).unwrap_err().to_string();
+        assert!(err.contains("key group 2"), "{err}");
+        // A compressed block in a file that names no compression.
+        let mut unnamed = packed.clone();
+        unnamed.compression = None;
+        let err = read_all(&store, &unnamed, range).unwrap_err().to_string();
+        assert!(err.contains("names no compression"), "{err}");
+
+        // Damage inside a compressed block is caught by its checksum, before decompressing.
+        let file = dir.path().join("operators/c-0-x");
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes[blocks[2].offset as usize + 5] ^= 0xff;
+        std::fs::write(&file, &bytes).unwrap();
+        let err = read_all(&store, &packed, range).unwrap_err().to_string();
+        assert!(err.contains("checksum mismatch in key group 2"), "{err}");
+    }
+
+    #[test]
+    fn a_version_1_state_file_still_reads() {
+        // Version 1 is version 2 without compressed blocks: the same file with the old
+        // header version and no compression recorded.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().display().to_string()).unwrap();
+        let range = KeyGroupRange { start: 5, end: 6 };
+        let snap = compressible_snapshot(range);
+        let mut st = write(&store, "operators/o-0-x", 0, &snap, Compression::None).unwrap();
+        let file = dir.path().join("operators/o-0-x");
+        let mut bytes = std::fs::read(&file).unwrap();
+        assert_eq!(&bytes[4..6], &2u16.to_le_bytes());
+        bytes[4..6].copy_from_slice(&1u16.to_le_bytes());
+        std::fs::write(&file, &bytes).unwrap();
+        st.crc32c = crc32c::crc32c(&bytes);
+        verify_layout(&store, &st).unwrap();
+        verify(&store, &st).unwrap();
+        assert_eq!(read_all(&store, &st, range).unwrap().len(), 2 * 200);
+
+        // A version from the future is refused, naming the file and the versions read.
+        bytes[4..6].copy_from_slice(&9u16.to_le_bytes());
+        std::fs::write(&file, &bytes).unwrap();
+        let err = verify_layout(&store, &st).unwrap_err().to_string();
+        assert!(
+            err.contains("o-0-x") && err.contains("format version 9") && err.contains("1 to 2"),
+            "{err}"
+        );
     }
 }

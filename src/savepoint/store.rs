@@ -758,6 +758,11 @@ impl StoreWriter {
         self.written
     }
 
+    /// Where the object goes, for messages.
+    pub fn location(&self) -> String {
+        self.location.clone()
+    }
+
     /// Completes the object (locally: data synced, then renamed into place; on S3: one PUT,
     /// or the multipart upload completed); returns its size and CRC-32C.
     pub fn finish(mut self) -> Result<(u64, u32), StoreError> {

@@ -18,7 +18,16 @@ pub fn describe(location: &str, m: &SnapshotMetadata) -> String {
     if let Some(r) = &m.restored_from {
         let _ = writeln!(s, "  job restored from: {r}");
     }
-    let _ = writeln!(s, "  state bytes: {}", m.total_bytes());
+    let (stored, raw) = (m.total_bytes(), m.raw_state_bytes());
+    if stored == raw {
+        let _ = writeln!(s, "  state bytes: {stored}");
+    } else {
+        let _ = writeln!(
+            s,
+            "  state bytes: {stored} ({raw} before compression, {:.1}x)",
+            raw as f64 / stored.max(1) as f64
+        );
+    }
     let _ = writeln!(s, "  operators:");
     for o in &m.operators {
         let _ = writeln!(
