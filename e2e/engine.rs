@@ -201,13 +201,16 @@ fn rescaling_two_to_three_to_one_keeps_results_exact() {
     assert_exactly_once(&out, count, keys);
 }
 
-/// Every block `_metadata` records for `uid`'s state files: (stored bytes, raw length if
-/// compressed), and the compression each file names.
+/// Per block: stored bytes, and the raw length if compressed.
+type BlockSizes = Vec<(u64, Option<u64>)>;
+
+/// Every block `_metadata` records for `uid`'s state files, and the compression each file
+/// names.
 fn blocks_of(
     sp: &str,
     uid: &str,
 ) -> (
-    Vec<(u64, Option<u64>)>,
+    BlockSizes,
     Vec<Option<sjob::savepoint::metadata::Compression>>,
 ) {
     let meta = sjob::savepoint::metadata::SnapshotMetadata::read(

@@ -462,7 +462,17 @@ async fn engine_progress(bench: &Bench) -> Option<(String, bool, u64)> {
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .find_map(|p| p.status.as_ref()?.pod_ip.clone())?;
-    let engine = EngineClient::new(&format!("http://{ip}:8081"));
+    // The engines take requests only with the job's bearer token, from the Secret the
+    // operator made for it.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(bench.client(), "default");
+    let secret = secrets
+        .get(&sjob::operator::resources::rest_token_secret_name("bench"))
+        .await
+        .ok()?;
+    let bytes = secret.data?.remove(sjob::operator::resources::TOKEN_KEY)?.0;
+    let token = sjob::engine::access::RestToken::new(std::str::from_utf8(&bytes).ok()?)?;
+    let engine = EngineClient::new(&format!("http://{ip}:8081")).with_token(token);
     let jobs = engine.list_jobs().await.ok()?;
     let id = jobs.into_iter().find(|j| j.status == "RUNNING")?.id;
     let job = engine.job(&id).await.ok()?;
@@ -470,7 +480,7 @@ async fn engine_progress(bench: &Bench) -> Option<(String, bool, u64)> {
     let read = job
         .vertices
         .iter()
-        .filter(|v| v.id == "latest")
+        .filter(|v| v.id == sjob::engine::rest::vertex_id("latest"))
         .map(|v| v.read_records)
         .sum();
     Some((id, running, read))

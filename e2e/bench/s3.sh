@@ -87,6 +87,6 @@ for key, what in [("savepoint_s", "savepoint, job running (s)"),
     ratio = lambda a, b: f"{a / b:.2f}" if a and b else "—"
     fmt = lambda v: f"{v:.2f}" if v is not None else "—"
     print(f"| {what} | {fmt(d)} | {fmt(s)} | {fmt(f)} | {ratio(s, d)} | {ratio(f, s)} |")
-mb = med("sjob", "s3", "state_mb"), med("flink", "s3", "state_mb")
-print(f"state written: sjob {mb[0]} MB, Flink {mb[1]} MB")
+mb = med("sjob", "s3", "state_mb"), med("sjob", "s3", "stored_mb"), med("flink", "s3", "state_mb")
+print(f"state: sjob {mb[0]} MB ({mb[1]} MB stored), Flink {mb[2]} MB stored")
 PY

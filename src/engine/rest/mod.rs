@@ -8,7 +8,7 @@
 mod flink;
 mod java_error;
 
-pub use flink::location_uri;
+pub use flink::{location_uri, vertex_id};
 
 use super::access::{self, RestToken, SavepointRoots};
 use super::{JobHandle, JobState};
