@@ -173,6 +173,22 @@ fn run_and_savepoint(
     sp
 }
 
+/// Runs a bounded count job from a savepoint at parallelism `p` to its end, and checks that
+/// every key's counts were emitted exactly once.
+fn finish_from(job_spec: &JobSpec, sp: String, p: u32, out: &Path, (count, keys): (u64, u64)) {
+    let job = engine::start(
+        job_spec,
+        JobOptions {
+            savepoint: Some(sp),
+            parallelism: Some(p),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(job.wait(), JobState::Finished, "{:?}", job.failure());
+    assert_exactly_once(out, count, keys);
+}
+
 #[test]
 fn rescaling_two_to_three_to_one_keeps_results_exact() {
     let dir = tempfile::tempdir().unwrap();
@@ -188,17 +204,7 @@ fn rescaling_two_to_three_to_one_keeps_results_exact() {
     .unwrap();
     assert_eq!(meta.operator("counter").unwrap().parallelism, 3);
     assert_eq!(meta.operator("counter").unwrap().subtasks.len(), 3);
-    let job = engine::start(
-        &job_spec,
-        JobOptions {
-            savepoint: Some(sp2),
-            parallelism: Some(1),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    assert_eq!(job.wait(), JobState::Finished, "{:?}", job.failure());
-    assert_exactly_once(&out, count, keys);
+    finish_from(&job_spec, sp2, 1, &out, (count, keys));
 }
 
 /// Per block: stored bytes, and the raw length if compressed.
@@ -264,17 +270,7 @@ fn compressed_state_restores_rescaled_into_a_job_without_compression() {
 
     // And back: the uncompressed savepoint restores into the compressing job, which ends
     // with every count exactly once.
-    let job = engine::start(
-        &packed,
-        JobOptions {
-            savepoint: Some(sp2),
-            parallelism: Some(1),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    assert_eq!(job.wait(), JobState::Finished, "{:?}", job.failure());
-    assert_exactly_once(&out, count, keys);
+    finish_from(&packed, sp2, 1, &out, (count, keys));
 }
 
 const PEAK: &str =
