@@ -1090,10 +1090,6 @@ fn each_source_subtask_shows_its_positions_and_pending_records() {
     let b = broker();
     b.create_topic("pending-in", 2).unwrap();
     b.create_topic("pending-out", 1).unwrap();
-    b.produce_to("pending-in", Some(0), &input(0, 600, 3))
-        .unwrap();
-    b.produce_to("pending-in", Some(1), &input(600, 1000, 3))
-        .unwrap();
     let job = start(
         &spec(&format!(
             r#"
@@ -1115,6 +1111,12 @@ operators:
     .into_iter()
     .collect();
     job.hold_sources(Some(bound)).unwrap();
+    // The input goes in once the hold is in place: written before, a busy machine's sources
+    // could read past the bound before the hold reached them.
+    b.produce_to("pending-in", Some(0), &input(0, 600, 3))
+        .unwrap();
+    b.produce_to("pending-in", Some(1), &input(600, 1000, 3))
+        .unwrap();
     let pending = |job: &engine::JobHandle| {
         let mut by_split: Vec<(String, i64, Option<u64>)> = job
             .sources()

@@ -62,7 +62,10 @@ fn entry_hash(entry: &(Value, StateEntry)) -> u64 {
 /// once before copying, so the misses overlap (the copy is what a task pays right after a
 /// barrier).
 fn writable(shard: &mut Arc<Shard>) -> &mut Shard {
-    if Arc::get_mut(shard).is_none() {
+    // A plain load, no atomic read-modify-write on the hot path: shards have no `Weak`
+    // references, so a count of one is the only owner (and a count above one that falls
+    // meanwhile costs only these hints).
+    if Arc::strong_count(shard) > 1 {
         shard.iter().for_each(|(_, e)| prefetch_row(e));
     }
     Arc::make_mut(shard)
