@@ -14,7 +14,9 @@ cache=${SJOB_S3_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sjob/s3}
 root=$cache/versitygw-$VERSION
 bin=$root/bin/versitygw
 
-ok() { [[ -x $bin ]] && "$bin" --version 2>&1 | grep -q "Version *: $VERSION$"; }
+# The version is read whole before grep looks at it: `grep -q` stops at the first match, and
+# under pipefail the writer's SIGPIPE would fail the check at random.
+ok() { [[ -x $bin ]] && grep -q "Version *: $VERSION$" <<<"$("$bin" --version 2>&1)"; }
 if ok; then echo "$bin"; exit 0; fi
 
 command -v go >/dev/null || { echo "s3: go is not installed (Go 1.25 or newer builds versitygw)" >&2; exit 1; }
