@@ -179,10 +179,15 @@ impl Bench {
         Ok(out)
     }
 
+    /// With `SJOB_BENCH_KEEP=1` the cluster's directory (the operator's log, each pod's
+    /// `container.log`) is kept and its path printed on stderr, to see where the time went.
     async fn stop(mut self) {
         let _ = self.operator.kill();
         let _ = self.operator.wait();
         self.cluster.shutdown().await;
+        if std::env::var_os("SJOB_BENCH_KEEP").is_some() {
+            eprintln!("kept: {}", self._root.keep().display());
+        }
     }
 }
 

@@ -343,6 +343,24 @@ fn up_to_savepoint() -> (StatefulJobStatus, Plan) {
 }
 
 #[test]
+fn a_savepoint_in_flight_is_looked_at_often_at_first_then_every_250_ms() {
+    // The old job is stopped while its savepoint completes: a small state completes within
+    // tens of milliseconds, and each poll interval adds to the downtime.
+    let (mut status, _) = up_to_savepoint();
+    status.upgrade.as_mut().unwrap().trigger_id = Some("t1".into());
+    let mut o = obs(running(&v1(), None));
+    o.trigger = Some(TriggerObs::InProgress);
+    let p = plan(&v2(), 2, &status, &o);
+    assert!(p.requeue_ms <= 50, "{}", p.requeue_ms);
+    // Status unknown for a moment (the engine did not answer): as often.
+    o.trigger = None;
+    assert!(plan(&v2(), 2, &status, &o).requeue_ms <= 50);
+    o.trigger = Some(TriggerObs::InProgress);
+    o.now_s = T0 + 10;
+    assert_eq!(plan(&v2(), 2, &status, &o).requeue_ms, 250);
+}
+
+#[test]
 fn savepoint_upgrade_happy_path() {
     let (mut status, _) = up_to_savepoint();
     status.upgrade.as_mut().unwrap().trigger_id = Some("t1".into());
