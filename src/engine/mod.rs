@@ -641,7 +641,9 @@ fn build_task(
         if let Some((r, saved_op)) = saved {
             if let Some(ks) = op.keyed_state() {
                 saved_op
-                    .load_keyed(&r.dir, range, |s, kg, k, e| ks.insert(s, kg, k, e))
+                    .load_keyed(&r.dir, range, |s, kg, entries| {
+                        ks.insert_all(s, kg, entries)
+                    })
                     .map_err(|e| e.to_string())?;
             }
             // File sinks had their staged files committed before the tasks started.

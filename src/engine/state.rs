@@ -80,6 +80,23 @@ impl KeyedState {
         }
     }
 
+    /// Moves every entry out, leaving this state empty (to be freed elsewhere).
+    pub fn take(&mut self) -> KeyedState {
+        let empty = KeyedState::new(self.range, self.max_parallelism, 0);
+        std::mem::replace(self, empty)
+    }
+
+    /// Inserts a restored key group's entries of one state, its table sized for them first.
+    pub fn insert_all(&mut self, state: usize, kg: u32, entries: Vec<(Value, StateEntry)>) {
+        if self.range.contains(kg) && state < self.tables.len() {
+            let table = self.table_mut(state, kg);
+            table.reserve(entries.len());
+            for (key, entry) in entries {
+                table.insert(key, entry);
+            }
+        }
+    }
+
     pub fn snapshot(&self) -> KeyedSnapshot {
         KeyedSnapshot {
             range: self.range,

@@ -81,20 +81,46 @@ impl GroupTable {
         if n == 0 {
             self.shards.push(Arc::default());
         } else if self.len >= n * SPLIT_ABOVE {
-            let mut next: Vec<Shard> = (0..n * 2).map(|_| Shard::new()).collect();
-            let mut place = |k: Value, e: StateEntry| {
-                let h = key_hash(&k);
-                next[shard_index(h, n * 2)].insert_unique(slot_hash(h), (k, e), entry_hash);
-            };
-            for shard in std::mem::take(&mut self.shards) {
-                match Arc::try_unwrap(shard) {
-                    Ok(owned) => owned.into_iter().for_each(|(k, e)| place(k, e)),
-                    Err(shared) => shared.iter().for_each(|(k, e)| place(k.clone(), e.clone())),
-                }
-            }
-            self.shards = next.into_iter().map(Arc::new).collect();
+            self.split_into(n * 2);
         }
         shard_index(hash, self.shards.len())
+    }
+
+    /// Spreads the entries over `count` shards (a power of two, more than there are).
+    fn split_into(&mut self, count: usize) {
+        let mut next: Vec<Shard> = (0..count).map(|_| Shard::new()).collect();
+        let mut place = |k: Value, e: StateEntry| {
+            let h = key_hash(&k);
+            next[shard_index(h, count)].insert_unique(slot_hash(h), (k, e), entry_hash);
+        };
+        for shard in std::mem::take(&mut self.shards) {
+            match Arc::try_unwrap(shard) {
+                Ok(owned) => owned.into_iter().for_each(|(k, e)| place(k, e)),
+                Err(shared) => shared.iter().for_each(|(k, e)| place(k.clone(), e.clone())),
+            }
+        }
+        self.shards = next.into_iter().map(Arc::new).collect();
+    }
+
+    /// Makes room for `additional` more entries at once (a restore knows a key group's count):
+    /// the shards they will need, each sized for its share, instead of growing and splitting
+    /// entry by entry.
+    pub fn reserve(&mut self, additional: usize) {
+        let want = self.len + additional;
+        let mut count = self.shards.len().max(1);
+        while want > count * SPLIT_ABOVE {
+            count *= 2;
+        }
+        if count > self.shards.len() {
+            self.split_into(count);
+        }
+        // Keys spread unevenly: an eighth more than the average share.
+        let share = want.div_ceil(count);
+        let share = share + share / 8;
+        for shard in &mut self.shards {
+            let shard = writable(shard);
+            shard.reserve(share.saturating_sub(shard.len()), entry_hash);
+        }
     }
 
     pub fn get(&self, key: &Value) -> Option<&StateEntry> {
@@ -263,6 +289,27 @@ mod tests {
                 .zip(&before.shards)
                 .all(|(a, b)| Arc::ptr_eq(a, b))
         );
+    }
+
+    #[test]
+    fn a_reserved_table_holds_its_entries_without_splitting_again() {
+        let mut t = GroupTable::default();
+        t.reserve(3_000);
+        let shards = t.shards.len();
+        assert!(
+            shards * SPLIT_ABOVE >= 3_000 && shards.is_power_of_two(),
+            "{shards}"
+        );
+        for k in 0..3_000 {
+            t.insert(Value::Int(k), entry(k));
+        }
+        assert_eq!(t.shards.len(), shards);
+        assert_eq!(t.len(), 3_000);
+        assert!((0..3_000).all(|k| t.get(&Value::Int(k)) == Some(&entry(k))));
+        // Reserving more for a table with entries keeps them.
+        t.reserve(10_000);
+        assert!(t.shards.len() > shards);
+        assert!((0..3_000).all(|k| t.get(&Value::Int(k)) == Some(&entry(k))));
     }
 
     #[test]

@@ -312,12 +312,12 @@ impl RestorePlan {
 
 impl OperatorRestore {
     /// Loads the keyed state for the key groups `range`, calling
-    /// `sink(new_state_index, key_group, key, entry)` with rows already migrated.
+    /// `sink(new_state_index, key_group, entries)` with rows already migrated.
     pub fn load_keyed(
         &self,
         dir: &Store,
         range: KeyGroupRange,
-        mut sink: impl FnMut(usize, u32, Value, StateEntry),
+        mut sink: impl FnMut(usize, u32, Vec<(Value, StateEntry)>),
     ) -> Result<(), StateFileError> {
         let mut by_saved: Vec<Option<(usize, Option<&Migration>)>> =
             vec![None; self.saved.keyed_states.len()];
@@ -330,13 +330,19 @@ impl OperatorRestore {
             return Ok(());
         }
         for st in &self.saved.subtasks {
-            statefile::read_key_groups(dir, st, &self.saved.keyed_states, range, |s, kg, k, e| {
-                if let Some((new_i, m)) = by_saved[s] {
-                    let e = match m {
-                        Some(m) => migrate_entry(e, m),
-                        None => e,
-                    };
-                    sink(new_i, kg, k, e);
+            statefile::read_key_groups(dir, st, &self.saved.keyed_states, range, |kg, all| {
+                for (s, entries) in all.into_iter().enumerate() {
+                    match by_saved.get(s).copied().flatten() {
+                        None => {}
+                        Some((new_i, None)) => sink(new_i, kg, entries),
+                        Some((new_i, Some(m))) => {
+                            let migrated = entries
+                                .into_iter()
+                                .map(|(k, e)| (k, migrate_entry(e, m)))
+                                .collect();
+                            sink(new_i, kg, migrated);
+                        }
+                    }
                 }
             })?;
         }

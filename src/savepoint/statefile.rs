@@ -316,14 +316,25 @@ fn verified<'a>(
     }
 }
 
-/// Reads the key groups of `wanted` that this file holds, calling `sink(state, kg, key, entry)`
-/// for every entry. `states` are the keyed states as the file's `_metadata` declares them.
+/// One key group's entries as a state file holds them: for each keyed state, in `_metadata`
+/// order, its (key, entry) pairs.
+pub type KeyGroupEntries = Vec<Vec<(Value, StateEntry)>>;
+
+/// How many decoded key groups a restore's reading thread may be ahead of the inserts.
+const DECODED_AHEAD: usize = 4;
+
+/// Reads the key groups of `wanted` that this file holds, calling `sink(kg, entries)` for each
+/// (the entries of every keyed state, so a table can be sized before it is filled). `states`
+/// are the keyed states as the file's `_metadata` declares them.
+///
+/// Fetching, checking, decompressing and decoding run on a thread of their own, ahead of
+/// `sink` on the caller's: a subtask's restore uses two cores rather than one.
 pub fn read_key_groups(
     dir: &Store,
     st: &SubtaskState,
     states: &[KeyedStateMeta],
     wanted: KeyGroupRange,
-    mut sink: impl FnMut(usize, u32, Value, StateEntry),
+    mut sink: impl FnMut(u32, KeyGroupEntries),
 ) -> Result<(), StateFileError> {
     let Some(index) = &st.key_groups else {
         return Ok(());
@@ -347,9 +358,38 @@ pub fn read_key_groups(
             reason: "a key-group block lies beyond the end of the file".into(),
         });
     }
+    let blocks = &index.blocks[first..=last];
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(DECODED_AHEAD);
+        let path = &path;
+        scope.spawn(move || {
+            let decoded = |kg, entries| tx.send(Ok((kg, entries))).is_ok();
+            if let Err(e) = decode_blocks(dir, st, states, path, overlap.start, blocks, decoded) {
+                let _ = tx.send(Err(e));
+            }
+        });
+        // An error ends this loop, which drops the receiver, which stops the reading thread.
+        for decoded in rx {
+            let (kg, entries) = decoded?;
+            sink(kg, entries);
+        }
+        Ok(())
+    })
+}
+
+/// Fetches, checks and decodes `blocks` (key groups `first_kg`, `first_kg + 1`, …), handing
+/// each key group to `decoded` until it returns false.
+fn decode_blocks(
+    dir: &Store,
+    st: &SubtaskState,
+    states: &[KeyedStateMeta],
+    path: &str,
+    first_kg: u32,
+    blocks: &[Block],
+    mut decoded: impl FnMut(u32, KeyGroupEntries) -> bool,
+) -> Result<(), StateFileError> {
     // Fetch contiguous blocks in chunks of at most READ_CHUNK bytes, so a large state is
     // never held twice (raw and decoded) in full.
-    let blocks = &index.blocks[first..=last];
     let mut scratch = Vec::new();
     let mut i = 0;
     while i < blocks.len() {
@@ -362,15 +402,19 @@ pub fn read_key_groups(
         let end = blocks[j].offset + blocks[j].len;
         let bytes = dir.get_range(&st.file, start..end)?;
         for (n, block) in blocks[i..=j].iter().enumerate() {
-            let kg = overlap.start + (i + n) as u32;
+            let kg = first_kg + (i + n) as u32;
             let what = format!("key group {kg}");
-            let slice = verified(&path, st, &bytes, start, block, &what, &mut scratch)?;
-            decode_key_group_block(slice, states, |s, key, entry| sink(s, kg, key, entry))
-                .map_err(|source| StateFileError::Decode {
-                    path: path.clone(),
-                    block: what.clone(),
+            let slice = verified(path, st, &bytes, start, block, &what, &mut scratch)?;
+            let entries = decode_key_group_entries(slice, states).map_err(|source| {
+                StateFileError::Decode {
+                    path: path.to_owned(),
+                    block: what,
                     source,
-                })?;
+                }
+            })?;
+            if !decoded(kg, entries) {
+                return Ok(());
+            }
         }
         i = j + 1;
     }
@@ -411,16 +455,37 @@ pub fn decode_key_group_block(
     states: &[KeyedStateMeta],
     mut sink: impl FnMut(usize, Value, StateEntry),
 ) -> Result<(), DecodeError> {
-    let mut r = Reader::new(block);
-    for (s, meta) in states.iter().enumerate() {
-        let n = r.varint()?;
-        for _ in 0..n {
-            let key = r.value()?;
-            let entry = decode_entry(&mut r, meta.kind)?;
+    for (s, entries) in decode_key_group_entries(block, states)?
+        .into_iter()
+        .enumerate()
+    {
+        for (key, entry) in entries {
             sink(s, key, entry);
         }
     }
     Ok(())
+}
+
+/// Decodes one key group's block (checksum already verified): for each keyed state in
+/// `states`' order, its entries.
+fn decode_key_group_entries(
+    block: &[u8],
+    states: &[KeyedStateMeta],
+) -> Result<KeyGroupEntries, DecodeError> {
+    let mut r = Reader::new(block);
+    let mut all = Vec::with_capacity(states.len());
+    for meta in states {
+        let n = r.varint()?;
+        // Each entry takes at least two bytes: a damaged count cannot make this allocate
+        // more than the block's size.
+        let mut entries = Vec::with_capacity((n as usize).min(r.remaining() / 2));
+        for _ in 0..n {
+            let key = r.value()?;
+            entries.push((key, decode_entry(&mut r, meta.kind)?));
+        }
+        all.push(entries);
+    }
+    Ok(all)
 }
 
 /// Decodes the operator-state block (checksum already verified): `count` lists of rows.
@@ -557,7 +622,11 @@ mod tests {
             &st,
             &metas,
             KeyGroupRange { start: 12, end: 20 },
-            |s, kg, k, e| seen.push((s, kg, k, e)),
+            |kg, entries| {
+                for (s, list) in entries.into_iter().enumerate() {
+                    seen.extend(list.into_iter().map(|(k, e)| (s, kg, k, e)));
+                }
+            },
         )
         .unwrap();
         assert_eq!(seen.len(), 2);
@@ -573,7 +642,7 @@ mod tests {
         let off = st.key_groups.as_ref().unwrap().blocks[1].offset as usize + 3;
         bytes[off] ^= 0xff;
         std::fs::write(&file, &bytes).unwrap();
-        let err = read_key_groups(&store, &st, &metas, range, |_, _, _, _| {}).unwrap_err();
+        let err = read_key_groups(&store, &st, &metas, range, |_, _| {}).unwrap_err();
         assert!(
             err.to_string()
                 .contains("c-0-x is corrupt: checksum mismatch in key group 11"),
@@ -582,7 +651,7 @@ mod tests {
 
         // Truncate it: named, with both sizes.
         std::fs::write(&file, &bytes[..bytes.len() - 5]).unwrap();
-        let err = read_key_groups(&store, &st, &metas, range, |_, _, _, _| {}).unwrap_err();
+        let err = read_key_groups(&store, &st, &metas, range, |_, _| {}).unwrap_err();
         assert!(err.to_string().contains("c-0-x is truncated"), "{err}");
     }
 
@@ -623,8 +692,8 @@ mod tests {
         range: KeyGroupRange,
     ) -> Result<Vec<(u32, Value, StateEntry)>, StateFileError> {
         let mut seen = Vec::new();
-        read_key_groups(store, st, &string_state(), range, |_, kg, k, e| {
-            seen.push((kg, k, e))
+        read_key_groups(store, st, &string_state(), range, |kg, entries| {
+            seen.extend(entries.into_iter().flatten().map(|(k, e)| (kg, k, e)))
         })?;
         Ok(seen)
     }
