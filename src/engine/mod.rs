@@ -472,7 +472,7 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
                     }
                 };
                 drop(init_tx);
-                let task = Task {
+                let mut task = Task {
                     stage: si,
                     subtask: sub,
                     watermarks: graph.watermarks,
@@ -487,6 +487,11 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
                     shared,
                 };
                 let result = task.run();
+                // Sinks are dropped here (a Kafka sink aborts its open transaction), keyed
+                // state elsewhere: freeing a large state takes a pointer chase per entry, and
+                // the job's end (a stopped upgrade's old process) does not wait for it.
+                task.release_keyed_state();
+                drop(task);
                 let _ = coord.send(CoordMsg::TaskDone { result });
             })
             .map_err(|e| StartError::Setup(format!("cannot start a task thread: {e}")))?;

@@ -19,6 +19,7 @@ use super::graph::Partitioning;
 use super::operators::Operator;
 use super::sources::Bound;
 use super::sources::{Poll, Source};
+use super::state::KeyedState;
 use crate::savepoint::keygroups::{key_group_of_hash, subtask_for_key_group};
 use crate::savepoint::metadata::{Compression, SplitPosition};
 use crate::savepoint::paths;
@@ -513,7 +514,24 @@ impl Task {
         Ok(())
     }
 
-    pub fn run(mut self) -> TaskResult {
+    /// Hands the chain's keyed state to a thread of its own to free, unjoined: a process that
+    /// exits meanwhile just exits.
+    pub fn release_keyed_state(&mut self) {
+        let states: Vec<KeyedState> = self
+            .chain
+            .iter_mut()
+            .filter_map(|c| c.op.keyed_state().map(KeyedState::take))
+            .filter(|s| !s.is_empty())
+            .collect();
+        if !states.is_empty() {
+            // Should the thread not start, the closure and the state are dropped here.
+            let _ = std::thread::Builder::new()
+                .name("sjob-free".into())
+                .spawn(move || drop(states));
+        }
+    }
+
+    pub fn run(&mut self) -> TaskResult {
         let r = if self.source.is_some() {
             self.run_source()
         } else {
