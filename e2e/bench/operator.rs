@@ -180,7 +180,8 @@ impl Bench {
     }
 
     /// With `SJOB_BENCH_KEEP=1` the cluster's directory (the operator's log, each pod's
-    /// `container.log`) is kept and its path printed on stderr, to see where the time went.
+    /// `container.log`) is kept and its path printed on stderr, to see where the time went
+    /// (with `SJOB_LOG=info`, the kubelet's steps are on stderr too).
     async fn stop(mut self) {
         let _ = self.operator.kill();
         let _ = self.operator.wait();
@@ -585,6 +586,13 @@ async fn main() -> std::process::ExitCode {
         .filter(|a| a != "--bench")
         .collect();
     let num = |i: usize, default: u64| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(default);
+    // SJOB_LOG=info: the in-process control plane's kubelet logs (stderr), timestamped.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("SJOB_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let result = match args.first().map(String::as_str) {
         Some("footprint") => footprint(num(1, 1000) as usize, num(2, 30)).await,
         Some("retention") => retention(num(1, 10_000) as usize).await,
