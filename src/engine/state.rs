@@ -74,12 +74,6 @@ impl KeyedState {
         &self.tables[state][self.slot(kg)]
     }
 
-    pub fn insert(&mut self, state: usize, kg: u32, key: Value, entry: StateEntry) {
-        if self.range.contains(kg) && state < self.tables.len() {
-            self.table_mut(state, kg).insert(key, entry);
-        }
-    }
-
     /// Moves every entry out, leaving this state empty (to be freed elsewhere).
     pub fn take(&mut self) -> KeyedState {
         let empty = KeyedState::new(self.range, self.max_parallelism, 0);
