@@ -321,11 +321,17 @@ operators:
 }
 
 /// The state-file writer alone: 2M entries of a 240-byte string, written once.
-fn write_only(dir: &str, compression: &str) {
+fn write_only(dir: &str, compression: &str, threads: &str) {
     let compression: sjob::savepoint::metadata::Compression =
         serde_yaml::from_str(compression).expect("compression: lz4 or none");
     use sjob::savepoint::keygroups::{key_group, range_for_subtask};
-    use sjob::savepoint::statefile::{GroupTable, KeyedSnapshot, StateEntry, SubtaskSnapshot};
+    use sjob::savepoint::statefile::{
+        GroupTable, KeyedSnapshot, StateEntry, SubtaskSnapshot, WriterThreads,
+    };
+    let threads = match threads {
+        "2" => WriterThreads::Two,
+        _ => WriterThreads::One,
+    };
     use sjob::savepoint::value::Value;
     let range = range_for_subtask(128, 1, 0);
     let mut groups: Vec<GroupTable> = (0..128).map(|_| GroupTable::default()).collect();
@@ -356,11 +362,18 @@ fn write_only(dir: &str, compression: &str) {
     let _ = std::fs::remove_dir_all(dir);
     let store = sjob::savepoint::store::Store::open(dir).expect("store");
     let t = Instant::now();
-    let st = sjob::savepoint::statefile::write(&store, "operators/x-0-y", 0, &snap, compression)
-        .expect("write");
+    let st = sjob::savepoint::statefile::write(
+        &store,
+        "operators/x-0-y",
+        0,
+        &snap,
+        compression,
+        threads,
+    )
+    .expect("write");
     let s = t.elapsed().as_secs_f64();
     println!(
-        "{{\"bench\":\"write\",\"compression\":\"{compression}\",\"mb\":{:.0},\"stored_mb\":{:.0},\"seconds\":{s:.3},\"mb_per_s\":{:.0}}}",
+        "{{\"bench\":\"write\",\"compression\":\"{compression}\",\"threads\":\"{threads:?}\",\"mb\":{:.0},\"stored_mb\":{:.0},\"seconds\":{s:.3},\"mb_per_s\":{:.0}}}",
         st.raw_bytes() as f64 / 1e6,
         st.size as f64 / 1e6,
         st.raw_bytes() as f64 / 1e6 / s
@@ -398,6 +411,7 @@ fn main() {
                 .map(String::as_str)
                 .unwrap_or("/tmp/sjob-bench-write"),
             args.get(2).map(String::as_str).unwrap_or("lz4"),
+            args.get(3).map(String::as_str).unwrap_or("1"),
         ),
         Some("savepoint") => savepoint(
             num(1, 4_000_000),
@@ -408,7 +422,7 @@ fn main() {
             args.get(4).map(String::as_str).unwrap_or("lz4"),
         ),
         _ => eprintln!(
-            "usage: engine throughput [SECONDS] [KEYS] [P] | windows [SECONDS] [KEYS] [P] [SIZE_MS] | skew [SECONDS] [EVERY_S] [KEYS] [P] [SIZE_MS] [MAX_DRIFT] | savepoint [KEYS] [PAYLOAD_BYTES] [DIR] [lz4|none] | bounded WORKLOAD [RECORDS] | write [DIR] [lz4|none]"
+            "usage: engine throughput [SECONDS] [KEYS] [P] | windows [SECONDS] [KEYS] [P] [SIZE_MS] | skew [SECONDS] [EVERY_S] [KEYS] [P] [SIZE_MS] [MAX_DRIFT] | savepoint [KEYS] [PAYLOAD_BYTES] [DIR] [lz4|none] | bounded WORKLOAD [RECORDS] | write [DIR] [lz4|none] [1|2 threads]"
         ),
     }
 }

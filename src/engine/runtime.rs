@@ -23,7 +23,7 @@ use super::state::KeyedState;
 use crate::savepoint::keygroups::{key_group_of_hash, subtask_for_key_group};
 use crate::savepoint::metadata::{Compression, SplitPosition};
 use crate::savepoint::paths;
-use crate::savepoint::statefile::{self, SubtaskSnapshot};
+use crate::savepoint::statefile::{self, SubtaskSnapshot, WriterThreads};
 use crate::savepoint::store::Store;
 use crate::savepoint::value::Record;
 use crossbeam_channel::{Receiver, Sender};
@@ -315,6 +315,12 @@ pub(crate) fn start_writers(
                             job.subtask,
                             &job.snapshot,
                             job.barrier.compression,
+                            // A stop-with-savepoint's tasks are idle, waiting for it.
+                            if job.barrier.stop {
+                                WriterThreads::Two
+                            } else {
+                                WriterThreads::One
+                            },
                         )
                         .map(|st| (st, job.positions))
                         .map_err(|e| e.to_string());

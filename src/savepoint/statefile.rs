@@ -163,6 +163,93 @@ fn put_block(
     Ok(block)
 }
 
+/// How many threads write one state file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriterThreads {
+    /// The caller's alone: while the job runs, other writers and the tasks need the cores.
+    One,
+    /// The caller compresses and writes while a second thread encodes the next key group: for
+    /// a stop-with-savepoint, when the tasks have nothing left to do and the job waits.
+    Two,
+}
+
+/// Encodes key group `i` of `keyed` (every state's entries) into `buf`; returns how many
+/// entries it holds.
+fn encode_key_group(keyed: &KeyedSnapshot, i: usize, buf: &mut Vec<u8>) -> u64 {
+    buf.clear();
+    let mut entries = 0;
+    for table in &keyed.tables {
+        let group = &table[i];
+        put_varint(buf, group.len() as u64);
+        entries += group.len() as u64;
+        let listed: Vec<(&Value, &StateEntry)> = group.iter().collect();
+        for (n, (key, entry)) in listed.iter().enumerate() {
+            if let Some((k, e)) = listed.get(n + 2 * PREFETCH_AHEAD) {
+                prefetch_outer(k, e);
+            }
+            if let Some((_, e)) = listed.get(n + PREFETCH_AHEAD) {
+                prefetch_inner(e);
+            }
+            put_value(buf, key);
+            encode_entry(buf, entry);
+        }
+    }
+    entries
+}
+
+/// Writes every key group's block in order on the caller's thread while a second one
+/// encodes the next: the file is byte for byte what one thread writes. Returns the blocks
+/// and the number of entries.
+fn write_key_groups_on_two_threads(
+    w: &mut StoreWriter,
+    keyed: &KeyedSnapshot,
+    compression: Compression,
+) -> Result<(Vec<Block>, u64), StateFileError> {
+    let groups = keyed.range.len() as usize;
+    std::thread::scope(|scope| {
+        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
+        let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        for _ in 0..2 {
+            let _ = empty_tx.send(Vec::with_capacity(1 << 20));
+        }
+        let encoder = scope.spawn(move || {
+            let mut entries = 0;
+            for i in 0..groups {
+                // Either channel closed: the writer stopped on an error.
+                let Ok(mut buf) = empty_rx.recv() else { break };
+                entries += encode_key_group(keyed, i, &mut buf);
+                if full_tx.send(buf).is_err() {
+                    break;
+                }
+            }
+            entries
+        });
+        let mut blocks = Vec::with_capacity(groups);
+        let mut scratch = Vec::new();
+        let mut failed = None;
+        for buf in full_rx.iter() {
+            match put_block(w, &buf, compression, &mut scratch) {
+                Ok(block) => blocks.push(block),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            let _ = empty_tx.send(buf);
+        }
+        drop(full_rx);
+        drop(empty_tx);
+        let entries = match encoder.join() {
+            Ok(n) => n,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        match failed {
+            Some(e) => Err(e),
+            None => Ok((blocks, entries)),
+        }
+    })
+}
+
 /// Writes one subtask's state file and returns its entry for `_metadata`.
 pub fn write(
     dir: &Store,
@@ -170,6 +257,7 @@ pub fn write(
     index: u32,
     snap: &SubtaskSnapshot,
     compression: Compression,
+    threads: WriterThreads,
 ) -> Result<SubtaskState, StateFileError> {
     let mut w = dir.writer(rel);
     let mut header = Vec::with_capacity(HEADER_LEN as usize);
@@ -179,32 +267,24 @@ pub fn write(
     let mut entries = 0u64;
     let mut buf = Vec::with_capacity(1 << 20);
     let mut scratch = Vec::new();
-    let mut listed: Vec<(&Value, &StateEntry)> = Vec::new();
     let key_groups = match &snap.keyed {
         None => None,
         Some(keyed) => {
-            let mut blocks = Vec::with_capacity(keyed.range.len() as usize);
-            for i in 0..keyed.range.len() as usize {
-                buf.clear();
-                for table in &keyed.tables {
-                    let group = &table[i];
-                    put_varint(&mut buf, group.len() as u64);
-                    entries += group.len() as u64;
-                    listed.clear();
-                    listed.extend(group.iter());
-                    for (n, (key, entry)) in listed.iter().enumerate() {
-                        if let Some((k, e)) = listed.get(n + 2 * PREFETCH_AHEAD) {
-                            prefetch_outer(k, e);
-                        }
-                        if let Some((_, e)) = listed.get(n + PREFETCH_AHEAD) {
-                            prefetch_inner(e);
-                        }
-                        put_value(&mut buf, key);
-                        encode_entry(&mut buf, entry);
-                    }
+            let blocks = match threads {
+                WriterThreads::Two => {
+                    let (blocks, n) = write_key_groups_on_two_threads(&mut w, keyed, compression)?;
+                    entries = n;
+                    blocks
                 }
-                blocks.push(put_block(&mut w, &buf, compression, &mut scratch)?);
-            }
+                WriterThreads::One => {
+                    let mut blocks = Vec::with_capacity(keyed.range.len() as usize);
+                    for i in 0..keyed.range.len() as usize {
+                        entries += encode_key_group(keyed, i, &mut buf);
+                        blocks.push(put_block(&mut w, &buf, compression, &mut scratch)?);
+                    }
+                    blocks
+                }
+            };
             Some(KeyGroupsIndex {
                 range: keyed.range,
                 blocks,
@@ -608,7 +688,15 @@ mod tests {
             }),
             operator_lists: vec![vec![vec![Value::from("split-0"), Value::Int(7)].into()]],
         };
-        let st = write(&store, "operators/c-0-x", 0, &snap, Compression::Lz4).unwrap();
+        let st = write(
+            &store,
+            "operators/c-0-x",
+            0,
+            &snap,
+            Compression::Lz4,
+            WriterThreads::One,
+        )
+        .unwrap();
         // Blocks this small are stored as they are.
         assert_eq!(st.compression, None);
         let metas = vec![KeyedStateMeta {
@@ -653,6 +741,41 @@ mod tests {
         std::fs::write(&file, &bytes[..bytes.len() - 5]).unwrap();
         let err = read_key_groups(&store, &st, &metas, range, |_, _| {}).unwrap_err();
         assert!(err.to_string().contains("c-0-x is truncated"), "{err}");
+    }
+
+    #[test]
+    fn two_writer_threads_write_the_same_file_as_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().display().to_string()).unwrap();
+        let range = KeyGroupRange { start: 0, end: 9 };
+        let snap = compressible_snapshot(range);
+        for compression in [Compression::Lz4, Compression::None] {
+            let one = write(
+                &store,
+                "operators/a-0-x",
+                0,
+                &snap,
+                compression,
+                WriterThreads::One,
+            );
+            let two = write(
+                &store,
+                "operators/b-0-x",
+                0,
+                &snap,
+                compression,
+                WriterThreads::Two,
+            );
+            let (one, two) = (one.unwrap(), two.unwrap());
+            assert_eq!(two.keyed_entries, 2_000);
+            assert_eq!(
+                (one.size, one.crc32c, one.keyed_entries, &one.key_groups),
+                (two.size, two.crc32c, two.keyed_entries, &two.key_groups)
+            );
+            let bytes = |f: &str| std::fs::read(dir.path().join(f)).unwrap();
+            assert!(bytes("operators/a-0-x") == bytes("operators/b-0-x"));
+            assert_eq!(read_all(&store, &two, range).unwrap().len(), 2_000);
+        }
     }
 
     fn compressible_snapshot(range: KeyGroupRange) -> SubtaskSnapshot {
@@ -704,8 +827,24 @@ mod tests {
         let store = Store::open(&dir.path().display().to_string()).unwrap();
         let range = KeyGroupRange { start: 0, end: 3 };
         let snap = compressible_snapshot(range);
-        let plain = write(&store, "operators/p-0-x", 0, &snap, Compression::None).unwrap();
-        let packed = write(&store, "operators/c-0-x", 0, &snap, Compression::Lz4).unwrap();
+        let plain = write(
+            &store,
+            "operators/p-0-x",
+            0,
+            &snap,
+            Compression::None,
+            WriterThreads::One,
+        )
+        .unwrap();
+        let packed = write(
+            &store,
+            "operators/c-0-x",
+            0,
+            &snap,
+            Compression::Lz4,
+            WriterThreads::One,
+        )
+        .unwrap();
         assert_eq!(plain.compression, None);
         assert_eq!(packed.compression, Some(Compression::Lz4));
         let blocks = &packed.key_groups.as_ref().unwrap().blocks;
@@ -764,7 +903,15 @@ mod tests {
         let store = Store::open(&dir.path().display().to_string()).unwrap();
         let range = KeyGroupRange { start: 5, end: 6 };
         let snap = compressible_snapshot(range);
-        let mut st = write(&store, "operators/o-0-x", 0, &snap, Compression::None).unwrap();
+        let mut st = write(
+            &store,
+            "operators/o-0-x",
+            0,
+            &snap,
+            Compression::None,
+            WriterThreads::One,
+        )
+        .unwrap();
         let file = dir.path().join("operators/o-0-x");
         let mut bytes = std::fs::read(&file).unwrap();
         assert_eq!(&bytes[4..6], &2u16.to_le_bytes());
