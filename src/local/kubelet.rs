@@ -106,6 +106,10 @@ impl Kubelet {
                 last_heartbeat: None,
                 node_ready_since: None,
             };
+            // A container process that exits (a Recreate rollout's old one, stopped) wakes the
+            // sync at once: the new one starts as soon as the old one is gone.
+            let mut child_exited =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()).ok();
             loop {
                 if *rx.borrow() {
                     break;
@@ -120,10 +124,21 @@ impl Kubelet {
                 } else {
                     state.opts.sync_every
                 };
+                let exited = async {
+                    let got = match child_exited.as_mut() {
+                        Some(signal) => signal.recv().await.is_some(),
+                        None => false,
+                    };
+                    if !got {
+                        // No signal stream (or it ended): the sync period alone.
+                        std::future::pending::<()>().await;
+                    }
+                };
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
                     _ = changed.notified() => {}
                     _ = rx.changed() => {}
+                    _ = exited => {}
                 }
             }
             watch.abort();
