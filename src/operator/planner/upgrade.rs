@@ -8,7 +8,7 @@ use crate::operator::crd::{
 
 /// For how long into the savepoint stage it is looked at every `FAST_SAVEPOINT_POLL_MS`.
 const FAST_SAVEPOINT_POLL_S: i64 = 3;
-const FAST_SAVEPOINT_POLL_MS: u64 = 40;
+const FAST_SAVEPOINT_POLL_MS: u64 = 25;
 
 impl Planner<'_> {
     pub(super) fn begin_upgrade(&mut self) {
