@@ -174,15 +174,22 @@ pub enum WriterThreads {
 }
 
 /// Encodes key group `i` of `keyed` (every state's entries) into `buf`; returns how many
-/// entries it holds.
-fn encode_key_group(keyed: &KeyedSnapshot, i: usize, buf: &mut Vec<u8>) -> u64 {
+/// entries it holds. `listed` is scratch space kept from one call to the next (a fresh one per
+/// key group costs fresh pages, which this machine's kernel zeroes first).
+fn encode_key_group<'a>(
+    keyed: &'a KeyedSnapshot,
+    i: usize,
+    buf: &mut Vec<u8>,
+    listed: &mut Vec<(&'a Value, &'a StateEntry)>,
+) -> u64 {
     buf.clear();
     let mut entries = 0;
     for table in &keyed.tables {
         let group = &table[i];
         put_varint(buf, group.len() as u64);
         entries += group.len() as u64;
-        let listed: Vec<(&Value, &StateEntry)> = group.iter().collect();
+        listed.clear();
+        listed.extend(group.iter());
         for (n, (key, entry)) in listed.iter().enumerate() {
             if let Some((k, e)) = listed.get(n + 2 * PREFETCH_AHEAD) {
                 prefetch_outer(k, e);
@@ -214,10 +221,11 @@ fn write_key_groups_on_two_threads(
         }
         let encoder = scope.spawn(move || {
             let mut entries = 0;
+            let mut listed = Vec::new();
             for i in 0..groups {
                 // Either channel closed: the writer stopped on an error.
                 let Ok(mut buf) = empty_rx.recv() else { break };
-                entries += encode_key_group(keyed, i, &mut buf);
+                entries += encode_key_group(keyed, i, &mut buf, &mut listed);
                 if full_tx.send(buf).is_err() {
                     break;
                 }
@@ -278,8 +286,9 @@ pub fn write(
                 }
                 WriterThreads::One => {
                     let mut blocks = Vec::with_capacity(keyed.range.len() as usize);
+                    let mut listed = Vec::new();
                     for i in 0..keyed.range.len() as usize {
-                        entries += encode_key_group(keyed, i, &mut buf);
+                        entries += encode_key_group(keyed, i, &mut buf, &mut listed);
                         blocks.push(put_block(&mut w, &buf, compression, &mut scratch)?);
                     }
                     blocks
