@@ -65,6 +65,11 @@ pub struct JobOptions {
     pub snapshot_timeout: Duration,
     /// Threads writing state files.
     pub writer_threads: usize,
+    /// How much lower the writers' scheduling priority is than the tasks' (a nice value,
+    /// 0..=19; Linux; 0 by default). When the cores are busy, a task's batch waits less behind
+    /// a writer, and a savepoint of a running job takes longer and holds more copied state
+    /// meanwhile; with a core to spare it changes nothing.
+    pub writer_nice: i32,
     /// Sinks drop their records until a cut-over (the new version of a blue-green switch,
     /// catching up beside the old one). A restart from a checkpoint of this job taken after
     /// the cut-over writes again.
@@ -80,6 +85,7 @@ impl Default for JobOptions {
             parallelism: None,
             snapshot_timeout: Duration::from_secs(600),
             writer_threads: 2,
+            writer_nice: runtime::WRITER_NICE,
             shadow: false,
         }
     }
@@ -356,6 +362,7 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
         active_sources: AtomicUsize::new(source_stage.parallelism as usize),
         source_gate: Mutex::new(false),
         max_stall_us: AtomicU64::new(0),
+        freeing: Mutex::new(Vec::new()),
         sources: (0..source_stage.parallelism)
             .map(|_| Mutex::new(runtime::SourceReport::default()))
             .collect(),
@@ -390,8 +397,11 @@ pub fn start(spec: &JobSpec, opts: JobOptions) -> Result<JobHandle, StartError> 
         changed: Condvar::new(),
     });
     let (coord_tx, coord_rx) = crossbeam_channel::unbounded::<CoordMsg>();
-    let (writer_tx, mut threads) =
-        runtime::start_writers(opts.writer_threads.max(1), coord_tx.clone());
+    let (writer_tx, mut threads) = runtime::start_writers(
+        opts.writer_threads.max(1),
+        opts.writer_nice,
+        coord_tx.clone(),
+    );
 
     // Channels: per stage but the first, one per (subtask, upstream subtask), so that each
     // input is read fairly and a fast one is held back by its own full channel.
@@ -915,6 +925,21 @@ impl JobHandle {
             Err(p) => p.into_inner().drain(..).collect(),
         };
         for t in threads {
+            let _ = t.join();
+        }
+        state
+    }
+
+    /// Waits for the job's end (`wait`) and then until its keyed state is freed, which
+    /// happens after the end, off its path: for a measurement of what comes next in this
+    /// process (a restore's time or memory) that the freeing would disturb.
+    pub fn wait_freed(&self) -> JobState {
+        let state = self.wait();
+        let freeing: Vec<_> = match self.shared.freeing.lock() {
+            Ok(mut g) => g.drain(..).collect(),
+            Err(p) => p.into_inner().drain(..).collect(),
+        };
+        for t in freeing {
             let _ = t.join();
         }
         state

@@ -137,6 +137,8 @@ pub(crate) struct Shared {
     pub max_stall_us: AtomicU64,
     /// Per source subtask: positions and whether it holds.
     pub sources: Vec<Mutex<SourceReport>>,
+    /// The threads freeing ended tasks' keyed state (see `Task::release_keyed_state`).
+    pub freeing: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Sinks drop what they receive until the cut-over marker reaches them (a blue-green
     /// switch's new version before the switch). Cleared when the marker is sent.
     pub shadow: AtomicBool,
@@ -290,9 +292,29 @@ pub(crate) struct WriteJob {
     pub positions: Vec<SplitPosition>,
 }
 
-/// Starts the threads that write state files off the processing path.
+/// The writers' default nice value (see `JobOptions::writer_nice`).
+pub(crate) const WRITER_NICE: i32 = 0;
+
+/// Lowers the calling thread's scheduling priority to `nice` (Linux keeps it per thread; a
+/// thread it starts inherits it). Elsewhere, or if refused, the priority stays as it was.
+fn lower_priority(nice: i32) {
+    let nice = nice.clamp(0, 19);
+    if nice == 0 {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority take and return plain integers and change nothing but
+    // this thread's nice value.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice);
+    }
+}
+
+/// Starts the threads that write state files off the processing path, at `nice`.
 pub(crate) fn start_writers(
     threads: usize,
+    nice: i32,
     coord: Sender<CoordMsg>,
 ) -> (Sender<WriteJob>, Vec<std::thread::JoinHandle<()>>) {
     let (tx, rx) = crossbeam_channel::unbounded::<WriteJob>();
@@ -303,6 +325,7 @@ pub(crate) fn start_writers(
             std::thread::Builder::new()
                 .name(format!("sjob-writer-{i}"))
                 .spawn(move || {
+                    lower_priority(nice);
                     for job in rx {
                         if job.barrier.aborted.load(Ordering::SeqCst) {
                             // The snapshot failed already; its directory is being deleted.
@@ -531,9 +554,15 @@ impl Task {
             .collect();
         if !states.is_empty() {
             // Should the thread not start, the closure and the state are dropped here.
-            let _ = std::thread::Builder::new()
+            if let Ok(t) = std::thread::Builder::new()
                 .name("sjob-free".into())
-                .spawn(move || drop(states));
+                .spawn(move || drop(states))
+            {
+                match self.shared.freeing.lock() {
+                    Ok(mut g) => g.push(t),
+                    Err(p) => p.into_inner().push(t),
+                }
+            }
         }
     }
 
@@ -1013,4 +1042,31 @@ fn usage(channels: &[Receiver<Msg>]) -> Vec<(usize, usize)> {
         .iter()
         .map(|c| (c.len(), c.capacity().unwrap_or(0)))
         .collect()
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::lower_priority;
+
+    /// This thread's nice value (Linux keeps one per thread).
+    fn own_nice() -> i32 {
+        // SAFETY: plain integer calls about this thread alone.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+    }
+
+    #[test]
+    fn a_writer_thread_runs_at_the_nice_value_asked_for_and_the_caller_keeps_its_own() {
+        let before = own_nice();
+        let (asked, inherited) = std::thread::spawn(|| {
+            lower_priority(7);
+            let asked = own_nice();
+            // A thread a writer starts (the encoder of a two-thread write) inherits it.
+            let inherited = std::thread::spawn(own_nice).join().unwrap();
+            (asked, inherited)
+        })
+        .join()
+        .unwrap();
+        assert_eq!((asked, inherited), (7, 7), "the test ran at nice {before}");
+        assert_eq!(own_nice(), before);
+    }
 }
