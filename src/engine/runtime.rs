@@ -543,8 +543,8 @@ impl Task {
         Ok(())
     }
 
-    /// Hands the chain's keyed state to a thread of its own to free, unjoined: a process that
-    /// exits meanwhile just exits.
+    /// Hands the chain's keyed state to a thread of its own to free. Only `JobHandle::wait_freed`
+    /// waits for it: a process that exits meanwhile just exits.
     pub fn release_keyed_state(&mut self) {
         let states: Vec<KeyedState> = self
             .chain
