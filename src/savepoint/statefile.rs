@@ -697,15 +697,7 @@ mod tests {
             }),
             operator_lists: vec![vec![vec![Value::from("split-0"), Value::Int(7)].into()]],
         };
-        let st = write(
-            &store,
-            "operators/c-0-x",
-            0,
-            &snap,
-            Compression::Lz4,
-            WriterThreads::One,
-        )
-        .unwrap();
+        let st = write_one(&store, "operators/c-0-x", &snap, Compression::Lz4);
         // Blocks this small are stored as they are.
         assert_eq!(st.compression, None);
         let metas = vec![KeyedStateMeta {
@@ -787,6 +779,11 @@ mod tests {
         }
     }
 
+    /// Subtask 0's file written by one thread, as a running job's savepoint writes it.
+    fn write_one(store: &Store, rel: &str, snap: &SubtaskSnapshot, c: Compression) -> SubtaskState {
+        write(store, rel, 0, snap, c, WriterThreads::One).unwrap()
+    }
+
     fn compressible_snapshot(range: KeyGroupRange) -> SubtaskSnapshot {
         let mut groups = Vec::new();
         for kg in range.iter() {
@@ -836,24 +833,8 @@ mod tests {
         let store = Store::open(&dir.path().display().to_string()).unwrap();
         let range = KeyGroupRange { start: 0, end: 3 };
         let snap = compressible_snapshot(range);
-        let plain = write(
-            &store,
-            "operators/p-0-x",
-            0,
-            &snap,
-            Compression::None,
-            WriterThreads::One,
-        )
-        .unwrap();
-        let packed = write(
-            &store,
-            "operators/c-0-x",
-            0,
-            &snap,
-            Compression::Lz4,
-            WriterThreads::One,
-        )
-        .unwrap();
+        let plain = write_one(&store, "operators/p-0-x", &snap, Compression::None);
+        let packed = write_one(&store, "operators/c-0-x", &snap, Compression::Lz4);
         assert_eq!(plain.compression, None);
         assert_eq!(packed.compression, Some(Compression::Lz4));
         let blocks = &packed.key_groups.as_ref().unwrap().blocks;
@@ -912,15 +893,7 @@ mod tests {
         let store = Store::open(&dir.path().display().to_string()).unwrap();
         let range = KeyGroupRange { start: 5, end: 6 };
         let snap = compressible_snapshot(range);
-        let mut st = write(
-            &store,
-            "operators/o-0-x",
-            0,
-            &snap,
-            Compression::None,
-            WriterThreads::One,
-        )
-        .unwrap();
+        let mut st = write_one(&store, "operators/o-0-x", &snap, Compression::None);
         let file = dir.path().join("operators/o-0-x");
         let mut bytes = std::fs::read(&file).unwrap();
         assert_eq!(&bytes[4..6], &2u16.to_le_bytes());
