@@ -57,7 +57,7 @@ pub trait Operator: Send {
     fn restored(&mut self) {}
 }
 
-fn keyed_snapshot(state: &KeyedState) -> SubtaskSnapshot {
+fn keyed_snapshot(state: &mut KeyedState) -> SubtaskSnapshot {
     SubtaskSnapshot {
         keyed: Some(state.snapshot()),
         operator_lists: Vec::new(),
@@ -369,7 +369,7 @@ impl Operator for AggOp {
         Ok(())
     }
     fn snapshot(&mut self, _id: u64) -> Result<SubtaskSnapshot, String> {
-        Ok(keyed_snapshot(&self.state))
+        Ok(keyed_snapshot(&mut self.state))
     }
     fn keyed_state(&mut self) -> Option<&mut KeyedState> {
         Some(&mut self.state)
@@ -436,7 +436,7 @@ impl Operator for ReduceOp {
         Ok(())
     }
     fn snapshot(&mut self, _id: u64) -> Result<SubtaskSnapshot, String> {
-        Ok(keyed_snapshot(&self.state))
+        Ok(keyed_snapshot(&mut self.state))
     }
     fn keyed_state(&mut self) -> Option<&mut KeyedState> {
         Some(&mut self.state)
@@ -467,7 +467,7 @@ impl Operator for DedupeOp {
         Ok(())
     }
     fn snapshot(&mut self, _id: u64) -> Result<SubtaskSnapshot, String> {
-        Ok(keyed_snapshot(&self.state))
+        Ok(keyed_snapshot(&mut self.state))
     }
     fn keyed_state(&mut self) -> Option<&mut KeyedState> {
         Some(&mut self.state)

@@ -1,12 +1,12 @@
 //! The keyed state backend: one table per (state, key group), each a list of shards behind
 //! `Arc`s.
 //!
-//! A snapshot clones the lists of `Arc`s (one pointer per shard of a few hundred entries, so
-//! well under a millisecond for a gigabyte of state) and hands them to a writer thread; a write
-//! to a shard the writer still holds copies that shard (see `savepoint::grouptable`). The
+//! A snapshot clones the lists of `Arc`s (one pointer per shard of a few dozen entries, a few
+//! milliseconds for a gigabyte of state) and hands them to a writer thread; a write to a shard
+//! the writer still holds copies the one entry written (see `savepoint::grouptable`). The
 //! tables themselves are owned, not shared, so a record's write checks one reference count
-//! (its shard's), not two. Processing goes on while the bytes are written, and the
-//! stall is bounded by the size of one shard, not of the whole state.
+//! (its shard's), not two. Processing goes on while the bytes are written, and a record pays
+//! for the copy of its own entry only.
 
 use crate::savepoint::keygroups::{KeyGroupRange, key_group, key_group_of_hash};
 use crate::savepoint::statefile::{GroupTable, KeyedSnapshot, StateEntry};
@@ -91,10 +91,14 @@ impl KeyedState {
         }
     }
 
-    pub fn snapshot(&self) -> KeyedSnapshot {
+    pub fn snapshot(&mut self) -> KeyedSnapshot {
         KeyedSnapshot {
             range: self.range,
-            tables: self.tables.clone(),
+            tables: self
+                .tables
+                .iter_mut()
+                .map(|t| t.iter_mut().map(GroupTable::snapshot).collect())
+                .collect(),
         }
     }
 
