@@ -127,6 +127,10 @@ fn rfc3339_now() -> String {
     jiff::Timestamp::now().to_string()
 }
 
+/// The soonest a job is looked at again, whatever the planner asks: a floor against a busy loop.
+/// Below the planner's quickest poll (25 ms, a savepoint in flight), which is downtime.
+const MIN_REQUEUE_MS: u64 = 20;
+
 /// Reconciles run at once per controller.
 const RECONCILE_CONCURRENCY: u16 = 8;
 
@@ -268,8 +272,25 @@ async fn apply_job(sj: &StatefulJob, ctx: &Context) -> Result<Action, Error> {
     let status = sj.status.clone().unwrap_or_default();
     let generation = sj.metadata.generation.unwrap_or(0);
 
-    let (views, observed) = observe::observe(sj, ctx, &status, now_s()).await?;
-    let plan = planner::plan(&sj.spec, generation, &status, &observed);
+    let (views, mut observed) = observe::observe(sj, ctx, &status, now_s()).await?;
+    let mut plan = planner::plan(&sj.spec, generation, &status, &observed);
+    if observed.preflight.is_none() && plan.asks_preflight() {
+        // The preflight check only reads, so it is done now and planned on at once rather
+        // than on the next reconcile: an upgrade's old job is stopped that much sooner.
+        if let Some(problems) = observe::preflight(sj, ctx, &plan.status, &views.live).await {
+            observed.preflight = Some(problems);
+            let next = planner::plan(&sj.spec, generation, &plan.status, &observed);
+            plan = plan.then(next);
+        }
+    }
+    if plan.watch_trigger
+        && let Some(ended) = observe::watch_trigger(&status, &views.live).await
+    {
+        // Seen the moment it ends, not at the next reconcile: the stopped job's downtime.
+        observed.trigger = Some(ended);
+        observed.now_s = now_s();
+        plan = planner::plan(&sj.spec, generation, &status, &observed);
+    }
     let mut next = plan.status;
     let trigger_ended = matches!(
         observed.trigger,
@@ -325,7 +346,7 @@ async fn apply_job(sj: &StatefulJob, ctx: &Context) -> Result<Action, Error> {
     ctx.metrics
         .set_phase(&key(sj), next.phase.map(|p| format!("{p:?}")));
     Ok(Action::requeue(Duration::from_millis(
-        plan.requeue_ms.max(100),
+        plan.requeue_ms.max(MIN_REQUEUE_MS),
     )))
 }
 

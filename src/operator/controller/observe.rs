@@ -16,6 +16,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
+use std::time::{Duration, Instant};
 
 /// The engine as observed, with what is needed to act on it.
 pub(super) struct EngineView {
@@ -220,6 +221,29 @@ pub(super) async fn recovered_savepoint(view: &EngineView, since: &str) -> Optio
     (taken + 1000 >= since_ms).then_some(TriggerObs::Completed { path })
 }
 
+/// For how long a reconcile watches a savepoint request that is an upgrade's downtime, and how
+/// often it looks meanwhile: a stop-with-savepoint of a small state completes within tens of
+/// milliseconds, and the new version starts as soon as it is seen complete.
+const WATCH_TRIGGER_FOR: Duration = Duration::from_secs(1);
+const WATCH_TRIGGER_EVERY: Duration = Duration::from_millis(5);
+
+/// The outcome of the savepoint request in flight, looked at every few milliseconds until it
+/// ends; None if it has not within `WATCH_TRIGGER_FOR` (the next reconcile looks again).
+pub(super) async fn watch_trigger(
+    status: &StatefulJobStatus,
+    view: &EngineView,
+) -> Option<TriggerObs> {
+    let until = Instant::now() + WATCH_TRIGGER_FOR;
+    while Instant::now() < until {
+        tokio::time::sleep(WATCH_TRIGGER_EVERY).await;
+        match observe_trigger(status, view).await {
+            Some(TriggerObs::InProgress) | None => {}
+            ended => return ended,
+        }
+    }
+    None
+}
+
 pub(super) async fn observe_trigger(
     status: &StatefulJobStatus,
     view: &EngineView,
@@ -361,27 +385,25 @@ pub(super) async fn observe(
         .as_ref()
         .is_some_and(|u| matches!(u.stage, UpgradeStage::CatchingUp | UpgradeStage::Switching));
     let (live_sources, candidate_sources) = if switching {
-        (
-            sources(&views.live).await,
+        let candidate = async {
             match &views.candidate {
                 Some(v) => sources(v).await,
                 None => None,
-            },
-        )
+            }
+        };
+        futures::join!(sources(&views.live), candidate)
     } else {
         (None, None)
     };
-    let trigger = observe_trigger(status, &views.live).await;
-    let preflight = preflight(sj, ctx, status, &views.live).await;
-    let savepoints = list_savepoints(ctx, &ns, &name).await?;
-    let source_problems = match (&views.live.obs, &views.live.client, &views.live.job_id) {
-        (EngineObs::Running { .. }, Some(client), Some(job_id)) => client
-            .sources(job_id)
-            .await
-            .map(|s| s.problems)
-            .unwrap_or_default(),
-        _ => Vec::new(),
-    };
+    // Asked at once: while an engine writes a savepoint on every core its answers are slow,
+    // and each reconcile of an upgrade in flight waits for all of them.
+    let (trigger, preflight, savepoints, source_problems) = futures::join!(
+        observe_trigger(status, &views.live),
+        preflight(sj, ctx, status, &views.live),
+        list_savepoints(ctx, &ns, &name),
+        source_problems(&views.live),
+    );
+    let savepoints = savepoints?;
     let observed = Observed {
         now_s,
         engine: views.live.obs.clone(),
@@ -402,6 +424,18 @@ pub(super) async fn observe(
         source_problems,
     };
     Ok((views, observed))
+}
+
+/// Why a running engine's sources cannot read now (none if it does not answer).
+async fn source_problems(view: &EngineView) -> Vec<String> {
+    match (&view.obs, &view.client, &view.job_id) {
+        (EngineObs::Running { .. }, Some(client), Some(job_id)) => client
+            .sources(job_id)
+            .await
+            .map(|s| s.problems)
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
 }
 
 /// An engine's sources, if it answers.

@@ -162,6 +162,31 @@ pub struct Plan {
     pub status: StatefulJobStatus,
     /// Look again after this many milliseconds.
     pub requeue_ms: u64,
+    /// The savepoint in flight is downtime (an upgrade's stopped job waits on it): the
+    /// controller may watch it closely for a moment rather than wait for the next look.
+    pub watch_trigger: bool,
+}
+
+impl Plan {
+    /// Whether the plan asks for a preflight check (which only reads, so a controller may do
+    /// it at once and plan again with its result).
+    pub fn asks_preflight(&self) -> bool {
+        self.actions
+            .iter()
+            .any(|a| matches!(a, Action::Preflight { .. }))
+    }
+
+    /// This plan followed by `next`, planned from this plan's status: the actions of both
+    /// (this one's preflight done), `next`'s status and requeue.
+    pub fn then(self, next: Plan) -> Plan {
+        let mut actions: Vec<Action> = self
+            .actions
+            .into_iter()
+            .filter(|a| !matches!(a, Action::Preflight { .. }))
+            .collect();
+        actions.extend(next.actions);
+        Plan { actions, ..next }
+    }
 }
 
 /// The hash of everything in a spec that the running engine depends on.
@@ -235,6 +260,7 @@ struct Planner<'a> {
     status: StatefulJobStatus,
     actions: Vec<Action>,
     requeue_ms: u64,
+    watch_trigger: bool,
 }
 
 /// Decides the next step for a StatefulJob.
@@ -252,6 +278,7 @@ pub fn plan(
         status: status.clone(),
         actions: Vec::new(),
         requeue_ms: 10_000,
+        watch_trigger: false,
     };
     p.status.observed_generation = Some(generation);
     p.decide();
@@ -260,6 +287,7 @@ pub fn plan(
         actions: p.actions,
         status: p.status,
         requeue_ms: p.requeue_ms,
+        watch_trigger: p.watch_trigger,
     }
 }
 

@@ -343,6 +343,38 @@ fn up_to_savepoint() -> (StatefulJobStatus, Plan) {
 }
 
 #[test]
+fn a_preflight_done_at_once_chains_into_its_outcome() {
+    // The controller does the (read-only) preflight in the reconcile that asks for it and
+    // plans again: the old job is stopped one reconcile sooner.
+    let status = stable(&v1());
+    let mut o = obs(running(&v1(), None));
+    o.latest_checkpoint = Some("/chk/job/chk-7".into());
+    let first = plan(&v2(), 2, &status, &o);
+    assert!(first.asks_preflight());
+    o.preflight = Some(vec![]);
+    let second = plan(&v2(), 2, &first.status, &o);
+    let chained = first.clone().then(second.clone());
+    assert!(!chained.asks_preflight());
+    assert_eq!(chained.actions, vec![Action::StopWithSavepoint]);
+    assert_eq!(chained.status, second.status);
+    assert_eq!(
+        chained.status.upgrade.as_ref().unwrap().stage,
+        UpgradeStage::Savepointing
+    );
+    // A failed check chains into the block and its warning, the old job untouched.
+    o.preflight = Some(vec!["operator uid 'counts' has no match".into()]);
+    let blocked = first.clone().then(plan(&v2(), 2, &first.status, &o));
+    assert_eq!(blocked.status.phase, Some(Phase::Blocked));
+    assert!(
+        blocked
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Event { warning: true, .. }))
+    );
+    assert_eq!(engine_actions(&blocked), 0);
+}
+
+#[test]
 fn a_savepoint_in_flight_is_looked_at_often_at_first_then_every_250_ms() {
     // The old job is stopped while its savepoint completes: a small state completes within
     // tens of milliseconds, and each poll interval adds to the downtime.
@@ -352,12 +384,24 @@ fn a_savepoint_in_flight_is_looked_at_often_at_first_then_every_250_ms() {
     o.trigger = Some(TriggerObs::InProgress);
     let p = plan(&v2(), 2, &status, &o);
     assert!(p.requeue_ms <= 50, "{}", p.requeue_ms);
+    assert!(
+        p.watch_trigger,
+        "the controller may watch it closely meanwhile"
+    );
     // Status unknown for a moment (the engine did not answer): as often.
     o.trigger = None;
     assert!(plan(&v2(), 2, &status, &o).requeue_ms <= 50);
     o.trigger = Some(TriggerObs::InProgress);
     o.now_s = T0 + 10;
-    assert_eq!(plan(&v2(), 2, &status, &o).requeue_ms, 250);
+    let p = plan(&v2(), 2, &status, &o);
+    assert_eq!(p.requeue_ms, 250);
+    assert!(!p.watch_trigger);
+    // Done: nothing to watch.
+    o.now_s = T0;
+    o.trigger = Some(TriggerObs::Completed {
+        path: "/sp/savepoint-1".into(),
+    });
+    assert!(!plan(&v2(), 2, &status, &o).watch_trigger);
 }
 
 #[test]

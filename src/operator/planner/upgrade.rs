@@ -199,7 +199,10 @@ impl Planner<'_> {
             }
         };
         match outcome {
-            None => self.requeue_ms = self.savepoint_poll_ms(),
+            None => {
+                self.requeue_ms = self.savepoint_poll_ms();
+                self.watch_trigger = has_trigger && self.stage_elapsed() < FAST_SAVEPOINT_POLL_S;
+            }
             Some(Err(cause)) => {
                 // The old job keeps running (a failed stop-with-savepoint leaves it running).
                 let attempts = self
