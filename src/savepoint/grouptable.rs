@@ -23,6 +23,11 @@ use std::sync::Arc;
 /// a small table stays one flat map and a split moves few entries per shard.
 const SPLIT_ABOVE: usize = 64;
 
+/// The average shard a restore sizes tables for: with an eighth more for the keys' uneven
+/// spread, 54 entries, which a 64-slot flat map holds (its 7/8 load limit is 56); sized for the
+/// split limit instead, most shards would take 128 slots and stand half empty.
+const RESERVED_SHARE: usize = 48;
+
 /// Entries are found by the key's `key_hash`, the hash that picked its key group: a record
 /// carries it from the partitioner (`Key`), so a lookup hashes nothing.
 type Shard = HashTable<(Value, StateEntry)>;
@@ -33,8 +38,8 @@ type Delta = HashTable<(Value, Option<StateEntry>)>;
 
 #[derive(Clone, Default)]
 pub struct GroupTable {
-    /// A power of two long (or empty before the first write). A key's shard is picked by the
-    /// top bits of its hash, so doubling the shards splits each one in two.
+    /// Empty before the first write. A key's shard is picked by the top bits of its hash
+    /// scaled to the count (`shard_index`), so doubling the shards splits each one in two.
     shards: Vec<Arc<Shard>>,
     /// `deltas[i]` is shard `i`'s delta (empty until one is needed).
     deltas: Vec<Option<Box<Delta>>>,
@@ -43,12 +48,11 @@ pub struct GroupTable {
     len: usize,
 }
 
-/// The shard of a key hash among `shards` (a power of two): its top bits.
+/// The shard of a key hash among `shards`: its top 32 bits scaled to the count
+/// (multiply-shift), so any count works, a power of two takes the top bits, and doubling the
+/// count sends each shard's keys to two neighbouring shards.
 fn shard_index(hash: u64, shards: usize) -> usize {
-    if shards <= 1 {
-        return 0;
-    }
-    (hash >> (64 - shards.trailing_zeros())) as usize
+    (((hash >> 32) * shards as u64) >> 32) as usize
 }
 
 /// The hash a shard's table places an entry by. The keys of one table share the low bits of
@@ -124,7 +128,7 @@ impl GroupTable {
         shard_index(hash, self.shards.len())
     }
 
-    /// Spreads the entries over `count` shards (a power of two, more than there are).
+    /// Spreads the entries over `count` shards (more than there are).
     fn split_into(&mut self, count: usize) {
         self.settle_all();
         let mut next: Vec<Shard> = (0..count).map(|_| Shard::new()).collect();
@@ -190,10 +194,7 @@ impl GroupTable {
     pub fn reserve(&mut self, additional: usize) {
         self.settle_all();
         let want = self.len + additional;
-        let mut count = self.shards.len().max(1);
-        while want > count * SPLIT_ABOVE {
-            count *= 2;
-        }
+        let count = want.div_ceil(RESERVED_SHARE).max(self.shards.len()).max(1);
         if count > self.shards.len() {
             self.split_into(count);
         }
@@ -595,23 +596,28 @@ mod tests {
 
     #[test]
     fn a_reserved_table_holds_its_entries_without_splitting_again() {
+        // 3,900 entries: 61 a shard if the count were a power of two (64), which a 64-slot map
+        // cannot hold; 82 shards of about 48 can.
+        let n = 3_900;
         let mut t = GroupTable::default();
-        t.reserve(3_000);
+        t.reserve(n as usize);
         let shards = t.shards.len();
-        assert!(
-            shards * SPLIT_ABOVE >= 3_000 && shards.is_power_of_two(),
-            "{shards}"
-        );
-        for k in 0..3_000 {
+        assert_eq!(shards, 82);
+        for k in 0..n {
             t.insert(Value::Int(k), entry(k));
         }
         assert_eq!(t.shards.len(), shards);
-        assert_eq!(t.len(), 3_000);
-        assert!((0..3_000).all(|k| t.get(&Value::Int(k)) == Some(&entry(k))));
+        assert_eq!(t.len(), n as usize);
+        assert!((0..n).all(|k| t.get(&Value::Int(k)) == Some(&entry(k))));
+        let slots: usize = t.shards.iter().map(|s| s.capacity()).sum();
+        assert!(
+            slots * 10 < n as usize * 14,
+            "{slots} slots for {n} entries: the maps stand half empty"
+        );
         // Reserving more for a table with entries keeps them.
         t.reserve(10_000);
         assert!(t.shards.len() > shards);
-        assert!((0..3_000).all(|k| t.get(&Value::Int(k)) == Some(&entry(k))));
+        assert!((0..n).all(|k| t.get(&Value::Int(k)) == Some(&entry(k))));
     }
 
     #[test]
