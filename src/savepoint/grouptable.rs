@@ -188,6 +188,12 @@ impl GroupTable {
         self.deltas.get(i).and_then(|d| d.as_deref())
     }
 
+    /// Whether shard `i`'s delta has `key` (its new entry or its removal).
+    fn in_delta(&self, i: usize, slot: u64, key: &Value) -> bool {
+        self.delta(i)
+            .is_some_and(|d| d.find(slot, |(k, _)| k == key).is_some())
+    }
+
     /// Makes room for `additional` more entries at once (a restore knows a key group's count):
     /// the shards they will need, each sized for its share, instead of growing and splitting
     /// entry by entry.
@@ -252,17 +258,16 @@ impl GroupTable {
         }
         // A snapshot reads the shard: the entry is copied into the delta, if it is there at
         // all (a key found absent copies nothing).
-        let in_delta = self
-            .delta(i)
-            .is_some_and(|d| d.find(slot, |(k, _)| k == key).is_some());
-        if !in_delta {
+        let (_, entry) = if self.in_delta(i, slot, key) {
+            self.delta_mut(i).find_mut(slot, |(k, _)| k == key)?
+        } else {
             let (k, e) = self.shards[i].find(slot, eq)?;
             let copy = (k.clone(), Some(e.clone()));
-            self.delta_mut(i).insert_unique(slot, copy, delta_hash);
-        }
-        self.delta_mut(i)
-            .find_mut(slot, |(k, _)| k == key)
-            .and_then(|(_, e)| e.as_mut())
+            self.delta_mut(i)
+                .insert_unique(slot, copy, delta_hash)
+                .into_mut()
+        };
+        entry.as_mut()
     }
 
     /// Sets `key`'s entry; true if it replaced one.
@@ -371,10 +376,7 @@ impl GroupTable {
             let found = shard.find_entry(slot, |(k, _)| k == key).ok()?;
             let ((_, old), _) = found.remove();
             old
-        } else if self
-            .delta(i)
-            .is_some_and(|d| d.find(slot, |(k, _)| k == key).is_some())
-        {
+        } else if self.in_delta(i, slot, key) {
             let (_, entry) = self.delta_mut(i).find_mut(slot, |(k, _)| k == key)?;
             entry.take()?
         } else {
