@@ -8,8 +8,8 @@ use super::state::KeyedState;
 use crate::savepoint::keygroups::KeyGroupRange;
 use crate::savepoint::schema::FieldType;
 use crate::savepoint::statefile::{StateEntry, SubtaskSnapshot};
+use crate::savepoint::staterow::StateRow;
 use crate::savepoint::value::{Fields, Key, Name, Record, Row, Value, intern};
-use std::sync::Arc;
 
 /// One operator instance (one subtask) inside a task.
 pub trait Operator: Send {
@@ -348,14 +348,14 @@ impl Operator for AggOp {
                         _ if matches!(input_value, Value::Null) => current.clone(),
                         kind => pick(kind, current, &input_value),
                     };
-                    Arc::make_mut(row)[0] = self.ty.coerce(next.clone());
+                    row.make_mut()[0] = self.ty.coerce(next.clone());
                     next
                 }
                 _ => {
                     table.insert_hashed(
                         key.hash,
                         key.value.clone(),
-                        StateEntry::Value(Row::from([input_value.clone()])),
+                        StateEntry::Value(StateRow::from([input_value.clone()])),
                     );
                     input_value
                 }
@@ -395,9 +395,14 @@ impl Operator for ReduceOp {
         for rec in input {
             let key = key_of(&rec)?.clone();
             let kg = self.state.group_of_key(&key)?;
-            let current: Row = match self.state.table(0, kg).get_hashed(key.hash, &key.value) {
+            let current: StateRow = match self.state.table(0, kg).get_hashed(key.hash, &key.value) {
                 Some(StateEntry::Value(row)) => row.clone(),
-                _ => self.fields.iter().map(|f| f.default.clone()).collect(),
+                _ => StateRow::from(
+                    self.fields
+                        .iter()
+                        .map(|f| f.default.clone())
+                        .collect::<Vec<_>>(),
+                ),
             };
             let acc: Vec<(&str, &Value)> = self
                 .fields
@@ -429,7 +434,7 @@ impl Operator for ReduceOp {
             self.state.table_mut(0, kg).insert_hashed(
                 key.hash,
                 key.value,
-                StateEntry::Value(Row::from(next)),
+                StateEntry::Value(StateRow::from(next)),
             );
             out.push(Record { fields, key: None });
         }
@@ -458,7 +463,7 @@ impl Operator for DedupeOp {
                 table.insert_hashed(
                     key.hash,
                     key.value.clone(),
-                    StateEntry::Value(Row::from([Value::Bool(true)])),
+                    StateEntry::Value(StateRow::from([Value::Bool(true)])),
                 );
                 rec.key = None;
                 out.push(rec);

@@ -336,7 +336,7 @@ pub(crate) fn start_writers(
                             &job.barrier.dir,
                             &rel,
                             job.subtask,
-                            &job.snapshot,
+                            job.snapshot,
                             job.barrier.compression,
                             // A stop-with-savepoint's tasks are idle, waiting for it.
                             if job.barrier.stop {

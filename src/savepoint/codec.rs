@@ -4,6 +4,7 @@
 //! little endian), `4` float (8 bytes little endian IEEE 754), `5` string (varint length,
 //! UTF-8 bytes). Lengths and counts are unsigned LEB128 varints.
 
+use super::staterow::StateRow;
 use super::value::{Row, Value};
 
 const NULL: u8 = 0;
@@ -143,6 +144,16 @@ impl<'a> Reader<'a> {
             row.push(self.value()?);
         }
         Ok(Row::from(row))
+    }
+
+    /// A row as a value state holds it: one field inline, with no row allocation.
+    pub fn state_row(&mut self) -> Result<StateRow, DecodeError> {
+        let start = self.pos;
+        if self.varint()? == 1 {
+            return Ok(StateRow::One(self.value()?));
+        }
+        self.pos = start;
+        Ok(StateRow::Many(self.row()?))
     }
 }
 

@@ -12,6 +12,7 @@ mod prefetch;
 pub mod restore;
 pub mod schema;
 pub mod statefile;
+pub mod staterow;
 pub mod store;
 pub mod tools;
 pub mod value;

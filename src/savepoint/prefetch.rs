@@ -42,7 +42,10 @@ pub fn prefetch_outer(key: &Value, entry: &StateEntry) {
 /// The reference-counted row (or list) of an entry: what a copy of the entry touches.
 pub fn prefetch_row(entry: &StateEntry) {
     match entry {
-        StateEntry::Value(row) => prefetch(Arc::as_ptr(row).cast()),
+        StateEntry::Value(row) => match row.shared() {
+            Some(shared) => prefetch(Arc::as_ptr(shared).cast()),
+            None => row.iter().for_each(prefetch_value),
+        },
         StateEntry::List(rows) => prefetch(rows.as_ptr().cast()),
         StateEntry::Map(_) => {}
     }

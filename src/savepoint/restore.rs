@@ -288,7 +288,7 @@ pub fn plan(
 
 fn migrate_entry(entry: StateEntry, m: &Migration) -> StateEntry {
     match entry {
-        StateEntry::Value(row) => StateEntry::Value(m.apply(&row)),
+        StateEntry::Value(row) => StateEntry::Value(m.apply(&row).into()),
         StateEntry::List(rows) => StateEntry::List(rows.iter().map(|r| m.apply(r)).collect()),
         StateEntry::Map(map) => {
             StateEntry::Map(map.into_iter().map(|(k, r)| (k, m.apply(&r))).collect())

@@ -15,6 +15,7 @@ use super::metadata::{
     OLDEST_FORMAT_VERSION, STATE_FILE_MAGIC, SubtaskState,
 };
 use super::prefetch::{prefetch_inner, prefetch_outer};
+use super::staterow::StateRow;
 use super::store::{Store, StoreError, StoreWriter};
 use super::value::{Row, Value};
 
@@ -25,7 +26,8 @@ pub type MapEntries = litemap::LiteMap<Value, Row>;
 /// The state one key holds in one keyed state.
 #[derive(Clone, Debug, PartialEq)]
 pub enum StateEntry {
-    Value(Row),
+    /// A value state's row: one field held inline.
+    Value(StateRow),
     List(Vec<Row>),
     Map(MapEntries),
 }
@@ -42,12 +44,14 @@ const MIN_COMPRESSED_BLOCK: usize = 64;
 const READ_CHUNK: u64 = 64 << 20;
 
 /// What a subtask hands to the writer: shared, immutable views of its state.
+#[derive(Clone)]
 pub struct SubtaskSnapshot {
     pub keyed: Option<KeyedSnapshot>,
     /// One list per operator state, in metadata order.
     pub operator_lists: Vec<Vec<Row>>,
 }
 
+#[derive(Clone)]
 pub struct KeyedSnapshot {
     pub range: KeyGroupRange,
     /// `tables[state][i]` is key group `range.start + i` of that state.
@@ -104,7 +108,7 @@ fn encode_entry(out: &mut Vec<u8>, entry: &StateEntry) {
 
 fn decode_entry(r: &mut Reader<'_>, kind: KeyedStateKind) -> Result<StateEntry, DecodeError> {
     Ok(match kind {
-        KeyedStateKind::Value => StateEntry::Value(r.row()?),
+        KeyedStateKind::Value => StateEntry::Value(r.state_row()?),
         KeyedStateKind::List => {
             let n = r.varint()?;
             let mut rows = Vec::new();
@@ -173,22 +177,37 @@ pub enum WriterThreads {
     Two,
 }
 
-/// Encodes key group `i` of `keyed` (every state's entries) into `buf`; returns how many
-/// entries it holds. `listed` is scratch space kept from one call to the next (a fresh one per
-/// key group costs fresh pages, which this machine's kernel zeroes first).
-fn encode_key_group<'a>(
-    keyed: &'a KeyedSnapshot,
+/// Scratch space for `encode_key_group`, kept from one call to the next (a fresh one per key
+/// group costs fresh pages, which this machine's kernel zeroes first). It is empty between
+/// calls, so it can outlive the tables it lists.
+type Listed = Vec<(&'static Value, &'static StateEntry)>;
+
+/// An empty list of entries with `v`'s room, for references of another lifetime (the standard
+/// library collects a vector into one of the same layout in place).
+fn recycle<'a, 'b>(mut v: Vec<(&'a Value, &'a StateEntry)>) -> Vec<(&'b Value, &'b StateEntry)> {
+    v.clear();
+    v.into_iter()
+        .map(|_| unreachable!("the list is empty"))
+        .collect()
+}
+
+/// Encodes key group `i` of `keyed` (every state's entries) into `buf` and lets go of it:
+/// once written, the old versions of its entries that the live tables have replaced since the
+/// snapshot are freed by their next write there, not kept until the whole file is written.
+/// Returns how many entries the key group holds.
+fn encode_key_group(
+    keyed: &mut KeyedSnapshot,
     i: usize,
     buf: &mut Vec<u8>,
-    listed: &mut Vec<(&'a Value, &'a StateEntry)>,
+    spare: &mut Listed,
 ) -> u64 {
     buf.clear();
     let mut entries = 0;
-    for table in &keyed.tables {
-        let group = &table[i];
+    for table in &mut keyed.tables {
+        let group = std::mem::take(&mut table[i]);
         put_varint(buf, group.len() as u64);
         entries += group.len() as u64;
-        listed.clear();
+        let mut listed = recycle(std::mem::take(spare));
         listed.extend(group.iter());
         for (n, (key, entry)) in listed.iter().enumerate() {
             if let Some((k, e)) = listed.get(n + 2 * PREFETCH_AHEAD) {
@@ -200,6 +219,7 @@ fn encode_key_group<'a>(
             put_value(buf, key);
             encode_entry(buf, entry);
         }
+        *spare = recycle(listed);
     }
     entries
 }
@@ -209,7 +229,7 @@ fn encode_key_group<'a>(
 /// and the number of entries.
 fn write_key_groups_on_two_threads(
     w: &mut StoreWriter,
-    keyed: &KeyedSnapshot,
+    keyed: &mut KeyedSnapshot,
     compression: Compression,
 ) -> Result<(Vec<Block>, u64), StateFileError> {
     let groups = keyed.range.len() as usize;
@@ -221,11 +241,11 @@ fn write_key_groups_on_two_threads(
         }
         let encoder = scope.spawn(move || {
             let mut entries = 0;
-            let mut listed = Vec::new();
+            let mut spare = Listed::new();
             for i in 0..groups {
                 // Either channel closed: the writer stopped on an error.
                 let Ok(mut buf) = empty_rx.recv() else { break };
-                entries += encode_key_group(keyed, i, &mut buf, &mut listed);
+                entries += encode_key_group(keyed, i, &mut buf, &mut spare);
                 if full_tx.send(buf).is_err() {
                     break;
                 }
@@ -258,12 +278,13 @@ fn write_key_groups_on_two_threads(
     })
 }
 
-/// Writes one subtask's state file and returns its entry for `_metadata`.
+/// Writes one subtask's state file and returns its entry for `_metadata`. The snapshot is
+/// consumed key group by key group as it is written.
 pub fn write(
     dir: &Store,
     rel: &str,
     index: u32,
-    snap: &SubtaskSnapshot,
+    mut snap: SubtaskSnapshot,
     compression: Compression,
     threads: WriterThreads,
 ) -> Result<SubtaskState, StateFileError> {
@@ -275,7 +296,7 @@ pub fn write(
     let mut entries = 0u64;
     let mut buf = Vec::with_capacity(1 << 20);
     let mut scratch = Vec::new();
-    let key_groups = match &snap.keyed {
+    let key_groups = match &mut snap.keyed {
         None => None,
         Some(keyed) => {
             let blocks = match threads {
@@ -286,9 +307,9 @@ pub fn write(
                 }
                 WriterThreads::One => {
                     let mut blocks = Vec::with_capacity(keyed.range.len() as usize);
-                    let mut listed = Vec::new();
+                    let mut spare = Listed::new();
                     for i in 0..keyed.range.len() as usize {
-                        entries += encode_key_group(keyed, i, &mut buf, &mut listed);
+                        entries += encode_key_group(keyed, i, &mut buf, &mut spare);
                         blocks.push(put_block(&mut w, &buf, compression, &mut scratch)?);
                     }
                     blocks
@@ -745,6 +766,43 @@ mod tests {
     }
 
     #[test]
+    fn a_written_key_group_lets_go_of_the_old_versions_before_the_rest_is_written() {
+        let range = KeyGroupRange { start: 0, end: 1 };
+        let key = Value::from("k");
+        let two_fields = |n: i64| StateEntry::Value(vec![Value::Int(n), Value::Int(n)].into());
+        let mut live = vec![GroupTable::default(), GroupTable::default()];
+        for t in &mut live {
+            t.insert(key.clone(), two_fields(1));
+        }
+        let mut keyed = KeyedSnapshot {
+            range,
+            tables: vec![live.iter_mut().map(GroupTable::snapshot).collect()],
+        };
+        // Each key group's row is replaced while the snapshot still reads the old one.
+        let old: Vec<_> = live
+            .iter_mut()
+            .map(|t| match t.get_mut(&key) {
+                Some(StateEntry::Value(row)) => {
+                    let old = std::sync::Arc::downgrade(row.shared().unwrap());
+                    row.make_mut()[0] = Value::Int(2);
+                    old
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let (mut buf, mut spare) = (Vec::new(), Listed::new());
+        assert_eq!(encode_key_group(&mut keyed, 0, &mut buf, &mut spare), 1);
+        // The next write to key group 0 frees its old row; key group 1, not yet written,
+        // still holds its own.
+        for t in &mut live {
+            t.insert(key.clone(), two_fields(3));
+        }
+        assert!(old[0].upgrade().is_none());
+        assert!(old[1].upgrade().is_some());
+        assert_eq!(encode_key_group(&mut keyed, 1, &mut buf, &mut spare), 1);
+    }
+
+    #[test]
     fn two_writer_threads_write_the_same_file_as_one() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().display().to_string()).unwrap();
@@ -755,7 +813,7 @@ mod tests {
                 &store,
                 "operators/a-0-x",
                 0,
-                &snap,
+                snap.clone(),
                 compression,
                 WriterThreads::One,
             );
@@ -763,7 +821,7 @@ mod tests {
                 &store,
                 "operators/b-0-x",
                 0,
-                &snap,
+                snap.clone(),
                 compression,
                 WriterThreads::Two,
             );
@@ -781,7 +839,7 @@ mod tests {
 
     /// Subtask 0's file written by one thread, as a running job's savepoint writes it.
     fn write_one(store: &Store, rel: &str, snap: &SubtaskSnapshot, c: Compression) -> SubtaskState {
-        write(store, rel, 0, snap, c, WriterThreads::One).unwrap()
+        write(store, rel, 0, snap.clone(), c, WriterThreads::One).unwrap()
     }
 
     fn compressible_snapshot(range: KeyGroupRange) -> SubtaskSnapshot {
