@@ -370,7 +370,7 @@ fn write_only(dir: &str, compression: &str, threads: &str) {
         t.elapsed()
     );
     drop(copies);
-    let snap = SubtaskSnapshot {
+    let mut snap = SubtaskSnapshot {
         keyed: Some(KeyedSnapshot {
             range,
             tables: vec![groups],
@@ -383,9 +383,15 @@ fn write_only(dir: &str, compression: &str, threads: &str) {
     // here too, so the timing is the write's and not the freeing of the state.
     let live = snap.clone();
     let t = Instant::now();
-    let st =
-        sjob::savepoint::statefile::write(&store, "operators/x-0-y", 0, snap, compression, threads)
-            .expect("write");
+    let st = sjob::savepoint::statefile::write(
+        &store,
+        "operators/x-0-y",
+        0,
+        &mut snap,
+        compression,
+        threads,
+    )
+    .expect("write");
     let s = t.elapsed().as_secs_f64();
     println!(
         "{{\"bench\":\"write\",\"compression\":\"{compression}\",\"threads\":\"{threads:?}\",\"mb\":{:.0},\"stored_mb\":{:.0},\"seconds\":{s:.3},\"mb_per_s\":{:.0}}}",

@@ -326,7 +326,7 @@ pub(crate) fn start_writers(
                 .name(format!("sjob-writer-{i}"))
                 .spawn(move || {
                     lower_priority(nice);
-                    for job in rx {
+                    for mut job in rx {
                         if job.barrier.aborted.load(Ordering::SeqCst) {
                             // The snapshot failed already; its directory is being deleted.
                             continue;
@@ -336,7 +336,7 @@ pub(crate) fn start_writers(
                             &job.barrier.dir,
                             &rel,
                             job.subtask,
-                            job.snapshot,
+                            &mut job.snapshot,
                             job.barrier.compression,
                             // A stop-with-savepoint's tasks are idle, waiting for it.
                             if job.barrier.stop {

@@ -225,6 +225,11 @@ impl GroupTable {
         }
     }
 
+    /// Whether another table (the live one, or a snapshot) still shares any of the shards.
+    pub fn is_shared(&self) -> bool {
+        self.shards.iter().any(is_shared)
+    }
+
     /// The entries as they are now, for a writer to read while this table goes on changing:
     /// the deltas folded in first, so the copy shares every shard and has no delta.
     pub fn snapshot(&mut self) -> GroupTable {

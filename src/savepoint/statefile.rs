@@ -191,9 +191,11 @@ fn recycle<'a, 'b>(mut v: Vec<(&'a Value, &'a StateEntry)>) -> Vec<(&'b Value, &
         .collect()
 }
 
-/// Encodes key group `i` of `keyed` (every state's entries) into `buf` and lets go of it:
-/// once written, the old versions of its entries that the live tables have replaced since the
-/// snapshot are freed by their next write there, not kept until the whole file is written.
+/// Encodes key group `i` of `keyed` (every state's entries) into `buf` and lets go of it if
+/// the live tables still share it: once written, the old versions of its entries that they have
+/// replaced since the snapshot are freed by their next write there, not kept until the whole
+/// file is written. A view no live table shares any more (the job has ended, as after a
+/// stop-with-savepoint) is kept, so that freeing the state is not on the savepoint's path.
 /// Returns how many entries the key group holds.
 fn encode_key_group(
     keyed: &mut KeyedSnapshot,
@@ -204,7 +206,7 @@ fn encode_key_group(
     buf.clear();
     let mut entries = 0;
     for table in &mut keyed.tables {
-        let group = std::mem::take(&mut table[i]);
+        let group = &table[i];
         put_varint(buf, group.len() as u64);
         entries += group.len() as u64;
         let mut listed = recycle(std::mem::take(spare));
@@ -220,6 +222,9 @@ fn encode_key_group(
             encode_entry(buf, entry);
         }
         *spare = recycle(listed);
+        if table[i].is_shared() {
+            table[i] = GroupTable::default();
+        }
     }
     entries
 }
@@ -278,13 +283,13 @@ fn write_key_groups_on_two_threads(
     })
 }
 
-/// Writes one subtask's state file and returns its entry for `_metadata`. The snapshot is
-/// consumed key group by key group as it is written.
+/// Writes one subtask's state file and returns its entry for `_metadata`. The snapshot's key
+/// groups still shared with live tables are let go of as they are written.
 pub fn write(
     dir: &Store,
     rel: &str,
     index: u32,
-    mut snap: SubtaskSnapshot,
+    snap: &mut SubtaskSnapshot,
     compression: Compression,
     threads: WriterThreads,
 ) -> Result<SubtaskState, StateFileError> {
@@ -799,7 +804,13 @@ mod tests {
         }
         assert!(old[0].upgrade().is_none());
         assert!(old[1].upgrade().is_some());
+        assert!(keyed.tables[0][0].is_empty());
+        // A view no live table shares any more (the job ended) is kept after it is written:
+        // freeing it is left to whoever drops the snapshot, off the savepoint's path.
+        drop(live);
         assert_eq!(encode_key_group(&mut keyed, 1, &mut buf, &mut spare), 1);
+        assert_eq!(keyed.tables[0][1].len(), 1);
+        assert!(old[1].upgrade().is_some());
     }
 
     #[test]
@@ -813,7 +824,7 @@ mod tests {
                 &store,
                 "operators/a-0-x",
                 0,
-                snap.clone(),
+                &mut snap.clone(),
                 compression,
                 WriterThreads::One,
             );
@@ -821,7 +832,7 @@ mod tests {
                 &store,
                 "operators/b-0-x",
                 0,
-                snap.clone(),
+                &mut snap.clone(),
                 compression,
                 WriterThreads::Two,
             );
@@ -839,7 +850,7 @@ mod tests {
 
     /// Subtask 0's file written by one thread, as a running job's savepoint writes it.
     fn write_one(store: &Store, rel: &str, snap: &SubtaskSnapshot, c: Compression) -> SubtaskState {
-        write(store, rel, 0, snap.clone(), c, WriterThreads::One).unwrap()
+        write(store, rel, 0, &mut snap.clone(), c, WriterThreads::One).unwrap()
     }
 
     fn compressible_snapshot(range: KeyGroupRange) -> SubtaskSnapshot {
