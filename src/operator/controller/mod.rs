@@ -272,7 +272,10 @@ async fn apply_job(sj: &StatefulJob, ctx: &Context) -> Result<Action, Error> {
     let status = sj.status.clone().unwrap_or_default();
     let generation = sj.metadata.generation.unwrap_or(0);
 
+    // Each phase's time, logged at debug level: where an upgrade's seconds go.
+    let started = Instant::now();
     let (views, mut observed) = observe::observe(sj, ctx, &status, now_s()).await?;
+    let observed_at = started.elapsed();
     let mut plan = planner::plan(&sj.spec, generation, &status, &observed);
     if observed.preflight.is_none() && plan.asks_preflight() {
         // The preflight check only reads, so it is done now and planned on at once rather
@@ -311,10 +314,12 @@ async fn apply_job(sj: &StatefulJob, ctx: &Context) -> Result<Action, Error> {
     for step in records {
         act(sj, ctx, &views, &mut next, step).await?;
     }
+    let planned_at = started.elapsed();
     let mut current = sj.clone();
     if next != status {
         current = write_status(&api, ctx, current, &next).await?;
     }
+    let written_at = started.elapsed();
     let mut events = Vec::new();
     for step in steps {
         match step {
@@ -326,9 +331,19 @@ async fn apply_job(sj: &StatefulJob, ctx: &Context) -> Result<Action, Error> {
             step => act(sj, ctx, &views, &mut next, step).await?,
         }
     }
+    let acted_at = started.elapsed();
     if current.status.as_ref() != Some(&next) {
         write_status(&api, ctx, current, &next).await?;
     }
+    tracing::debug!(
+        job = %key(sj),
+        observe_ms = observed_at.as_secs_f64() * 1e3,
+        plan_ms = (planned_at - observed_at).as_secs_f64() * 1e3,
+        status_ms = (written_at - planned_at).as_secs_f64() * 1e3,
+        act_ms = (acted_at - written_at).as_secs_f64() * 1e3,
+        total_ms = started.elapsed().as_secs_f64() * 1e3,
+        "reconciled"
+    );
     for (warning, reason, message) in events {
         if let Some(outcome) = reason.upgrade_outcome() {
             ctx.metrics.upgrades.with_label_values(&[outcome]).inc();
