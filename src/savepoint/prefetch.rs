@@ -51,9 +51,12 @@ pub fn prefetch_row(entry: &StateEntry) {
     }
 }
 
-/// Second stage, once the row is in cache: the strings it points to.
+/// Second stage, once a shared row is in cache: the strings it points to (a one-field row's
+/// string was asked for in the first stage, from the table itself).
 pub fn prefetch_inner(entry: &StateEntry) {
-    if let StateEntry::Value(row) = entry {
-        row.iter().take(4).for_each(prefetch_value);
+    if let StateEntry::Value(row) = entry
+        && let Some(shared) = row.shared()
+    {
+        shared.iter().take(4).for_each(prefetch_value);
     }
 }
