@@ -324,8 +324,19 @@ impl WindowOp {
     }
 
     fn aggregate(aggs: &[Agg], row: &mut [Value], rec: &Record) -> Result<(), String> {
+        // Aggregates of one field usually come together (count, sum, min, max, avg of the
+        // value): the field is looked up once for a run of them.
+        let mut looked_up: Option<(Name, &Value)> = None;
         for a in aggs {
-            let v = a.field.and_then(|f| rec.get(f)).unwrap_or(&Value::Null);
+            let v = match (a.field, looked_up) {
+                (None, _) => &Value::Null,
+                (Some(f), Some((g, v))) if f == g => v,
+                (Some(f), _) => {
+                    let v = rec.get(f).unwrap_or(&Value::Null);
+                    looked_up = Some((f, v));
+                    v
+                }
+            };
             let c = a.column;
             match a.function {
                 WindowAggregate::Count => add_in_place(&mut row[c], &Value::Int(1))?,
@@ -600,34 +611,37 @@ impl WindowOp {
 }
 
 impl Operator for WindowOp {
-    fn process(&mut self, input: Vec<Record>, out: &mut Vec<Record>) -> Result<(), String> {
-        for mut rec in input {
+    fn process(&mut self, mut input: Vec<Record>, out: &mut Vec<Record>) -> Result<(), String> {
+        // By reference: a record is moved out only when it goes on (late), not copied out of
+        // the batch for each one.
+        for rec in &mut input {
             // The key is borrowed: cloned only for a new key's state or a new window's timer.
-            let key = key_of(&rec)?;
+            let key = key_of(rec)?;
             let kg = self.state.group_of_key(key)?;
-            let ts = self.timestamp(&rec)?;
+            let ts = self.timestamp(rec)?;
             let taken = match self.assigner {
                 Assigner::Fixed { size, slide } => {
                     let mut taken = false;
                     let mut start = ts - ts.rem_euclid(slide);
                     while start > ts - size {
-                        taken |= self.add_fixed(kg, key, start, start + size, &rec, out)?;
+                        taken |= self.add_fixed(kg, key, start, start + size, rec, out)?;
                         start -= slide;
                     }
                     taken
                 }
-                Assigner::Session { gap } => self.add_session(kg, key, ts, gap, &rec, out)?,
+                Assigner::Session { gap } => self.add_session(kg, key, ts, gap, rec, out)?,
             };
             if !taken {
                 match self.late_records {
                     LateOutcome::Drop => self.late += 1,
                     LateOutcome::Emit => {
                         self.late += 1;
+                        let mut rec = std::mem::take(rec);
                         rec.set(self.names.late, Value::Bool(true));
                         out.push(rec);
                     }
                     // As Flink's side output for late data: not counted as dropped.
-                    LateOutcome::Aside => self.side.push(rec),
+                    LateOutcome::Aside => self.side.push(std::mem::take(rec)),
                 }
             }
         }
