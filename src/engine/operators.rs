@@ -333,9 +333,29 @@ fn compare_num(a: &Value, b: &Value) -> std::cmp::Ordering {
     }
 }
 
+/// How many records ahead a keyed operator asks for its state's memory: the shard's header
+/// twice this far, its slots this far (see `KeyedState::prefetch`).
+const PREFETCH_AHEAD: usize = 8;
+
+/// Before record `i` of a batch is looked up in state 0: asks for the memory of the lookups
+/// `PREFETCH_AHEAD` and twice that records later. Without it each lookup waits on two or
+/// three cache misses in turn, and how many of them overlap with the work around them
+/// depends on how the compiler happened to lay the loop out (keyed count: 9.3 against
+/// 11 M records/s between two builds of the same loop).
+#[inline]
+pub(crate) fn prefetch_state_ahead(state: &KeyedState, batch: &[Record], i: usize) {
+    for (ahead, step) in [(2 * PREFETCH_AHEAD, 0), (PREFETCH_AHEAD, 1)] {
+        if let Some(key) = batch.get(i + ahead).and_then(|r| r.key.as_ref()) {
+            state.prefetch(0, key, step);
+        }
+    }
+}
+
 impl Operator for AggOp {
     fn process(&mut self, mut input: Vec<Record>, out: &mut Vec<Record>) -> Result<(), String> {
-        for rec in &mut input {
+        for i in 0..input.len() {
+            prefetch_state_ahead(&self.state, &input, i);
+            let rec = &mut input[i];
             let key = rec.key.take().ok_or_else(|| NO_KEY.to_owned())?;
             let kg = self.state.group_of_key(&key)?;
             let input_value = match self.field {

@@ -48,6 +48,23 @@ impl KeyedState {
         )
     }
 
+    /// Asks for the memory a lookup of `key` in state `state` will read: `step` 0 the
+    /// shard's header, 1 its slots (see `GroupTable::prefetch_shard`). A key outside this
+    /// subtask's range is left to the lookup to report.
+    #[inline]
+    pub fn prefetch(&self, state: usize, key: &Key, step: u8) {
+        let kg = key_group_of_hash(key.hash, self.max_parallelism);
+        if !self.range.contains(kg) {
+            return;
+        }
+        if let Some(table) = self.tables.get(state).and_then(|t| t.get(self.slot(kg))) {
+            match step {
+                0 => table.prefetch_shard(key.hash),
+                _ => table.prefetch_slots(key.hash),
+            }
+        }
+    }
+
     fn checked(&self, key: &Value, kg: u32) -> Result<u32, String> {
         if self.range.contains(kg) {
             Ok(kg)

@@ -14,7 +14,7 @@
 //! `lateRecords: emit`.
 
 use super::expr::Expr;
-use super::operators::{Operator, add, keep_max, keep_min, key_of};
+use super::operators::{Operator, add, keep_max, keep_min, key_of, prefetch_state_ahead};
 use super::spec::{LateRecords, WindowAggregate, WindowSpec};
 use super::state::KeyedState;
 use super::timers::Timers;
@@ -614,7 +614,9 @@ impl Operator for WindowOp {
     fn process(&mut self, mut input: Vec<Record>, out: &mut Vec<Record>) -> Result<(), String> {
         // By reference: a record is moved out only when it goes on (late), not copied out of
         // the batch for each one.
-        for rec in &mut input {
+        for i in 0..input.len() {
+            prefetch_state_ahead(&self.state, &input, i);
+            let rec = &mut input[i];
             // The key is borrowed: cloned only for a new key's state or a new window's timer.
             let key = key_of(rec)?;
             let kg = self.state.group_of_key(key)?;

@@ -12,7 +12,7 @@
 //! lookup, snapshot or not).
 
 use super::keygroups::key_hash;
-use super::prefetch::prefetch_row;
+use super::prefetch::{prefetch, prefetch_row};
 use super::statefile::StateEntry;
 use super::value::Value;
 use hashbrown::HashTable;
@@ -242,6 +242,31 @@ impl GroupTable {
     }
 
     /// `get` of a key whose `key_hash` is known.
+    /// The first of two steps that ask, a few records ahead, for the memory a lookup of
+    /// `hash` will read, so that the lookups of a batch wait on memory side by side rather
+    /// than one after another: the shard's header (its reference counts, where its slots are).
+    #[inline]
+    pub fn prefetch_shard(&self, hash: u64) {
+        if let Some(shard) = self.shards.get(shard_index(hash, self.shards.len())) {
+            let header = Arc::as_ptr(shard).cast::<u8>();
+            // The counts sit just before the table; the two may straddle a line.
+            prefetch(header.wrapping_sub(16));
+            prefetch(header.wrapping_add(std::mem::size_of::<Shard>() - 1));
+        }
+    }
+
+    /// The second step, once the header is in cache: the shard's control bytes for `hash`
+    /// and the slots they point to (found by the probe, asked for, not read).
+    #[inline]
+    pub fn prefetch_slots(&self, hash: u64) {
+        if let Some(shard) = self.shards.get(shard_index(hash, self.shards.len())) {
+            shard.find(slot_hash(hash), |entry| {
+                prefetch((entry as *const (Value, StateEntry)).cast());
+                false
+            });
+        }
+    }
+
     pub fn get_hashed(&self, hash: u64, key: &Value) -> Option<&StateEntry> {
         let i = shard_index(hash, self.shards.len());
         let slot = slot_hash(hash);

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 /// Hints the CPU to load the cache line at `p`. Never faults, whatever the address.
 #[inline(always)]
-fn prefetch(p: *const u8) {
+pub(crate) fn prefetch(p: *const u8) {
     #[cfg(all(target_arch = "x86_64", target_feature = "sse"))]
     {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};

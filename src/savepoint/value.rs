@@ -108,8 +108,15 @@ impl From<&str> for Value {
 }
 
 impl PartialEq for Value {
+    /// As `cmp`, with integers and strings, the keys of most state, compared where a state
+    /// lookup probes rather than through a call.
+    #[inline]
     fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == Ordering::Equal
+        match (self, other) {
+            (Value::Int(a), Value::Int(b)) => a == b,
+            (Value::Str(a), Value::Str(b)) => a == b,
+            _ => self.cmp(other) == Ordering::Equal,
+        }
     }
 }
 impl Eq for Value {}
