@@ -1,7 +1,7 @@
 //! The `sjob` command line: parses arguments and hands each command to its module.
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: sjob::allocator::Allocator = sjob::allocator::Allocator;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};

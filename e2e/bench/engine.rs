@@ -10,7 +10,7 @@
 //! Each prints one JSON object per line.
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: sjob::allocator::Allocator = sjob::allocator::Allocator;
 
 use sjob::engine::{self, JobHandle, JobOptions, JobState, spec::JobSpec};
 use std::time::{Duration, Instant};

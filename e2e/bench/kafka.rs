@@ -16,7 +16,7 @@
 //! JSON object per line and a table.
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: sjob::allocator::Allocator = sjob::allocator::Allocator;
 
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
