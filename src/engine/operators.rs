@@ -342,19 +342,30 @@ const PREFETCH_AHEAD: usize = 8;
 /// three cache misses in turn, and how many of them overlap with the work around them
 /// depends on how the compiler happened to lay the loop out (keyed count: 9.3 against
 /// 11 M records/s between two builds of the same loop).
+/// `key_at(j)` is the key of the `j`th record (or window) of the batch, if there is one.
 #[inline]
-pub(crate) fn prefetch_state_ahead(state: &KeyedState, batch: &[Record], i: usize) {
+pub(crate) fn prefetch_state_ahead<'a>(
+    state: &KeyedState,
+    i: usize,
+    key_at: impl Fn(usize) -> Option<&'a Key>,
+) {
     for (ahead, step) in [(2 * PREFETCH_AHEAD, 0), (PREFETCH_AHEAD, 1)] {
-        if let Some(key) = batch.get(i + ahead).and_then(|r| r.key.as_ref()) {
+        if let Some(key) = key_at(i + ahead) {
             state.prefetch(0, key, step);
         }
     }
 }
 
+/// The key of record `i` of a batch, for `prefetch_state_ahead`.
+#[inline]
+pub(crate) fn key_in(batch: &[Record], i: usize) -> Option<&Key> {
+    batch.get(i).and_then(|r| r.key.as_ref())
+}
+
 impl Operator for AggOp {
     fn process(&mut self, mut input: Vec<Record>, out: &mut Vec<Record>) -> Result<(), String> {
         for i in 0..input.len() {
-            prefetch_state_ahead(&self.state, &input, i);
+            prefetch_state_ahead(&self.state, i, |j| key_in(&input, j));
             let rec = &mut input[i];
             let key = rec.key.take().ok_or_else(|| NO_KEY.to_owned())?;
             let kg = self.state.group_of_key(&key)?;

@@ -14,18 +14,17 @@
 //! `lateRecords: emit`.
 
 use super::expr::Expr;
-use super::operators::{Operator, add, keep_max, keep_min, key_of, prefetch_state_ahead};
+use super::operators::{Operator, add, keep_max, keep_min, key_in, key_of, prefetch_state_ahead};
 use super::spec::{LateRecords, WindowAggregate, WindowSpec};
 use super::state::KeyedState;
 use super::timers::Timers;
-use crate::savepoint::keygroups::key_hash;
 use crate::savepoint::schema::{FieldSchema, FieldType, StateSchema};
 use crate::savepoint::statefile::{MapEntries, StateEntry, SubtaskSnapshot};
 use crate::savepoint::value::{Fields, Key, Name, Record, Row, Value, intern};
 use std::sync::Arc;
 
-/// A window due at a watermark: (key group, key, window start).
-type Due = (u32, Value, i64);
+/// A window due at a watermark: (key group, key with its hash, window start).
+type Due = (u32, Key, i64);
 
 /// One aggregate as a window computes it.
 #[derive(Clone, Debug)]
@@ -459,7 +458,7 @@ impl WindowOp {
         }
         let result = refire.then(|| row.to_vec());
         if created {
-            self.add_timer(self.due(end, refire), kg, key.value.clone(), start);
+            self.add_timer(self.due(end, refire), kg, key.clone(), start);
         }
         if let Some(row) = result {
             // A late record within the allowed lateness: the window fires again, updated.
@@ -540,7 +539,7 @@ impl WindowOp {
         windows.insert(Value::Int(start), Row::from(row.clone()));
         // Registered once per (due, window): a second timer at the same due would fire it twice.
         if !(unchanged && was_fired == refire) {
-            self.add_timer(self.due(end, refire), kg, key.value.clone(), start);
+            self.add_timer(self.due(end, refire), kg, key.clone(), start);
         }
         if refire {
             out.push(self.result(&key.value, start, end, &row));
@@ -548,7 +547,7 @@ impl WindowOp {
         Ok(true)
     }
 
-    fn add_timer(&mut self, due: i64, kg: u32, key: Value, start: i64) {
+    fn add_timer(&mut self, due: i64, kg: u32, key: Key, start: i64) {
         self.timers.add(due, (kg, key, start));
     }
 
@@ -563,8 +562,11 @@ impl WindowOp {
             // by doubling copies its records over and over.
             out.reserve(due.iter().map(|(_, w)| w.len()).sum());
             for (at, windows) in due {
-                for (kg, key, start) in windows {
-                    self.fire_one(at, kg, key, start, out);
+                for (i, (kg, key, start)) in windows.iter().enumerate() {
+                    // Each window is looked up (a timer keeps its key's hash): its state's
+                    // memory is asked for a few windows ahead, as a batch's records do.
+                    prefetch_state_ahead(&self.state, i, |j| windows.get(j).map(|(_, k, _)| k));
+                    self.fire_one(at, *kg, key, *start, out);
                 }
             }
         }
@@ -572,9 +574,9 @@ impl WindowOp {
 
     /// Fires (or with allowed lateness, keeps as fired or drops) one window whose timer is
     /// due, unless the timer is stale.
-    fn fire_one(&mut self, due: i64, kg: u32, key: Value, start: i64, out: &mut Vec<Record>) {
-        let hash = key_hash(&key);
-        let row = match self.state.table(0, kg).get_hashed(hash, &key) {
+    fn fire_one(&mut self, due: i64, kg: u32, key: &Key, start: i64, out: &mut Vec<Record>) {
+        let hash = key.hash;
+        let row = match self.state.table(0, kg).get_hashed(hash, &key.value) {
             Some(StateEntry::Map(windows)) => windows.get(&Value::Int(start)).cloned(),
             _ => None,
         };
@@ -585,12 +587,12 @@ impl WindowOp {
             return;
         }
         if !fired {
-            out.push(self.result(&key, start, end, &row));
+            out.push(self.result(&key.value, start, end, &row));
         }
         let keep = !fired && self.lateness > 0 && !self.is_late(end);
         let table = self.state.table_mut(0, kg);
         let mut now_empty = false;
-        if let Some(StateEntry::Map(windows)) = table.get_mut_hashed(hash, &key) {
+        if let Some(StateEntry::Map(windows)) = table.get_mut_hashed(hash, &key.value) {
             if keep {
                 if let (Some(c), Some(r)) = (self.fired_column, windows.get_mut(&Value::Int(start)))
                 {
@@ -602,10 +604,10 @@ impl WindowOp {
             }
         }
         if now_empty {
-            table.remove_hashed(hash, &key);
+            table.remove_hashed(hash, &key.value);
         }
         if keep {
-            self.add_timer(self.due(end, true), kg, key, start);
+            self.add_timer(self.due(end, true), kg, key.clone(), start);
         }
     }
 }
@@ -615,7 +617,7 @@ impl Operator for WindowOp {
         // By reference: a record is moved out only when it goes on (late), not copied out of
         // the batch for each one.
         for i in 0..input.len() {
-            prefetch_state_ahead(&self.state, &input, i);
+            prefetch_state_ahead(&self.state, i, |j| key_in(&input, j));
             let rec = &mut input[i];
             // The key is borrowed: cloned only for a new key's state or a new window's timer.
             let key = key_of(rec)?;
@@ -685,7 +687,7 @@ impl Operator for WindowOp {
                     if let Value::Int(s) = start {
                         let end = self.end_of(*s, row);
                         let due = self.due(end, self.fired(row));
-                        timers.add(due, (kg, key.clone(), *s));
+                        timers.add(due, (kg, Key::new(key.clone()), *s));
                     }
                 }
             }
