@@ -33,6 +33,7 @@ impl Engine {
             .args(["--rest-port", &port.to_string(), "--savepoint-dir"])
             .arg(dir.join("default-savepoints"))
             .args(extra)
+            .env_remove("MIMALLOC_ALLOW_THP")
             .current_dir(dir)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -637,6 +638,15 @@ async fn a_kept_running_engine_exits_on_sigterm_with_unread_outcomes() {
         "serves REST after the job ended"
     );
     let pid = engine.child.id() as i32;
+    // A snapshot turns transparent huge pages off while it is taken; once it is done they
+    // are on again (the kernel reports the process's flag).
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().eq(["THP_enabled:", "1"])),
+        "THP_enabled of the engine process:\n{status}"
+    );
     // SAFETY: kill(2) on our own child process.
     unsafe {
         libc::kill(pid, libc::SIGTERM);

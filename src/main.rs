@@ -612,6 +612,7 @@ fn savepoints(cmd: SavepointsCommand) -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    sjob::allocator::manage_huge_pages();
     sjob::install_tls_provider();
     let cli = Cli::parse();
     init_logging(cli.log_format);

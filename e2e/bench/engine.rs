@@ -427,6 +427,8 @@ fn memory(keys: u64, payload: usize) {
 }
 
 fn main() {
+    // As the `sjob` binary does (MIMALLOC_ALLOW_THP=0 or 1 fixes them, to compare).
+    sjob::allocator::manage_huge_pages();
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")

@@ -341,6 +341,7 @@ fn latency(
 }
 
 fn main() {
+    sjob::allocator::manage_huge_pages();
     sjob::install_tls_provider();
     let records = arg(1, 2_000_000);
     let keys = arg(2, 10_000);

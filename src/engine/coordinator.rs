@@ -409,6 +409,7 @@ impl Coordinator {
             stop: req.stop.is_some(),
             aborted: AtomicBool::new(false),
             compression: self.graph.state_compression,
+            _huge_pages_off: crate::allocator::HugePagesOff::take(),
         });
         {
             let exhausted = match self.shared.source_gate.lock() {

@@ -42,6 +42,8 @@ pub(crate) struct Barrier {
     pub aborted: AtomicBool,
     /// How the state files' blocks are compressed (the job's `stateCompression`).
     pub compression: Compression,
+    /// Held by the snapshot until its last task and writer let go (see `HugePagesOff`).
+    pub _huge_pages_off: crate::allocator::HugePagesOff,
 }
 
 pub(crate) enum Element {
