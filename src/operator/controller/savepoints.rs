@@ -161,12 +161,18 @@ pub(super) async fn dispose_savepoint(sp: &Savepoint, ctx: &Context) -> Result<A
         .await?
         .filter(|sj| sj.metadata.deletion_timestamp.is_none());
     if let Some(sj) = job {
-        let color = sj.status.as_ref().and_then(|s| s.live).unwrap_or_default();
-        let view = observe_engine(ctx, &ns, &sp.spec.job_ref, color).await?;
-        let has_checkpoint = view
-            .checkpoints
-            .as_ref()
-            .is_some_and(|c| c.latest_completed.is_some());
+        let (engine, has_checkpoint) = if planner::disposal_needs_engine(&path, sj.status.as_ref())
+        {
+            let color = sj.status.as_ref().and_then(|s| s.live).unwrap_or_default();
+            let view = observe_engine(ctx, &ns, &sp.spec.job_ref, color).await?;
+            let has_checkpoint = view
+                .checkpoints
+                .as_ref()
+                .is_some_and(|c| c.latest_completed.is_some());
+            (view.obs, has_checkpoint)
+        } else {
+            (EngineObs::Absent, false)
+        };
         let deleted = planner::DeletedSavepoint {
             path: &path,
             trigger: sp.spec.trigger,
@@ -178,7 +184,7 @@ pub(super) async fn dispose_savepoint(sp: &Savepoint, ctx: &Context) -> Result<A
                 .map(|t| t.as_second()),
         };
         if let Some(reason) =
-            planner::disposal_blocker(&deleted, sj.status.as_ref(), &view.obs, has_checkpoint)
+            planner::disposal_blocker(&deleted, sj.status.as_ref(), &engine, has_checkpoint)
         {
             publish(
                 ctx,

@@ -717,6 +717,6 @@ mod tests;
 mod upgrade;
 
 pub use savepoints::{
-    DeletedSavepoint, RequestObs, SavepointDecision, SavepointNeed, disposal_blocker, retention,
-    savepoint_decision, savepoint_need,
+    DeletedSavepoint, RequestObs, SavepointDecision, SavepointNeed, disposal_blocker,
+    disposal_needs_engine, retention, savepoint_decision, savepoint_need,
 };

@@ -111,6 +111,17 @@ pub fn disposal_blocker(
     None
 }
 
+/// Whether `disposal_blocker` needs the engine's state for the savepoint at `path`: only when
+/// the job was restored from it or resumes from it. The engine's state (a Deployment, its
+/// pods, the engine's REST API) is not read for any other, as for most of a retention sweep's.
+pub fn disposal_needs_engine(path: &str, status: Option<&StatefulJobStatus>) -> bool {
+    let same = |p: &str| p.trim_end_matches('/') == path.trim_end_matches('/');
+    status.is_some_and(|s| {
+        s.restored_from.as_deref().is_some_and(same)
+            || s.last_savepoint.as_ref().is_some_and(|l| same(&l.path))
+    })
+}
+
 /// What the Savepoint controller must look at for a Savepoint object.
 #[derive(Clone, Debug, PartialEq)]
 pub enum SavepointNeed {

@@ -65,6 +65,61 @@ fn a_deleted_savepoint_is_kept_while_an_upgrade_or_a_restart_needs_it() {
 }
 
 #[test]
+fn the_engine_is_read_only_for_a_savepoint_the_job_was_restored_from_or_resumes_from() {
+    let (a, b) = (deleted("/sp/a"), deleted("/sp/b"));
+    let mut st = StatefulJobStatus {
+        upgrade: Some(UpgradeStatus {
+            savepoint: Some("/sp/b".into()),
+            ..upgrade_at(UpgradeStage::Restoring, "h")
+        }),
+        ..Default::default()
+    };
+    assert!(!disposal_needs_engine("/sp/a", None));
+    assert!(!disposal_needs_engine("/sp/a", Some(&st)));
+    st.restored_from = Some("/sp/a/".into());
+    assert!(disposal_needs_engine("/sp/a", Some(&st)));
+    st.restored_from = None;
+    st.last_savepoint = Some(SavepointRef {
+        name: "a".into(),
+        path: "/sp/a".into(),
+        time: String::new(),
+    });
+    assert!(disposal_needs_engine("/sp/a", Some(&st)));
+    // For any other savepoint the engine's state does not change the answer (the sweep passes
+    // "absent" without reading it).
+    st.restored_from = Some("/sp/a".into());
+    let ended = EngineObs::Ended {
+        spec_hash: "h".into(),
+    };
+    for phase in [
+        None,
+        Some(Phase::Running),
+        Some(Phase::Suspending),
+        Some(Phase::Suspended),
+    ] {
+        st.phase = phase;
+        for sp in [&a, &b] {
+            if disposal_needs_engine(sp.path, Some(&st)) {
+                continue;
+            }
+            let absent = disposal_blocker(sp, Some(&st), &EngineObs::Absent, false);
+            for (obs, cp) in [
+                (running(&spec_with(""), Some("/sp/a")), false),
+                (running(&spec_with(""), Some("/sp/a")), true),
+                (ended.clone(), false),
+            ] {
+                assert_eq!(
+                    disposal_blocker(sp, Some(&st), &obs, cp),
+                    absent,
+                    "{}",
+                    sp.path
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn a_savepoint_the_upgrade_took_but_has_not_recorded_is_kept() {
     // The Savepoint object is made before the status names it: deleted in between, the
     // upgrade still starts from it.
