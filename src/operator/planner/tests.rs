@@ -70,7 +70,7 @@ fn the_engine_is_read_only_for_a_savepoint_the_job_was_restored_from_or_resumes_
     let mut st = StatefulJobStatus {
         upgrade: Some(UpgradeStatus {
             savepoint: Some("/sp/b".into()),
-            ..upgrade_at(UpgradeStage::Restoring, "h")
+            ..upgrade_at(UpgradeStage::Verifying, "h")
         }),
         ..Default::default()
     };
