@@ -19,7 +19,7 @@
 //! they write beside those the writers still read. Outside snapshots the huge pages stay: the
 //! state's lookups miss the TLB less with them. Savepoint bench on this project's 2-core VM
 //! (1 GB of state): p99 stall while the savepoint is written 22-35 ms with huge pages, 12-14 ms
-//! without; keyed count 8-10 % fewer records/s with them off throughout.
+//! without; with them off throughout, the keyed count lost up to 12 % in some sets of runs.
 
 use libmimalloc_sys as mi;
 use std::alloc::{GlobalAlloc, Layout};
