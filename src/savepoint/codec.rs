@@ -153,7 +153,16 @@ impl<'a> Reader<'a> {
             return Ok(StateRow::One(self.value()?));
         }
         self.pos = start;
-        Ok(StateRow::Many(self.row()?))
+        let n = self.varint()? as usize;
+        // Guard the allocation against a corrupt count: every value takes at least a byte.
+        if n > self.buf.len() - self.pos.min(self.buf.len()) {
+            return Err(DecodeError::Eof(self.pos));
+        }
+        let mut row = thin_vec::ThinVec::with_capacity(n);
+        for _ in 0..n {
+            row.push(self.value()?);
+        }
+        Ok(StateRow::Many(row))
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod codec;
 pub mod grouptable;
 pub mod keygroups;
+pub mod mapstore;
 pub mod metadata;
 pub mod paths;
 mod prefetch;

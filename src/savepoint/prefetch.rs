@@ -7,7 +7,6 @@
 
 use super::statefile::StateEntry;
 use super::value::Value;
-use std::sync::Arc;
 
 /// Hints the CPU to load the cache line at `p`. Never faults, whatever the address.
 #[inline(always)]
@@ -39,11 +38,11 @@ pub fn prefetch_outer(key: &Value, entry: &StateEntry) {
     prefetch_row(entry);
 }
 
-/// The reference-counted row (or list) of an entry: what a copy of the entry touches.
+/// The row (or list) of an entry in its own allocation: what a copy of the entry touches.
 pub fn prefetch_row(entry: &StateEntry) {
     match entry {
-        StateEntry::Value(row) => match row.shared() {
-            Some(shared) => prefetch(Arc::as_ptr(shared).cast()),
+        StateEntry::Value(row) => match row.heap() {
+            Some(heap) => prefetch(heap.cast()),
             None => row.iter().for_each(prefetch_value),
         },
         StateEntry::List(rows) => prefetch(rows.as_ptr().cast()),
@@ -55,8 +54,8 @@ pub fn prefetch_row(entry: &StateEntry) {
 /// string was asked for in the first stage, from the table itself).
 pub fn prefetch_inner(entry: &StateEntry) {
     if let StateEntry::Value(row) = entry
-        && let Some(shared) = row.shared()
+        && row.heap().is_some()
     {
-        shared.iter().take(4).for_each(prefetch_value);
+        row.iter().take(4).for_each(prefetch_value);
     }
 }

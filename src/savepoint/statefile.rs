@@ -21,14 +21,14 @@ use super::value::{Row, Value};
 
 /// One key's map state, sorted by map key. A flat vector: a key holds few entries (a window
 /// operator's, one or two windows), where a B-tree allocates a node for eleven.
-pub type MapEntries = litemap::LiteMap<Value, Row>;
+pub type MapEntries = litemap::LiteMap<Value, Row, super::mapstore::ThinStore<Value, Row>>;
 
 /// The state one key holds in one keyed state.
 #[derive(Clone, Debug, PartialEq)]
 pub enum StateEntry {
     /// A value state's row: one field held inline.
     Value(StateRow),
-    List(Vec<Row>),
+    List(thin_vec::ThinVec<Row>),
     Map(MapEntries),
 }
 
@@ -111,7 +111,7 @@ fn decode_entry(r: &mut Reader<'_>, kind: KeyedStateKind) -> Result<StateEntry, 
         KeyedStateKind::Value => StateEntry::Value(r.state_row()?),
         KeyedStateKind::List => {
             let n = r.varint()?;
-            let mut rows = Vec::new();
+            let mut rows = thin_vec::ThinVec::new();
             for _ in 0..n {
                 rows.push(r.row()?);
             }
@@ -774,43 +774,52 @@ mod tests {
     fn a_written_key_group_lets_go_of_the_old_versions_before_the_rest_is_written() {
         let range = KeyGroupRange { start: 0, end: 1 };
         let key = Value::from("k");
-        let two_fields = |n: i64| StateEntry::Value(vec![Value::Int(n), Value::Int(n)].into());
+        let two_fields =
+            |n: i64, s: &Value| StateEntry::Value(vec![Value::Int(n), s.clone()].into());
+        // A string of each key group's old row, to see when that row is freed.
+        let marks = [Value::from("old-0"), Value::from("old-1")];
+        let holders = |m: &Value| match m {
+            Value::Str(s) => arcstr::ArcStr::strong_count(s).unwrap(),
+            other => panic!("{other:?}"),
+        };
         let mut live = vec![GroupTable::default(), GroupTable::default()];
-        for t in &mut live {
-            t.insert(key.clone(), two_fields(1));
+        for (t, m) in live.iter_mut().zip(&marks) {
+            t.insert(key.clone(), two_fields(1, m));
         }
         let mut keyed = KeyedSnapshot {
             range,
             tables: vec![live.iter_mut().map(GroupTable::snapshot).collect()],
         };
         // Each key group's row is replaced while the snapshot still reads the old one.
-        let old: Vec<_> = live
-            .iter_mut()
-            .map(|t| match t.get_mut(&key) {
-                Some(StateEntry::Value(row)) => {
-                    let old = std::sync::Arc::downgrade(row.shared().unwrap());
-                    row.make_mut()[0] = Value::Int(2);
-                    old
-                }
+        for t in &mut live {
+            match t.get_mut(&key) {
+                Some(StateEntry::Value(row)) => row.make_mut()[0] = Value::Int(2),
                 other => panic!("{other:?}"),
-            })
-            .collect();
+            }
+        }
+        // Held here, by the old row (the snapshot's) and by the new one.
+        assert_eq!(marks.iter().map(holders).collect::<Vec<_>>(), [3, 3]);
         let (mut buf, mut spare) = (Vec::new(), Listed::new());
         assert_eq!(encode_key_group(&mut keyed, 0, &mut buf, &mut spare), 1);
         // The next write to key group 0 frees its old row; key group 1, not yet written,
         // still holds its own.
+        let fresh = Value::from("new");
         for t in &mut live {
-            t.insert(key.clone(), two_fields(3));
+            t.insert(key.clone(), two_fields(3, &fresh));
         }
-        assert!(old[0].upgrade().is_none());
-        assert!(old[1].upgrade().is_some());
+        assert_eq!(holders(&marks[0]), 1, "key group 0's old row is freed");
+        assert_eq!(
+            holders(&marks[1]),
+            2,
+            "key group 1's is still the snapshot's"
+        );
         assert!(keyed.tables[0][0].is_empty());
         // A view no live table shares any more (the job ended) is kept after it is written:
         // freeing it is left to whoever drops the snapshot, off the savepoint's path.
         drop(live);
         assert_eq!(encode_key_group(&mut keyed, 1, &mut buf, &mut spare), 1);
         assert_eq!(keyed.tables[0][1].len(), 1);
-        assert!(old[1].upgrade().is_some());
+        assert_eq!(holders(&marks[1]), 2);
     }
 
     #[test]

@@ -1,17 +1,19 @@
 //! The row of a value state as a table holds it. Most keyed value states have one field (a
 //! count, a sum, a latest value): that field is held in the table's own slot, with no row
 //! allocation of its own, which saves its 32 bytes and a pointer hop on every lookup, copy and
-//! write. Rows of more fields are shared (`Row`), as before. Either way it reads as a slice,
-//! and a state file holds the same bytes for both.
+//! write. Rows of more fields are a `ThinVec` (one pointer; its length in its heap block), so a
+//! row is 16 bytes either way. Either way it reads as a slice, and a state file holds the same
+//! bytes for both. A write during a snapshot copies the entry it changes (see `GroupTable`),
+//! so a row needs no sharing of its own.
 
 use super::value::{Row, Value};
 use std::ops::Deref;
-use std::sync::Arc;
+use thin_vec::ThinVec;
 
 #[derive(Clone, Debug)]
 pub enum StateRow {
     One(Value),
-    Many(Row),
+    Many(ThinVec<Value>),
 }
 
 impl StateRow {
@@ -19,15 +21,15 @@ impl StateRow {
     pub fn make_mut(&mut self) -> &mut [Value] {
         match self {
             StateRow::One(v) => std::slice::from_mut(v),
-            StateRow::Many(row) => Arc::make_mut(row),
+            StateRow::Many(row) => row.as_mut_slice(),
         }
     }
 
-    /// The shared row's allocation, if it has one (to prefetch before reading it).
-    pub(crate) fn shared(&self) -> Option<&Row> {
+    /// The row's own allocation, if it has one (to prefetch before reading it).
+    pub(crate) fn heap(&self) -> Option<*const Value> {
         match self {
             StateRow::One(_) => None,
-            StateRow::Many(row) => Some(row),
+            StateRow::Many(row) => Some(row.as_ptr()),
         }
     }
 }
@@ -55,9 +57,9 @@ impl From<Vec<Value>> for StateRow {
             Some(v) if fields.is_empty() => StateRow::One(v),
             Some(v) => {
                 fields.push(v);
-                StateRow::Many(fields.into())
+                StateRow::Many(ThinVec::from(fields))
             }
-            None => StateRow::Many(Row::from([])),
+            None => StateRow::Many(ThinVec::new()),
         }
     }
 }
@@ -66,7 +68,7 @@ impl From<Row> for StateRow {
     fn from(row: Row) -> Self {
         match &*row {
             [one] => StateRow::One(one.clone()),
-            _ => StateRow::Many(row),
+            _ => StateRow::Many(row.iter().cloned().collect()),
         }
     }
 }
@@ -99,12 +101,16 @@ mod tests {
     }
 
     #[test]
-    fn a_one_field_state_slot_is_no_larger_than_before() {
-        // A shared row is a fat pointer; the enum adds its tag. The entry type (three kinds of
-        // state) was 32 bytes with a bare `Row` and stays so.
-        assert_eq!(std::mem::size_of::<StateRow>(), 24);
+    fn a_state_entry_is_16_bytes_and_a_table_slot_32() {
+        // A row of several fields, a list and a map are one pointer each; the value's own tag
+        // leaves room for the enums' tags.
+        assert_eq!(std::mem::size_of::<StateRow>(), 16);
         assert_eq!(
             std::mem::size_of::<crate::savepoint::statefile::StateEntry>(),
+            16
+        );
+        assert_eq!(
+            std::mem::size_of::<(Value, crate::savepoint::statefile::StateEntry)>(),
             32
         );
     }
