@@ -420,10 +420,14 @@ fn verified<'a>(
             block.len
         )));
     }
-    scratch.clear();
-    scratch.resize(raw_len as usize, 0);
-    match lz4_flex::block::decompress_into(slice, scratch) {
-        Ok(n) if n as u64 == raw_len => Ok(&scratch[..]),
+    // Grown, never cleared: the decompression overwrites the bytes it reports, and zeroing a
+    // block's megabyte first is work for nothing.
+    let raw_len = raw_len as usize;
+    if scratch.len() < raw_len {
+        scratch.resize(raw_len, 0);
+    }
+    match lz4_flex::block::decompress_into(slice, &mut scratch[..raw_len]) {
+        Ok(n) if n == raw_len => Ok(&scratch[..raw_len]),
         Ok(n) => Err(invalid(format!(
             "{what} decompresses to {n} bytes, _metadata records {raw_len}"
         ))),
