@@ -447,7 +447,9 @@ impl WindowOp {
         let mut created = false;
         let row = windows.entry(Value::Int(start)).or_insert_with(|| {
             created = true;
-            self.empty.clone()
+            // A row of its own at once (one allocation), not the shared empty one that
+            // `make_mut` would copy next.
+            self.empty.iter().cloned().collect()
         });
         let row = Arc::make_mut(row);
         Self::accumulate(&self.aggs, &self.reduce, &self.uid, row, rec)?;
@@ -552,11 +554,14 @@ impl WindowOp {
     }
 
     fn fire(&mut self, up_to: i64, out: &mut Vec<Record>) {
+        // The state is held apart while windows fire, so that each window is looked up once
+        // with the operator's other fields at hand.
+        let mut state = self.state.take();
         // Again while firing registers timers that are due already.
         loop {
             let due = self.timers.take_due(up_to);
             if due.is_empty() {
-                return;
+                break;
             }
             // Sized up front: a watermark can fire thousands of windows, and a vector grown
             // by doubling copies its records over and over.
@@ -565,49 +570,52 @@ impl WindowOp {
                 for (i, (kg, key, start)) in windows.iter().enumerate() {
                     // Each window is looked up (a timer keeps its key's hash): its state's
                     // memory is asked for a few windows ahead, as a batch's records do.
-                    prefetch_state_ahead(&self.state, i, |j| windows.get(j).map(|(_, k, _)| k));
-                    self.fire_one(at, *kg, key, *start, out);
+                    prefetch_state_ahead(&state, i, |j| windows.get(j).map(|(_, k, _)| k));
+                    self.fire_one(&mut state, at, *kg, key, *start, out);
                 }
             }
         }
+        self.state = state;
     }
 
     /// Fires (or with allowed lateness, keeps as fired or drops) one window whose timer is
     /// due, unless the timer is stale.
-    fn fire_one(&mut self, due: i64, kg: u32, key: &Key, start: i64, out: &mut Vec<Record>) {
+    fn fire_one(
+        &mut self,
+        state: &mut KeyedState,
+        due: i64,
+        kg: u32,
+        key: &Key,
+        start: i64,
+        out: &mut Vec<Record>,
+    ) {
         let hash = key.hash;
-        let row = match self.state.table(0, kg).get_hashed(hash, &key.value) {
-            Some(StateEntry::Map(windows)) => windows.get(&Value::Int(start)).cloned(),
-            _ => None,
+        let table = state.table_mut(0, kg);
+        let Some(StateEntry::Map(windows)) = table.get_mut_hashed(hash, &key.value) else {
+            return;
         };
-        let Some(row) = row else { return };
-        let end = self.end_of(start, &row);
-        let fired = self.fired(&row);
+        let Some(row) = windows.get_mut(&Value::Int(start)) else {
+            return;
+        };
+        let end = self.end_of(start, row);
+        let fired = self.fired(row);
         if self.due(end, fired) != due {
             return;
         }
         if !fired {
-            out.push(self.result(&key.value, start, end, &row));
+            out.push(self.result(&key.value, start, end, row));
         }
         let keep = !fired && self.lateness > 0 && !self.is_late(end);
-        let table = self.state.table_mut(0, kg);
-        let mut now_empty = false;
-        if let Some(StateEntry::Map(windows)) = table.get_mut_hashed(hash, &key.value) {
-            if keep {
-                if let (Some(c), Some(r)) = (self.fired_column, windows.get_mut(&Value::Int(start)))
-                {
-                    Arc::make_mut(r)[c] = Value::Bool(true);
-                }
-            } else {
-                windows.remove(&Value::Int(start));
-                now_empty = windows.is_empty();
-            }
-        }
-        if now_empty {
-            table.remove_hashed(hash, &key.value);
-        }
         if keep {
+            if let Some(c) = self.fired_column {
+                Arc::make_mut(row)[c] = Value::Bool(true);
+            }
             self.add_timer(self.due(end, true), kg, key.clone(), start);
+        } else {
+            windows.remove(&Value::Int(start));
+            if windows.is_empty() {
+                table.remove_hashed(hash, &key.value);
+            }
         }
     }
 }
