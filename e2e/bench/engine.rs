@@ -231,9 +231,14 @@ fn stalls(job: &JobHandle, mut until: impl FnMut() -> bool) -> Vec<u64> {
 }
 
 fn savepoint(keys: u64, payload: usize, dir: &str, compression: &str) {
+    // SJOB_BENCH_PARALLELISM: the job's parallelism (2 unless set), 1 as an upgrade's job has.
+    let parallelism: u32 = std::env::var("SJOB_BENCH_PARALLELISM")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(2);
     let yaml = format!(
         r#"name: big-state
-parallelism: 2
+parallelism: {parallelism}
 stateCompression: {compression}
 operators:
   - {{kind: generator, uid: source, keys: {keys}, payloadBytes: {payload}}}
