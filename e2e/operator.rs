@@ -261,6 +261,16 @@ async fn deploys_and_upgrades_through_a_savepoint_without_losing_a_count() {
     let first = job_id(&sj);
     assert_eq!(first.len(), 32, "{:?}", sj.status);
     assert_eq!(condition(&sj, "Ready").unwrap().0, "True");
+    // The operator runs without transparent huge pages (a small heap: 4 KB pages keep its
+    // resident memory near what it uses); the kernel reports the process's flag.
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", env.operators[0].id())).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().eq(["THP_enabled:", "0"])),
+        "THP_enabled of the operator process:\n{status}"
+    );
     let deploy: Api<Deployment> = Api::namespaced(env.cluster().client(), "default");
     let d = deploy.get("counting-engine").await.unwrap();
     assert_eq!(d.owner_references()[0].name, "counting");

@@ -629,7 +629,10 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             })
             .map_err(Into::into),
-        Command::Operator(args) => operator_cmd::run(args),
+        Command::Operator(args) => {
+            sjob::allocator::huge_pages_off_for_good();
+            operator_cmd::run(args)
+        }
         Command::Local(args) => local_cmd::run(args),
         cmd => remote(cmd),
     };
