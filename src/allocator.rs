@@ -48,7 +48,7 @@ pub fn manage_huge_pages() -> bool {
 /// Turns transparent huge pages off for the rest of this process's life (and the processes it
 /// starts), unless `MIMALLOC_ALLOW_THP` is set. For the operator: its heap is small and
 /// scattered, and a huge page makes 2 MB resident where it uses a few kilobytes (operator bench,
-/// 1,000 StatefulJobs: 47-51 MB resident with them, 28 MB without). Returns whether it did.
+/// 1,000 StatefulJobs: 47-51 MB resident with them, 31-32 MB without). Returns whether it did.
 pub fn huge_pages_off_for_good() -> bool {
     if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() || !cfg!(target_os = "linux") {
         return false;
