@@ -649,26 +649,41 @@ async fn retention_keeps_the_newest_and_the_restored_from() {
     // Stop taking savepoints, let retention settle.
     env.apply("counting", json!({"job": counting_job(&sink, 10_000_000, 20, 5_000, vec![json!({"kind": "map", "set": [{"field": "doubled", "expr": "count * 2"}]})]), "savepoints": {"dir": dir, "retention": {"maxCount": 3}}}))
         .await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let left: Vec<Savepoint> = sps.list(&ListParams::default()).await.unwrap().items;
-    let paths: Vec<String> = left
-        .iter()
-        .filter_map(|s| s.status.as_ref().and_then(|s| s.path.clone()))
-        .collect();
-    assert_eq!(left.len(), 3, "{paths:?}");
-    assert!(paths.contains(&restored), "{restored} kept: {paths:?}");
-    let on_disk: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path().display().to_string())
-        .filter(|p| p.contains("savepoint-"))
-        .collect();
-    assert_eq!(
-        on_disk.len(),
-        3,
-        "files of deleted savepoints disposed: {on_disk:?}\n{}",
-        env.operator_log()
-    );
+    // Retention deletes the objects beyond maxCount and then disposes of their files, one
+    // deleted object at a time: wait until what is on disk is what the objects name (a
+    // savepoint in flight when the periodic ones stopped is recorded, then retained or not).
+    let on_disk = || -> Vec<String> {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().display().to_string())
+            .filter(|p| p.contains("savepoint-"))
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left: Vec<Savepoint> = sps.list(&ListParams::default()).await.unwrap().items;
+        let mut paths: Vec<String> = left
+            .iter()
+            .filter_map(|s| s.status.as_ref().and_then(|s| s.path.clone()))
+            .collect();
+        let mut files = on_disk();
+        paths.sort();
+        files.sort();
+        if left.len() == 3 && paths == files {
+            assert!(paths.contains(&restored), "{restored} kept: {paths:?}");
+            break;
+        }
+        if Instant::now() > deadline {
+            let status = env.jobs().get("counting").await.unwrap().status;
+            panic!(
+                "after 60 s, {} objects ({paths:?}) and on disk {files:?}; the files of deleted savepoints are disposed\nstatus: {status:?}\n{}",
+                left.len(),
+                env.operator_log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     env.stop().await;
 }
 
