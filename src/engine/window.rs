@@ -565,14 +565,12 @@ impl WindowOp {
             }
             // Sized up front: a watermark can fire thousands of windows, and a vector grown
             // by doubling copies its records over and over.
-            out.reserve(due.iter().map(|(_, w)| w.len()).sum());
-            for (at, windows) in due {
-                for (i, (kg, key, start)) in windows.iter().enumerate() {
-                    // Each window is looked up (a timer keeps its key's hash): its state's
-                    // memory is asked for a few windows ahead, as a batch's records do.
-                    prefetch_state_ahead(&state, i, |j| windows.get(j).map(|(_, k, _)| k));
-                    self.fire_one(&mut state, at, *kg, key, *start, out);
-                }
+            out.reserve(due.len());
+            for (i, (at, (kg, key, start))) in due.iter().enumerate() {
+                // Each window is looked up (a timer keeps its key's hash): its state's memory
+                // is asked for a few windows ahead, as a batch's records do.
+                prefetch_state_ahead(&state, i, |j| due.get(j).map(|(_, (_, k, _))| k));
+                self.fire_one(&mut state, *at, *kg, key, *start, out);
             }
         }
         self.state = state;
