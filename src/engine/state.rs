@@ -98,12 +98,12 @@ impl KeyedState {
     }
 
     /// Inserts a restored key group's entries of one state, its table sized for them first.
-    pub fn insert_all(&mut self, state: usize, kg: u32, entries: Vec<(Value, StateEntry)>) {
+    pub fn insert_all(&mut self, state: usize, kg: u32, entries: Vec<(Key, StateEntry)>) {
         if self.range.contains(kg) && state < self.tables.len() {
             let table = self.table_mut(state, kg);
             table.reserve(entries.len());
             for (key, entry) in entries {
-                table.insert(key, entry);
+                table.insert_hashed(key.hash, key.value, entry);
             }
         }
     }

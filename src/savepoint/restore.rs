@@ -11,7 +11,7 @@ use super::metadata::{KeyedStateMeta, OperatorMetadata, OperatorStateMeta, Snaps
 use super::schema::{self, Compatibility, Migration};
 use super::statefile::{self, StateEntry, StateFileError};
 use super::store::Store;
-use super::value::{Row, Value};
+use super::value::{Key, Row};
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -317,7 +317,7 @@ impl OperatorRestore {
         &self,
         dir: &Store,
         range: KeyGroupRange,
-        mut sink: impl FnMut(usize, u32, Vec<(Value, StateEntry)>),
+        mut sink: impl FnMut(usize, u32, Vec<(Key, StateEntry)>),
     ) -> Result<(), StateFileError> {
         let mut by_saved: Vec<Option<(usize, Option<&Migration>)>> =
             vec![None; self.saved.keyed_states.len()];

@@ -17,7 +17,7 @@ use super::metadata::{
 use super::prefetch::{prefetch_inner, prefetch_outer};
 use super::staterow::StateRow;
 use super::store::{Store, StoreError, StoreWriter};
-use super::value::{Row, Value};
+use super::value::{Key, Row, Value};
 
 /// One key's map state, sorted by map key. A flat vector: a key holds few entries (a window
 /// operator's, one or two windows), where a B-tree allocates a node for eleven.
@@ -436,8 +436,10 @@ fn verified<'a>(
 }
 
 /// One key group's entries as a state file holds them: for each keyed state, in `_metadata`
-/// order, its (key, entry) pairs.
-pub type KeyGroupEntries = Vec<Vec<(Value, StateEntry)>>;
+/// order, its (key, entry) pairs. Each key comes with its `key_hash`, taken by the decoding
+/// thread while the key's bytes are at hand: the inserting thread would otherwise read every
+/// key again from memory the other core wrote (half of its time in a restore of 400,000 keys).
+pub type KeyGroupEntries = Vec<Vec<(Key, StateEntry)>>;
 
 /// How many decoded key groups a restore's reading thread may be ahead of the inserts.
 const DECODED_AHEAD: usize = 4;
@@ -579,7 +581,7 @@ pub fn decode_key_group_block(
         .enumerate()
     {
         for (key, entry) in entries {
-            sink(s, key, entry);
+            sink(s, key.value, entry);
         }
     }
     Ok(())
@@ -599,7 +601,7 @@ fn decode_key_group_entries(
         // more than the block's size.
         let mut entries = Vec::with_capacity((n as usize).min(r.remaining() / 2));
         for _ in 0..n {
-            let key = r.value()?;
+            let key = Key::new(r.value()?);
             entries.push((key, decode_entry(&mut r, meta.kind)?));
         }
         all.push(entries);
@@ -743,7 +745,7 @@ mod tests {
             KeyGroupRange { start: 12, end: 20 },
             |kg, entries| {
                 for (s, list) in entries.into_iter().enumerate() {
-                    seen.extend(list.into_iter().map(|(k, e)| (s, kg, k, e)));
+                    seen.extend(list.into_iter().map(|(k, e)| (s, kg, k.value, e)));
                 }
             },
         )
@@ -904,7 +906,7 @@ mod tests {
     ) -> Result<Vec<(u32, Value, StateEntry)>, StateFileError> {
         let mut seen = Vec::new();
         read_key_groups(store, st, &string_state(), range, |kg, entries| {
-            seen.extend(entries.into_iter().flatten().map(|(k, e)| (kg, k, e)))
+            seen.extend(entries.into_iter().flatten().map(|(k, e)| (kg, k.value, e)))
         })?;
         Ok(seen)
     }
