@@ -77,11 +77,32 @@ pub(super) async fn observe_engine(
         checkpoints: None,
         deployed_hash: None,
     };
+    // The Deployment, its pods and the engines' token are read at once: each reconcile of an
+    // upgrade in flight waits for these reads, and the apply-to-savepoint time is its downtime's
+    // first part. Pods are listed by job and color and matched to the Deployment's spec hash
+    // here.
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
-    let Some(deploy) = deployments
-        .get_opt(&resources::engine_name(name, color))
-        .await?
-    else {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    // Blue is also the engine of pods from before engines had colors.
+    let color_term = match color {
+        Color::Blue => format!("{LABEL_COLOR}!=green"),
+        Color::Green => format!("{LABEL_COLOR}=green"),
+    };
+    let selector = format!("{LABEL_JOB}={name},{color_term}");
+    let engine_name = resources::engine_name(name, color);
+    let pod_params = ListParams::default().labels(&selector);
+    let (deploy, list, token) = futures::join!(
+        deployments.get_opt(&engine_name),
+        pods.list(&pod_params),
+        async {
+            if ctx.engine.rest_token {
+                rest_token(ctx, ns, name).await
+            } else {
+                Ok(None)
+            }
+        },
+    );
+    let Some(deploy) = deploy? else {
         return Ok(view);
     };
     if deploy.metadata.deletion_timestamp.is_some() {
@@ -96,19 +117,11 @@ pub(super) async fn observe_engine(
     view.obs = EngineObs::Starting {
         spec_hash: spec_hash.clone(),
     };
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    // Blue is also the engine of pods from before engines had colors.
-    let color_term = match color {
-        Color::Blue => format!("{LABEL_COLOR}!=green"),
-        Color::Green => format!("{LABEL_COLOR}=green"),
-    };
-    let selector = format!("{LABEL_JOB}={name},{LABEL_SPEC_HASH}={spec_hash},{color_term}");
-    let list = pods.list(&ListParams::default().labels(&selector)).await?;
-    let Some(pod) = list
-        .items
-        .iter()
-        .find(|p| p.metadata.deletion_timestamp.is_none())
-    else {
+    let list = list?;
+    let Some(pod) = list.items.iter().find(|p| {
+        p.metadata.deletion_timestamp.is_none()
+            && p.labels().get(LABEL_SPEC_HASH) == Some(&spec_hash)
+    }) else {
         return Ok(view);
     };
     if let Some(reason) = container_problem(pod) {
@@ -122,9 +135,7 @@ pub(super) async fn observe_engine(
         &format!("http://{ip}:{}", ctx.engine.port),
         ctx.engine_timeout,
     );
-    if ctx.engine.rest_token
-        && let Some(token) = rest_token(ctx, ns, name).await?
-    {
+    if let Some(token) = token? {
         client = client.with_token(token);
     }
     view.client = Some(client.clone());
@@ -144,10 +155,15 @@ pub(super) async fn observe_engine(
     view.job_id = Some(job.jid.clone());
     match job.state.as_str() {
         "RUNNING" => {
-            if !client.all_tasks_running(&job.jid).await.unwrap_or(false) {
+            // Asked together: a busy engine answers each after a few milliseconds.
+            let (all_running, cp) = futures::join!(
+                client.all_tasks_running(&job.jid),
+                client.checkpoints(&job.jid)
+            );
+            if !all_running.unwrap_or(false) {
                 return Ok(view);
             }
-            let cp = client.checkpoints(&job.jid).await.ok();
+            let cp = cp.ok();
             view.obs = EngineObs::Running {
                 spec_hash,
                 job_id: job.jid.clone(),
