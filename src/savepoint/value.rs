@@ -14,7 +14,14 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// One value of a record field, a key, or a state field.
+///
+/// The tag is a whole word (`repr(u64)`), the payload the next: with a byte tag a `Bool` sits
+/// at offset 1, and every move of a value copies bytes 1..8 as two overlapping 4-byte stores
+/// that a later 4-byte load cannot be forwarded from. `perf` put about half of the keyed
+/// count's own time on such stalls; the size (16 bytes) and the niche the enums around use
+/// stay the same (see the size tests).
 #[derive(Clone, Debug)]
+#[repr(u64)]
 pub enum Value {
     Null,
     Bool(bool),
