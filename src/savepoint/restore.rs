@@ -312,11 +312,13 @@ impl RestorePlan {
 
 impl OperatorRestore {
     /// Loads the keyed state for the key groups `range`, calling
-    /// `sink(new_state_index, key_group, entries)` with rows already migrated.
+    /// `sink(new_state_index, key_group, entries)` with rows already migrated; each state
+    /// file is decoded by `decoders` threads (`statefile::read_key_groups`).
     pub fn load_keyed(
         &self,
         dir: &Store,
         range: KeyGroupRange,
+        decoders: usize,
         mut sink: impl FnMut(usize, u32, Vec<(Key, StateEntry)>),
     ) -> Result<(), StateFileError> {
         let mut by_saved: Vec<Option<(usize, Option<&Migration>)>> =
@@ -330,21 +332,28 @@ impl OperatorRestore {
             return Ok(());
         }
         for st in &self.saved.subtasks {
-            statefile::read_key_groups(dir, st, &self.saved.keyed_states, range, |kg, all| {
-                for (s, entries) in all.into_iter().enumerate() {
-                    match by_saved.get(s).copied().flatten() {
-                        None => {}
-                        Some((new_i, None)) => sink(new_i, kg, entries),
-                        Some((new_i, Some(m))) => {
-                            let migrated = entries
-                                .into_iter()
-                                .map(|(k, e)| (k, migrate_entry(e, m)))
-                                .collect();
-                            sink(new_i, kg, migrated);
+            statefile::read_key_groups(
+                dir,
+                st,
+                &self.saved.keyed_states,
+                range,
+                decoders,
+                |kg, all| {
+                    for (s, entries) in all.into_iter().enumerate() {
+                        match by_saved.get(s).copied().flatten() {
+                            None => {}
+                            Some((new_i, None)) => sink(new_i, kg, entries),
+                            Some((new_i, Some(m))) => {
+                                let migrated = entries
+                                    .into_iter()
+                                    .map(|(k, e)| (k, migrate_entry(e, m)))
+                                    .collect();
+                                sink(new_i, kg, migrated);
+                            }
                         }
                     }
-                }
-            })?;
+                },
+            )?;
         }
         Ok(())
     }

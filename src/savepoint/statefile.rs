@@ -448,13 +448,16 @@ const DECODED_AHEAD: usize = 4;
 /// (the entries of every keyed state, so a table can be sized before it is filled). `states`
 /// are the keyed states as the file's `_metadata` declares them.
 ///
-/// Fetching, checking, decompressing and decoding run on a thread of their own, ahead of
-/// `sink` on the caller's: a subtask's restore uses two cores rather than one.
+/// Fetching, checking, decompressing and decoding run on `decoders` threads of their own
+/// (at least one), each over a contiguous share of the key groups, ahead of `sink` on the
+/// caller's: a subtask's restore uses more cores than one. Key groups reach `sink` in the
+/// order they are decoded, which with several decoders is not the file's.
 pub fn read_key_groups(
     dir: &Store,
     st: &SubtaskState,
     states: &[KeyedStateMeta],
     wanted: KeyGroupRange,
+    decoders: usize,
     mut sink: impl FnMut(u32, KeyGroupEntries),
 ) -> Result<(), StateFileError> {
     let Some(index) = &st.key_groups else {
@@ -480,16 +483,22 @@ pub fn read_key_groups(
         });
     }
     let blocks = &index.blocks[first..=last];
+    let share = blocks.len().div_ceil(decoders.clamp(1, blocks.len()));
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel(DECODED_AHEAD);
         let path = &path;
-        scope.spawn(move || {
-            let decoded = |kg, entries| tx.send(Ok((kg, entries))).is_ok();
-            if let Err(e) = decode_blocks(dir, st, states, path, overlap.start, blocks, decoded) {
-                let _ = tx.send(Err(e));
-            }
-        });
-        // An error ends this loop, which drops the receiver, which stops the reading thread.
+        for (n, part) in blocks.chunks(share).enumerate() {
+            let tx = tx.clone();
+            let first_kg = overlap.start + (n * share) as u32;
+            scope.spawn(move || {
+                let decoded = |kg, entries| tx.send(Ok((kg, entries))).is_ok();
+                if let Err(e) = decode_blocks(dir, st, states, path, first_kg, part, decoded) {
+                    let _ = tx.send(Err(e));
+                }
+            });
+        }
+        drop(tx);
+        // An error ends this loop, which drops the receiver, which stops the reading threads.
         for decoded in rx {
             let (kg, entries) = decoded?;
             sink(kg, entries);
@@ -743,6 +752,7 @@ mod tests {
             &st,
             &metas,
             KeyGroupRange { start: 12, end: 20 },
+            1,
             |kg, entries| {
                 for (s, list) in entries.into_iter().enumerate() {
                     seen.extend(list.into_iter().map(|(k, e)| (s, kg, k.value, e)));
@@ -763,7 +773,7 @@ mod tests {
         let off = st.key_groups.as_ref().unwrap().blocks[1].offset as usize + 3;
         bytes[off] ^= 0xff;
         std::fs::write(&file, &bytes).unwrap();
-        let err = read_key_groups(&store, &st, &metas, range, |_, _| {}).unwrap_err();
+        let err = read_key_groups(&store, &st, &metas, range, 1, |_, _| {}).unwrap_err();
         assert!(
             err.to_string()
                 .contains("c-0-x is corrupt: checksum mismatch in key group 11"),
@@ -772,7 +782,7 @@ mod tests {
 
         // Truncate it: named, with both sizes.
         std::fs::write(&file, &bytes[..bytes.len() - 5]).unwrap();
-        let err = read_key_groups(&store, &st, &metas, range, |_, _| {}).unwrap_err();
+        let err = read_key_groups(&store, &st, &metas, range, 1, |_, _| {}).unwrap_err();
         assert!(err.to_string().contains("c-0-x is truncated"), "{err}");
     }
 
@@ -904,11 +914,69 @@ mod tests {
         st: &SubtaskState,
         range: KeyGroupRange,
     ) -> Result<Vec<(u32, Value, StateEntry)>, StateFileError> {
+        read_all_by(store, st, range, 1)
+    }
+
+    fn read_all_by(
+        store: &Store,
+        st: &SubtaskState,
+        range: KeyGroupRange,
+        decoders: usize,
+    ) -> Result<Vec<(u32, Value, StateEntry)>, StateFileError> {
         let mut seen = Vec::new();
-        read_key_groups(store, st, &string_state(), range, |kg, entries| {
-            seen.extend(entries.into_iter().flatten().map(|(k, e)| (kg, k.value, e)))
-        })?;
+        read_key_groups(
+            store,
+            st,
+            &string_state(),
+            range,
+            decoders,
+            |kg, entries| seen.extend(entries.into_iter().flatten().map(|(k, e)| (kg, k.value, e))),
+        )?;
         Ok(seen)
+    }
+
+    #[test]
+    fn several_decoders_read_every_key_group_once_and_name_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().display().to_string()).unwrap();
+        let range = KeyGroupRange { start: 3, end: 9 };
+        let st = write_one(
+            &store,
+            "operators/c-0-x",
+            &compressible_snapshot(range),
+            Compression::Lz4,
+        );
+        let want = read_all(&store, &st, range).unwrap();
+        assert_eq!(want.len(), 7 * 200);
+        let by_group = |mut v: Vec<(u32, Value, StateEntry)>| {
+            // Each key group's entries stay in their order; the groups come as decoded.
+            v.sort_by_key(|(kg, _, _)| *kg);
+            v
+        };
+        for decoders in [2, 3, 7, 64] {
+            let got = read_all_by(&store, &st, range, decoders).unwrap();
+            assert_eq!(by_group(got), want, "{decoders} decoders");
+        }
+        // Part of the range: the decoders split what is wanted, not the file.
+        let part = KeyGroupRange { start: 5, end: 6 };
+        let got = read_all_by(&store, &st, part, 2).unwrap();
+        assert_eq!(by_group(got), read_all(&store, &st, part).unwrap());
+        assert_eq!(read_all(&store, &st, part).unwrap().len(), 2 * 200);
+
+        // Damage in the last decoder's share is reported, whichever decoder finishes first.
+        let file = dir.path().join("operators/c-0-x");
+        let mut bytes = std::fs::read(&file).unwrap();
+        let off = st.key_groups.as_ref().unwrap().blocks[5].offset as usize + 3;
+        bytes[off] ^= 0xff;
+        std::fs::write(&file, &bytes).unwrap();
+        for decoders in [1, 2, 3] {
+            let err = read_all_by(&store, &st, range, decoders).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("c-0-x is corrupt: checksum mismatch in key group 8"),
+                "{decoders} decoders: {err}"
+            );
+        }
     }
 
     #[test]
