@@ -106,6 +106,59 @@ fn wait_for_progress(job: &engine::JobHandle, uid: &str, at_least: u64) {
     }
 }
 
+/// The nice value of each of this process's threads whose name starts with `prefix`.
+#[cfg(target_os = "linux")]
+fn thread_nices(prefix: &str) -> Vec<i32> {
+    let mut nices = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let dir = entry.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        // After the command's closing parenthesis: state, ppid, ... and the 19th field, nice.
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+        if let Some(nice) = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(16))
+            .and_then(|n| n.parse().ok())
+        {
+            nices.push(nice);
+        }
+    }
+    nices
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn task_threads_run_at_the_nice_value_asked_for_and_writers_at_theirs() {
+    let out = tempfile::tempdir().unwrap();
+    let job = engine::start(
+        &spec(&count_job(out.path(), 1_000_000_000, 100, 1_000, 2, "")),
+        JobOptions {
+            task_nice: 11,
+            writer_nice: 6,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    wait_for_progress(&job, "counter", 1);
+    // Other tests' jobs run beside this one at the default nice values, never these.
+    let tasks = thread_nices("sjob-task-");
+    let writers = thread_nices("sjob-writer-");
+    job.cancel();
+    job.wait();
+    // Two stages of two subtasks each (the sink is chained to the count), and two writers.
+    assert!(
+        tasks.iter().filter(|n| **n == 11).count() >= 4,
+        "task threads' nice values: {tasks:?}"
+    );
+    assert!(
+        writers.iter().filter(|n| **n == 6).count() >= 2,
+        "writer threads' nice values: {writers:?}"
+    );
+}
+
 #[test]
 fn exactly_once_across_a_savepoint() {
     let dir = tempfile::tempdir().unwrap();

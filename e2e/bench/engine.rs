@@ -259,7 +259,14 @@ operators:
     {
         options.writer_nice = n;
     }
-    let writer_nice = options.writer_nice;
+    // SJOB_BENCH_TASK_NICE: the tasks' nice value (the engine's default unless set).
+    if let Some(n) = std::env::var("SJOB_BENCH_TASK_NICE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        options.task_nice = n;
+    }
+    let (writer_nice, task_nice) = (options.writer_nice, options.task_nice);
     let job = engine::start(&spec, options).expect("bench job starts");
     while records_in(&job, "latest") < keys + keys / 10 {
         std::thread::sleep(Duration::from_millis(50));
@@ -271,6 +278,8 @@ operators:
     let base_start = Instant::now();
     let mut baseline = stalls(&job, || base_start.elapsed() >= Duration::from_secs(2));
     let rss_before = status_mb("VmRSS:");
+    // The peak so far is the fill's (tables growing); the savepoint's comes on top of it.
+    let peak_fill = peak_rss_mb();
     let t = Instant::now();
     let rx = job.trigger_savepoint(dir, None);
     let mut result = None;
@@ -333,7 +342,7 @@ operators:
     job.cancel();
     job.wait();
     println!(
-        "{{\"bench\":\"savepoint\",\"engine\":\"sjob\",\"keys\":{keys},\"compression\":\"{compression}\",\"writer_nice\":{writer_nice},\"state_mb\":{mb:.1},\"stored_mb\":{stored_mb:.1},\"fill_s\":{fill_s:.1},\"savepoint_s\":{sp_s:.3},\"savepoint_mb_per_s\":{:.0},\"stop_savepoint_s\":{stop_s:.3},\"stop_savepoint_mb_per_s\":{:.0},\"restore_s\":{restore_s:.3},\"restore_load_s\":{loaded_s:.3},\"restore_mb_per_s\":{:.0},\"stall_p99_ms_during\":{:.2},\"stall_max_ms_during\":{:.2},\"stall_p99_ms_baseline\":{:.2},\"rss_mb_before_savepoint\":{rss_before:.0},\"peak_rss_mb_running\":{rss_run:.0},\"peak_rss_mb_restore\":{rss_restore:.0},\"path\":\"{path}\"}}",
+        "{{\"bench\":\"savepoint\",\"engine\":\"sjob\",\"keys\":{keys},\"compression\":\"{compression}\",\"writer_nice\":{writer_nice},\"task_nice\":{task_nice},\"state_mb\":{mb:.1},\"stored_mb\":{stored_mb:.1},\"fill_s\":{fill_s:.1},\"savepoint_s\":{sp_s:.3},\"savepoint_mb_per_s\":{:.0},\"stop_savepoint_s\":{stop_s:.3},\"stop_savepoint_mb_per_s\":{:.0},\"restore_s\":{restore_s:.3},\"restore_load_s\":{loaded_s:.3},\"restore_mb_per_s\":{:.0},\"stall_p99_ms_during\":{:.2},\"stall_max_ms_during\":{:.2},\"stall_p99_ms_baseline\":{:.2},\"rss_mb_before_savepoint\":{rss_before:.0},\"peak_rss_mb_fill\":{peak_fill:.0},\"peak_rss_mb_running\":{rss_run:.0},\"peak_rss_mb_restore\":{rss_restore:.0},\"path\":\"{path}\"}}",
         mb / sp_s,
         mb / stop_s,
         mb / restore_s,

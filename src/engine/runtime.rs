@@ -324,19 +324,25 @@ pub(crate) struct WriteJob {
 /// The writers' default nice value (see `JobOptions::writer_nice`).
 pub(crate) const WRITER_NICE: i32 = 0;
 
+/// The tasks' default nice value (see `JobOptions::task_nice`).
+pub(crate) const TASK_NICE: i32 = 3;
+
 /// Lowers the calling thread's scheduling priority to `nice` (Linux keeps it per thread; a
-/// thread it starts inherits it). Elsewhere, or if refused, the priority stays as it was.
-fn lower_priority(nice: i32) {
+/// thread it starts inherits it); a thread already at that nice value or above (a process
+/// started with `nice`) keeps its own. Elsewhere, or if refused, the priority stays as it was.
+pub(crate) fn lower_priority(nice: i32) {
     let nice = nice.clamp(0, 19);
     if nice == 0 {
         return;
     }
     #[cfg(target_os = "linux")]
-    // SAFETY: gettid and setpriority take and return plain integers and change nothing but
-    // this thread's nice value.
+    // SAFETY: gettid, getpriority and setpriority take and return plain integers and change
+    // nothing but this thread's nice value.
     unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice);
+        let tid = libc::gettid() as libc::id_t;
+        if libc::getpriority(libc::PRIO_PROCESS, tid) < nice {
+            libc::setpriority(libc::PRIO_PROCESS, tid, nice);
+        }
     }
 }
 
@@ -1097,5 +1103,14 @@ mod tests {
         .unwrap();
         assert_eq!((asked, inherited), (7, 7), "the test ran at nice {before}");
         assert_eq!(own_nice(), before);
+        // Never raised: a thread at 7 asked for 3 stays at 7.
+        let kept = std::thread::spawn(|| {
+            lower_priority(7);
+            lower_priority(3);
+            own_nice()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(kept, 7);
     }
 }
