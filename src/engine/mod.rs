@@ -65,10 +65,10 @@ pub struct JobOptions {
     pub snapshot_timeout: Duration,
     /// Threads writing state files.
     pub writer_threads: usize,
-    /// How much lower the writers' scheduling priority is than the tasks' (a nice value,
-    /// 0..=19; Linux; 0 by default). When the cores are busy, a task's batch waits less behind
-    /// a writer, and a savepoint of a running job takes longer and holds more copied state
-    /// meanwhile; with a core to spare it changes nothing.
+    /// The writer threads' nice value (0..=19; Linux; 0 by default, below the tasks'
+    /// `task_nice`). Raised to the tasks' or past it, when the cores are busy a task's batch
+    /// waits less behind a writer, and a savepoint of a running job takes longer and holds more
+    /// copied state meanwhile; with a core to spare it changes nothing.
     pub writer_nice: i32,
     /// The task threads' nice value (0..=19; Linux; 3 by default), and so that of the threads
     /// they start. Above the engine's other threads (the writers at `writer_nice`, the
