@@ -557,15 +557,12 @@ impl WindowOp {
         // The state is held apart while windows fire, so that each window is looked up once
         // with the operator's other fields at hand.
         let mut state = self.state.take();
-        // Again while firing registers timers that are due already.
-        loop {
-            let due = self.timers.take_due(up_to);
-            if due.is_empty() {
-                break;
-            }
-            // Sized up front: a watermark can fire thousands of windows, and a vector grown
-            // by doubling copies its records over and over.
-            out.reserve(due.len());
+        // Sized up front, for every bucket of timers this watermark reaches: it can fire
+        // thousands of windows, and a vector grown step by step copies its records each time.
+        out.reserve(self.timers.len_up_to(up_to));
+        // Bucket by bucket; a window fired with allowed lateness registers a timer that can be
+        // due already, taken in a later round.
+        while let Some(due) = self.timers.take_next_due(up_to) {
             for (i, (at, (kg, key, start))) in due.iter().enumerate() {
                 // Each window is looked up (a timer keeps its key's hash): its state's memory
                 // is asked for a few windows ahead, as a batch's records do.
