@@ -410,14 +410,18 @@ impl GroupTable {
 
     /// `remove` of a key whose `key_hash` is known.
     pub fn remove_hashed(&mut self, hash: u64, key: &Value) -> Option<StateEntry> {
-        // Absent: nothing copied or marked.
-        self.get_hashed(hash, key)?;
         let i = shard_index(hash, self.shards.len());
         let slot = slot_hash(hash);
-        let old = if let Some(shard) = self.own_shard(i) {
+        let old = if self.shards.get(i).is_some_and(|s| !is_shared(s)) {
+            // A shard no snapshot reads: the removal itself finds the key or not (looking it
+            // up first cost a window's firing a third lookup).
+            let shard = self.own_shard(i)?;
             let found = shard.find_entry(slot, |(k, _)| k == key).ok()?;
             let ((_, old), _) = found.remove();
             old
+        } else if self.get_hashed(hash, key).is_none() {
+            // Absent: nothing copied or marked.
+            return None;
         } else if self.in_delta(i, slot, key) {
             let (_, entry) = self.delta_mut(i).find_mut(slot, |(k, _)| k == key)?;
             entry.take()?
