@@ -1650,6 +1650,102 @@ async fn an_upgrade_finishes_once_through_status_write_conflicts_at_every_stage(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_periodic_savepoint_is_recorded_through_status_write_conflicts() {
+    let env = Env::start().await;
+    let sink = env.path("out");
+    let dir = env.path("savepoints");
+    let job = counting_job(&sink, 10_000_000, 20, 5_000, vec![]);
+    env.apply_running(
+        "counting",
+        json!({"job": job.clone(),
+               "savepoints": {"dir": dir, "periodic": "1s", "retention": {"maxCount": 50}}}),
+    )
+    .await;
+    // Another writer changes the status (a field this job does not use) every 100 ms: the
+    // operator's status writes keep meeting conflicts it must plan again after. A savepoint
+    // asked for whose status write is refused must still be recorded, not asked for again.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (jobs, stop) = (env.jobs(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let patch = json!({"status": {"observedPromoteNonce": n}});
+                let _ = jobs
+                    .patch_status("counting", &PatchParams::default(), &Patch::Merge(&patch))
+                    .await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            n
+        })
+    };
+    let sps: Api<Savepoint> = Api::namespaced(env.cluster().client(), "default");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while sps.list(&ListParams::default()).await.unwrap().items.len() < 8 {
+        assert!(Instant::now() < deadline, "{}", env.operator_log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = writer.await.unwrap();
+    env.apply(
+        "counting",
+        json!({"job": job, "savepoints": {"dir": dir, "retention": {"maxCount": 50}}}),
+    )
+    .await;
+    // Once no savepoint is pending, every one on disk has its Savepoint object.
+    let on_disk = || -> Vec<String> {
+        let mut found: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().display().to_string())
+            .filter(|p| p.contains("savepoint-"))
+            .collect();
+        found.sort();
+        found
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let pending = env
+            .jobs()
+            .get("counting")
+            .await
+            .unwrap()
+            .status
+            .and_then(|s| s.pending_savepoint);
+        let mut recorded: Vec<String> = sps
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .filter_map(|s| s.status.as_ref().and_then(|s| s.path.clone()))
+            .collect();
+        recorded.sort();
+        let files = on_disk();
+        if pending.is_none() && recorded == files {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after 60 s, {} recorded and {} on disk (pending {pending:?}):\nrecorded {recorded:?}\non disk {files:?}\n{}",
+            recorded.len(),
+            files.len(),
+            env.operator_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let text = std::fs::read_to_string(env.path("operator-0.log")).unwrap();
+    let conflicts = text.matches("the object has been modified").count();
+    assert!(conflicts > 0, "no conflict met in {writes} writes");
+    println!(
+        "{writes} competing status writes, {conflicts} conflicts, {} savepoints",
+        on_disk().len()
+    );
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_savepoint_deleted_mid_upgrade_is_kept_until_the_rollback_no_longer_needs_it() {
     let env = Env::start().await;
     let sink = env.path("out");

@@ -198,6 +198,42 @@ where
         SavepointStatus::Completed(sp.clone())
     );
 
+    // Asked again under the client's own trigger id (a caller whose answer was lost): the
+    // same operation, one savepoint more on disk, not two.
+    let chosen = "5a7e00000000000000000000000c0de1";
+    let savepoints_on_disk = || {
+        std::fs::read_dir(sp_dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("savepoint-"))
+            })
+            .count()
+    };
+    let before = savepoints_on_disk();
+    let target = Some(sp_dir.to_str().unwrap());
+    for _ in 0..2 {
+        let asked = client
+            .trigger_savepoint_as(&id, target, false, Some(chosen))
+            .await
+            .unwrap();
+        assert_eq!(asked, chosen);
+    }
+    let again = client
+        .wait_savepoint(&id, chosen, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let asked = client
+        .trigger_savepoint_as(&id, target, false, Some(chosen))
+        .await
+        .unwrap();
+    assert_eq!(asked, chosen, "asked once more after it completed");
+    assert_eq!(
+        client.savepoint_status(&id, chosen).await.unwrap(),
+        SavepointStatus::Completed(again.clone())
+    );
+    assert_eq!(savepoints_on_disk(), before + 1, "{again}");
+
     // Unknown ids are told apart.
     let unknown = "0123456789abcdef0123456789abcdef";
     assert!(matches!(

@@ -407,7 +407,8 @@ pub struct UpgradeStatus {
     pub stage: UpgradeStage,
     /// Hash of the spec being rolled out.
     pub target_spec_hash: String,
-    /// The savepoint trigger in flight, if any.
+    /// The savepoint trigger in flight, if any: its id, chosen by the operator and written
+    /// here before the engine is asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trigger_id: Option<String>,
     /// The savepoint (or checkpoint) the new version starts from.
@@ -433,7 +434,8 @@ pub struct UpgradeStatus {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PendingSavepoint {
-    /// The engine's request id.
+    /// The request's id, chosen by the operator and written here before the engine is asked:
+    /// a request whose answer is lost is polled by it, not made again.
     pub trigger_id: String,
     /// Manual or periodic.
     pub trigger: SavepointTrigger,

@@ -304,8 +304,22 @@ impl EngineClient {
         target_dir: Option<&str>,
         cancel_job: bool,
     ) -> Result<String> {
+        self.trigger_savepoint_as(id, target_dir, cancel_job, None)
+            .await
+    }
+
+    /// Triggers a savepoint under the caller's trigger id (32 hex digits; None: the engine's
+    /// choice). Asked again with the same id, the engine answers with the same operation.
+    pub async fn trigger_savepoint_as(
+        &self,
+        id: &str,
+        target_dir: Option<&str>,
+        cancel_job: bool,
+        trigger_id: Option<&str>,
+    ) -> Result<String> {
         let body = json!({ "target-directory": target_dir, "cancel-job": cancel_job, "formatType": "CANONICAL" });
-        self.post_trigger(id, "savepoints", body).await
+        self.post_trigger(id, "savepoints", with_trigger_id(body, trigger_id))
+            .await
     }
 
     /// Stops the job with a savepoint; returns the trigger id to poll.
@@ -315,8 +329,21 @@ impl EngineClient {
         target_dir: Option<&str>,
         drain: bool,
     ) -> Result<String> {
+        self.stop_with_savepoint_as(id, target_dir, drain, None)
+            .await
+    }
+
+    /// Stops the job with a savepoint under the caller's trigger id, as `trigger_savepoint_as`.
+    pub async fn stop_with_savepoint_as(
+        &self,
+        id: &str,
+        target_dir: Option<&str>,
+        drain: bool,
+        trigger_id: Option<&str>,
+    ) -> Result<String> {
         let body = json!({ "targetDirectory": target_dir, "drain": drain });
-        self.post_trigger(id, "stop", body).await
+        self.post_trigger(id, "stop", with_trigger_id(body, trigger_id))
+            .await
     }
 
     /// POSTs to an asynchronous operation of a job and returns its request id.
@@ -460,4 +487,12 @@ impl EngineClient {
         .await
         .map(|_| ())
     }
+}
+
+/// A trigger request's body with Flink's `triggerId`, when the caller chose one.
+fn with_trigger_id(mut body: Value, trigger_id: Option<&str>) -> Value {
+    if let (Some(id), Some(fields)) = (trigger_id, body.as_object_mut()) {
+        fields.insert("triggerId".into(), Value::String(id.to_owned()));
+    }
+    body
 }

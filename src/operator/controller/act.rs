@@ -4,9 +4,8 @@
 use super::observe::{EngineView, Views, snapshot_bytes};
 use super::{Context, Error, FAILED_TRIGGER, FIELD_MANAGER, key, rfc3339_now};
 use crate::operator::crd::{
-    Color, PendingSavepoint, SAVEPOINT_FINALIZER, Savepoint, SavepointSpec, SavepointState,
-    SavepointStatus, SavepointTrigger, StatefulJob, StatefulJobSpec, StatefulJobStatus,
-    UpgradeStage,
+    Color, SAVEPOINT_FINALIZER, Savepoint, SavepointSpec, SavepointState, SavepointStatus,
+    SavepointTrigger, StatefulJob, StatefulJobSpec, StatefulJobStatus, UpgradeStage,
 };
 use crate::operator::planner::{self, Action as Step, EngineObs};
 use crate::operator::resources::{self, Instance, LABEL_COLOR, LABEL_JOB};
@@ -245,10 +244,10 @@ pub(super) async fn act(
             deploy(sj, ctx, &spec, &spec_hash, Some(&restore_from), instance).await?
         }
         Step::RemoveColor { color } => remove_engine(ctx, &ns, &name, color).await?,
-        Step::SavepointLive => {
+        Step::SavepointLive { trigger_id } => {
             let id = match (&view.client, &view.job_id) {
                 (Some(c), Some(job)) => c
-                    .trigger_savepoint(job, sp_dir.as_deref(), false)
+                    .trigger_savepoint_as(job, sp_dir.as_deref(), false, Some(&trigger_id))
                     .await
                     .unwrap_or_else(|e| format!("{FAILED_TRIGGER}{e}")),
                 _ => format!("{FAILED_TRIGGER}the engine is not running a job"),
@@ -317,10 +316,10 @@ pub(super) async fn act(
         Step::Preflight { .. } => {
             // Checked on the next reconcile, when the stage is in the status.
         }
-        Step::StopWithSavepoint => {
+        Step::StopWithSavepoint { trigger_id } => {
             let id = match (&view.client, &view.job_id) {
                 (Some(c), Some(job)) => c
-                    .stop_with_savepoint(job, sp_dir.as_deref(), false)
+                    .stop_with_savepoint_as(job, sp_dir.as_deref(), false, Some(&trigger_id))
                     .await
                     .unwrap_or_else(|e| format!("{FAILED_TRIGGER}{e}")),
                 _ => format!("{FAILED_TRIGGER}the engine is not running a job"),
@@ -329,17 +328,21 @@ pub(super) async fn act(
                 u.trigger_id = Some(id);
             }
         }
-        Step::TriggerSavepoint { trigger } => {
-            if let (Some(c), Some(job)) = (&view.client, &view.job_id) {
-                let id = c
-                    .trigger_savepoint(job, sp_dir.as_deref(), false)
-                    .await
-                    .unwrap_or_else(|e| format!("{FAILED_TRIGGER}{e}"));
-                next.pending_savepoint = Some(PendingSavepoint {
-                    trigger_id: id,
-                    trigger,
-                    started: rfc3339_now(),
-                });
+        Step::TriggerSavepoint { trigger_id, .. } => {
+            // The plan put the request in the status, written before this step.
+            let asked = match (&view.client, &view.job_id) {
+                (Some(c), Some(job)) => Some(
+                    c.trigger_savepoint_as(job, sp_dir.as_deref(), false, Some(&trigger_id))
+                        .await
+                        .unwrap_or_else(|e| format!("{FAILED_TRIGGER}{e}")),
+                ),
+                _ => None,
+            };
+            match (asked, next.pending_savepoint.as_mut()) {
+                (Some(id), Some(p)) => p.trigger_id = id,
+                // No job to ask: nothing pending (asked again when there is one).
+                (None, _) => next.pending_savepoint = None,
+                (Some(_), None) => {}
             }
         }
         Step::RecordSavepoint {

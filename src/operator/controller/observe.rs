@@ -438,6 +438,7 @@ pub(super) async fn observe(
             .and_then(|c| c.latest_completed.clone()),
         savepoints: savepoints.iter().filter_map(completed_savepoint).collect(),
         source_problems,
+        new_trigger_id: uuid::Uuid::new_v4().simple().to_string(),
     };
     Ok((views, observed))
 }

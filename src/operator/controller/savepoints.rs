@@ -79,8 +79,11 @@ pub(super) async fn take_requested_savepoint(
                         Some(sj) => resources::savepoint_dir(&sj.spec, &ctx.engine),
                         None => ctx.engine.default_savepoint_dir.clone(),
                     };
+                    // Asked under an id of this object's own: a request whose status write is
+                    // lost is the same request when asked again, not a second savepoint.
+                    let trigger_id = sp.uid().map(|u| u.replace('-', ""));
                     let result = client
-                        .trigger_savepoint(job_id, dir.as_deref(), false)
+                        .trigger_savepoint_as(job_id, dir.as_deref(), false, trigger_id.as_deref())
                         .await
                         .map_err(|e| e.to_string());
                     RequestObs::Triggered {

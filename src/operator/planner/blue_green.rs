@@ -283,7 +283,7 @@ impl Planner<'_> {
                     && same_positions(&candidate.positions, &cut) =>
             {
                 if !stopping {
-                    self.actions.push(Action::StopWithSavepoint);
+                    self.stop_with_savepoint();
                 }
                 self.requeue_ms = 100;
             }

@@ -6,8 +6,8 @@
 //! so an operator restarted in the middle of an upgrade picks it up where it was.
 
 use super::crd::{
-    Color, CutOverPosition, DesiredState, Phase, SavepointTrigger, StatefulJobSpec,
-    StatefulJobStatus, UpgradeStage, UpgradeStatus,
+    Color, CutOverPosition, DesiredState, PendingSavepoint, Phase, SavepointTrigger,
+    StatefulJobSpec, StatefulJobStatus, UpgradeStage, UpgradeStatus,
 };
 use crate::engine::graph::JobGraph;
 pub use conditions::{ConditionType, Reason};
@@ -94,6 +94,11 @@ pub struct Observed {
     /// Why the running job's sources cannot read now (e.g. Kafka brokers unreachable), while
     /// they retry.
     pub source_problems: Vec<String>,
+    /// The id a savepoint this plan asks for goes by (32 hex digits, new each reconcile). The
+    /// plan keeps it in the status, which is written before the engine is asked: a request
+    /// whose answer or status write is lost is then polled by its id, not asked for again
+    /// (a second savepoint no Savepoint object records, whose files retention never deletes).
+    pub new_trigger_id: String,
 }
 
 /// Something for the controller to do.
@@ -117,9 +122,9 @@ pub enum Action {
     },
     /// Blue-green: delete the engine of this color.
     RemoveColor { color: Color },
-    /// Take a savepoint of the live job without stopping it; the controller records the
-    /// trigger id in `status.upgrade.triggerId`.
-    SavepointLive,
+    /// Take a savepoint of the live job without stopping it, under `trigger_id` (kept in
+    /// `status.upgrade.triggerId`).
+    SavepointLive { trigger_id: String },
     /// Hold the sources of the live engine (or the candidate) at `at` (None: where they are).
     HoldSources {
         candidate: bool,
@@ -135,11 +140,14 @@ pub enum Action {
     /// Check the desired job graph against this snapshot; the result comes back as
     /// `Observed::preflight`.
     Preflight { snapshot: String },
-    /// Stop the job with a savepoint; the controller records the trigger id in
-    /// `status.upgrade.triggerId`.
-    StopWithSavepoint,
-    /// Take a savepoint while the job runs.
-    TriggerSavepoint { trigger: SavepointTrigger },
+    /// Stop the job with a savepoint, under `trigger_id` (kept in `status.upgrade.triggerId`).
+    StopWithSavepoint { trigger_id: String },
+    /// Take a savepoint while the job runs, under `trigger_id` (kept in
+    /// `status.pendingSavepoint`).
+    TriggerSavepoint {
+        trigger: SavepointTrigger,
+        trigger_id: String,
+    },
     /// Record a completed savepoint as a Savepoint object named `name`.
     RecordSavepoint {
         name: String,
@@ -431,6 +439,42 @@ impl Planner<'_> {
         u.trigger_id = None;
     }
 
+    /// Stops the job with a savepoint under this reconcile's trigger id, kept in the upgrade's
+    /// status (see `Observed::new_trigger_id`).
+    fn stop_with_savepoint(&mut self) {
+        let trigger_id = self.upgrade_trigger_id();
+        self.actions.push(Action::StopWithSavepoint { trigger_id });
+    }
+
+    /// Blue-green's savepoint of the live job, which keeps running; like `stop_with_savepoint`.
+    fn savepoint_live(&mut self) {
+        let trigger_id = self.upgrade_trigger_id();
+        self.actions.push(Action::SavepointLive { trigger_id });
+    }
+
+    fn upgrade_trigger_id(&mut self) -> String {
+        let id = self.obs.new_trigger_id.clone();
+        if let Some(u) = self.status.upgrade.as_mut() {
+            u.trigger_id = Some(id.clone());
+        }
+        id
+    }
+
+    /// A manual or periodic savepoint of the running job, pending in the status under this
+    /// reconcile's trigger id before it is asked for.
+    fn trigger_savepoint(&mut self, trigger: SavepointTrigger) {
+        let trigger_id = self.obs.new_trigger_id.clone();
+        self.status.pending_savepoint = Some(PendingSavepoint {
+            trigger_id: trigger_id.clone(),
+            trigger,
+            started: rfc3339(self.obs.now_s),
+        });
+        self.actions.push(Action::TriggerSavepoint {
+            trigger,
+            trigger_id,
+        });
+    }
+
     fn stage_elapsed(&self) -> i64 {
         self.status
             .upgrade
@@ -660,13 +704,16 @@ impl Planner<'_> {
                 );
                 self.event(true, Reason::SavepointFailed, cause.clone());
             }
+            None if self.status.pending_savepoint.is_some() => {
+                // Asked for, its outcome not known for now (the engine did not answer): asking
+                // again would take a second savepoint and lose the first.
+                self.requeue_ms = self.requeue_ms.min(1000);
+            }
             None => {
                 if s.savepoint_trigger_nonce.is_some()
                     && s.savepoint_trigger_nonce != self.status.observed_savepoint_trigger_nonce
                 {
-                    self.actions.push(Action::TriggerSavepoint {
-                        trigger: SavepointTrigger::Manual,
-                    });
+                    self.trigger_savepoint(SavepointTrigger::Manual);
                     self.requeue_ms = 250;
                 } else if let Some(every) = s
                     .savepoints
@@ -681,9 +728,7 @@ impl Planner<'_> {
                         .and_then(|l| parse_time(&l.time))
                         .unwrap_or(0);
                     if self.obs.now_s - last >= every {
-                        self.actions.push(Action::TriggerSavepoint {
-                            trigger: SavepointTrigger::Periodic,
-                        });
+                        self.trigger_savepoint(SavepointTrigger::Periodic);
                         self.requeue_ms = 250;
                     } else {
                         self.requeue_ms = self

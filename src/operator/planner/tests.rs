@@ -193,6 +193,16 @@ fn obs(engine: EngineObs) -> Observed {
         latest_checkpoint: None,
         savepoints: vec![],
         source_problems: vec![],
+        new_trigger_id: TID.into(),
+    }
+}
+
+/// The trigger id `obs` offers a plan.
+const TID: &str = "5a7e0000000000000000000000000001";
+
+fn stop_action() -> Action {
+    Action::StopWithSavepoint {
+        trigger_id: TID.into(),
     }
 }
 
@@ -317,11 +327,7 @@ fn without_a_snapshot_the_preflight_waits_for_the_first_checkpoint() {
     o.latest_checkpoint = None;
     o.now_s += 601;
     let p3 = plan(&v2(), 2, &p.status, &o);
-    assert!(
-        p3.actions.contains(&Action::StopWithSavepoint),
-        "{:?}",
-        p3.actions
-    );
+    assert!(p3.actions.contains(&stop_action()), "{:?}", p3.actions);
     assert!(
         p3.actions.iter().any(
             |a| matches!(a, Action::Event { reason, .. } if *reason == Reason::PreflightSkipped)
@@ -389,7 +395,7 @@ fn up_to_savepoint() -> (StatefulJobStatus, Plan) {
     assert_eq!(p.status.phase, Some(Phase::Upgrading));
     o.preflight = Some(vec![]);
     let p2 = plan(&v2(), 2, &p.status, &o);
-    assert_eq!(p2.actions, vec![Action::StopWithSavepoint]);
+    assert_eq!(p2.actions, vec![stop_action()]);
     assert_eq!(
         p2.status.upgrade.as_ref().unwrap().stage,
         UpgradeStage::Savepointing
@@ -410,7 +416,7 @@ fn a_preflight_done_at_once_chains_into_its_outcome() {
     let second = plan(&v2(), 2, &first.status, &o);
     let chained = first.clone().then(second.clone());
     assert!(!chained.asks_preflight());
-    assert_eq!(chained.actions, vec![Action::StopWithSavepoint]);
+    assert_eq!(chained.actions, vec![stop_action()]);
     assert_eq!(chained.status, second.status);
     assert_eq!(
         chained.status.upgrade.as_ref().unwrap().stage,
@@ -609,14 +615,14 @@ fn savepoint_failure_and_timeout_keep_the_old_job_and_retry_with_backoff() {
     assert!(
         !plan(&v2(), 2, &p.status, &o2)
             .actions
-            .contains(&Action::StopWithSavepoint)
+            .contains(&stop_action())
     );
     let mut later = obs(running(&v1(), None));
     later.now_s = T0 + 20;
     assert!(
         plan(&v2(), 2, &p.status, &later)
             .actions
-            .contains(&Action::StopWithSavepoint)
+            .contains(&stop_action())
     );
 
     // A savepoint in progress past the timeout counts as failed.
@@ -691,7 +697,7 @@ fn last_state_and_stateless_modes() {
         deploys(&p),
         vec![(spec_hash(&s), Some("/chk/chk-9".into()))]
     );
-    assert!(!p.actions.contains(&Action::StopWithSavepoint));
+    assert!(!p.actions.contains(&stop_action()));
     let mut s = v2();
     s.upgrade.mode = UpgradeMode::Stateless;
     let p = plan(&s, 2, &status, &o);
@@ -704,7 +710,7 @@ fn suspend_and_resume() {
     let mut s = v1();
     s.state = DesiredState::Suspended;
     let p = plan(&s, 2, &status, &obs(running(&v1(), None)));
-    assert_eq!(p.actions, vec![Action::StopWithSavepoint]);
+    assert_eq!(p.actions, vec![stop_action()]);
     assert_eq!(p.status.phase, Some(Phase::Suspending));
     let mut o = obs(EngineObs::Ended {
         spec_hash: spec_hash(&v1()),
@@ -731,6 +737,58 @@ fn suspend_and_resume() {
 }
 
 #[test]
+fn a_savepoint_is_in_the_status_before_it_is_asked_for() {
+    // The controller writes the planned status before it acts: the trigger id each request
+    // goes by is there first, so a lost answer or status write is polled, not asked again.
+    let status = stable(&v1());
+    let mut s = v1();
+    s.savepoint_trigger_nonce = Some(1);
+    let p = plan(&s, 2, &status, &obs(running(&v1(), None)));
+    let pending = p.status.pending_savepoint.clone().expect("pending");
+    assert_eq!(
+        (pending.trigger_id.as_str(), pending.trigger),
+        (TID, SavepointTrigger::Manual)
+    );
+    assert_eq!(pending.started, rfc3339(T0));
+
+    let mut o = obs(running(&v1(), None));
+    o.latest_checkpoint = Some("/chk/job/chk-7".into());
+    o.preflight = Some(vec![]);
+    let first = plan(&v2(), 2, &status, &o);
+    let stop = plan(&v2(), 2, &first.status, &o);
+    assert_eq!(stop.actions, vec![stop_action()]);
+    assert_eq!(
+        stop.status.upgrade.and_then(|u| u.trigger_id).as_deref(),
+        Some(TID)
+    );
+}
+
+#[test]
+fn a_pending_savepoint_whose_outcome_is_unknown_is_not_asked_for_again() {
+    let mut s = v1();
+    s.savepoints.periodic = Some("1m".into());
+    s.savepoint_trigger_nonce = Some(2);
+    let mut status = stable(&v1());
+    status.pending_savepoint = Some(PendingSavepoint {
+        trigger_id: "0123456789abcdef0123456789abcdef".into(),
+        trigger: SavepointTrigger::Periodic,
+        started: rfc3339(T0 - 3600),
+    });
+    // The engine did not answer the status query (`trigger: None`): wait for it, however
+    // overdue the periodic and manual savepoints are.
+    let p = plan(&s, 2, &status, &obs(running(&v1(), None)));
+    assert!(
+        !p.actions
+            .iter()
+            .any(|a| matches!(a, Action::TriggerSavepoint { .. })),
+        "{:?}",
+        p.actions
+    );
+    assert_eq!(p.status.pending_savepoint, status.pending_savepoint);
+    assert!(p.requeue_ms <= 1000);
+}
+
+#[test]
 fn manual_and_periodic_savepoints_and_restart_nonce() {
     let status = stable(&v1());
     let mut s = v1();
@@ -739,7 +797,8 @@ fn manual_and_periodic_savepoints_and_restart_nonce() {
     assert_eq!(
         p.actions,
         vec![Action::TriggerSavepoint {
-            trigger: SavepointTrigger::Manual
+            trigger: SavepointTrigger::Manual,
+            trigger_id: TID.into(),
         }]
     );
     let mut o = obs(running(&v1(), None));
@@ -777,7 +836,8 @@ fn manual_and_periodic_savepoints_and_restart_nonce() {
     assert_eq!(
         plan(&s, 2, &st, &o).actions,
         vec![Action::TriggerSavepoint {
-            trigger: SavepointTrigger::Periodic
+            trigger: SavepointTrigger::Periodic,
+            trigger_id: TID.into(),
         }]
     );
 
@@ -850,10 +910,12 @@ fn an_operator_restart_mid_upgrade_resumes_the_stage() {
     });
     let p = plan(&v2(), 2, &status, &o);
     assert_eq!(deploys(&p), vec![(spec_hash(&v2()), Some("/sp/s9".into()))]);
-    // Restarted before the trigger id was recorded: it asks for the stop again.
-    let (status, _) = up_to_savepoint();
+    // No trigger id in the status (written by an operator that recorded it only after asking,
+    // then restarted before that): it asks for the stop again.
+    let (mut status, _) = up_to_savepoint();
+    status.upgrade.as_mut().unwrap().trigger_id = None;
     let p = plan(&v2(), 2, &status, &obs(running(&v1(), None)));
-    assert_eq!(p.actions, vec![Action::StopWithSavepoint]);
+    assert_eq!(p.actions, vec![stop_action()]);
     // Restarted after deploying: verification goes on.
     let p = plan(
         &v2(),
@@ -1026,11 +1088,13 @@ fn a_blue_green_upgrade_catches_up_cuts_over_and_never_stops_blue_early() {
     o.preflight = Some(vec![]);
     let p = plan(&spec, 2, &p.status, &o);
     assert!(
-        p.actions.contains(&Action::SavepointLive),
+        p.actions.contains(&Action::SavepointLive {
+            trigger_id: TID.into()
+        }),
         "{:?}",
         p.actions
     );
-    assert!(!p.actions.contains(&Action::StopWithSavepoint));
+    assert!(!p.actions.contains(&stop_action()));
     let mut st = p.status;
     st.upgrade.as_mut().unwrap().trigger_id = Some("t1".into());
     // The savepoint completes: green starts from it in shadow mode; blue is untouched.
@@ -1089,11 +1153,11 @@ fn a_blue_green_upgrade_catches_up_cuts_over_and_never_stops_blue_early() {
     let p = plan(&spec, 2, &p.status, &o2);
     let cut = p.status.upgrade.as_ref().unwrap().cut_over.clone().unwrap();
     assert_eq!(cut[0].position, 50_000);
-    assert!(!p.actions.contains(&Action::StopWithSavepoint));
+    assert!(!p.actions.contains(&stop_action()));
     // Both hold exactly there: blue stops with a savepoint.
     o2.candidate_sources = Some(sources(true, true, &[("0", 50_000)]));
     let p = plan(&spec, 2, &p.status, &o2);
-    assert!(p.actions.contains(&Action::StopWithSavepoint));
+    assert!(p.actions.contains(&stop_action()));
     // Blue ended: green is released with the cut-over.
     let mut st = p.status;
     st.upgrade.as_mut().unwrap().trigger_id = Some("t2".into());
@@ -1155,7 +1219,7 @@ fn a_failing_candidate_is_removed_and_blue_never_stopped() {
     }));
     assert!(!p.actions.iter().any(|a| matches!(
         a,
-        Action::StopWithSavepoint | Action::RemoveEngine | Action::Deploy { .. }
+        Action::StopWithSavepoint { .. } | Action::RemoveEngine | Action::Deploy { .. }
     )));
     assert!(p.status.upgrade.is_none() && p.status.candidate.is_none());
     assert_eq!(p.status.rejected_spec_hash, Some(spec_hash(&spec)));
@@ -1194,7 +1258,7 @@ fn a_live_version_that_ends_on_its_own_before_the_cut_over_ends_the_switch() {
     }));
     assert!(!p.actions.iter().any(|a| matches!(
         a,
-        Action::ReleaseSources { .. } | Action::Serve { .. } | Action::StopWithSavepoint
+        Action::ReleaseSources { .. } | Action::Serve { .. } | Action::StopWithSavepoint { .. }
     )));
     assert!(p.status.upgrade.is_none() && p.status.candidate.is_none());
     assert_eq!(p.status.live, None, "blue stays the live color");

@@ -55,7 +55,7 @@ impl Planner<'_> {
             EngineObs::Running { .. } => {
                 self.status.phase = Some(Phase::Suspending);
                 self.start_stage(UpgradeStage::Savepointing);
-                self.actions.push(Action::StopWithSavepoint);
+                self.stop_with_savepoint();
                 self.condition(
                     ConditionType::Progressing,
                     true,
@@ -99,7 +99,7 @@ impl Planner<'_> {
                             "the running job has no checkpoint or savepoint to check the new job graph against; stopping it with a savepoint unchecked",
                         );
                         self.start_stage(UpgradeStage::Savepointing);
-                        self.actions.push(self.upgrade_savepoint());
+                        self.ask_upgrade_savepoint();
                         self.requeue_ms = 250;
                     }
                     None => {
@@ -114,7 +114,7 @@ impl Planner<'_> {
                 },
                 Some(problems) if problems.is_empty() => {
                     self.start_stage(UpgradeStage::Savepointing);
-                    self.actions.push(self.upgrade_savepoint());
+                    self.ask_upgrade_savepoint();
                     self.requeue_ms = 250;
                 }
                 Some(problems) => {
@@ -187,12 +187,11 @@ impl Planner<'_> {
                     .unwrap_or(0);
                 let backoff = (5i64 << attempts.min(6)).min(300);
                 if attempts == 0 || self.stage_elapsed() >= backoff {
-                    let action = if suspending {
-                        Action::StopWithSavepoint
+                    if suspending {
+                        self.stop_with_savepoint();
                     } else {
-                        self.upgrade_savepoint()
-                    };
-                    self.actions.push(action);
+                        self.ask_upgrade_savepoint();
+                    }
                 }
                 self.requeue_ms = self.savepoint_poll_ms();
                 return;
@@ -295,12 +294,12 @@ impl Planner<'_> {
         self.status.upgrade.as_ref().is_some_and(|u| u.blue_green)
     }
 
-    /// The savepoint an upgrade takes: blue-green keeps the old version running.
-    fn upgrade_savepoint(&self) -> Action {
+    /// Asks for the savepoint an upgrade takes: blue-green keeps the old version running.
+    fn ask_upgrade_savepoint(&mut self) {
         if self.is_blue_green() {
-            Action::SavepointLive
+            self.savepoint_live();
         } else {
-            Action::StopWithSavepoint
+            self.stop_with_savepoint();
         }
     }
 
