@@ -36,6 +36,63 @@ struct Agg {
     column: usize,
 }
 
+/// How a new window's row is made from its first record when the row holds aggregates of one
+/// field (or counts only): what folding that record into the empty row gives, without the fold.
+#[derive(Clone, Debug)]
+struct FirstRow {
+    /// The field the aggregates read.
+    field: Option<Name>,
+    columns: Vec<FirstColumn>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum FirstColumn {
+    /// A count: 1.
+    One,
+    /// A sum, min, max or an average's sum: the field's value (null when absent).
+    Value,
+    /// An average's count: 1 if the field has a value, else 0.
+    CountOfValue,
+}
+
+impl FirstRow {
+    /// For fixed windows with aggregates only, of at most one field; None otherwise.
+    fn of(aggs: &[Agg]) -> Option<FirstRow> {
+        let mut field = None;
+        let mut columns = Vec::new();
+        for a in aggs {
+            if a.function == WindowAggregate::Count {
+                columns.push(FirstColumn::One);
+                continue;
+            }
+            match (a.field, field) {
+                (Some(f), None) => field = Some(f),
+                (Some(f), Some(g)) if f == g => {}
+                // Another field, or none (the job file's check refuses that).
+                _ => return None,
+            }
+            columns.push(FirstColumn::Value);
+            if a.function == WindowAggregate::Avg {
+                columns.push(FirstColumn::CountOfValue);
+            }
+        }
+        Some(FirstRow { field, columns })
+    }
+
+    fn row(&self, rec: &Record) -> Row {
+        let v = self.field.and_then(|f| rec.get(f)).unwrap_or(&Value::Null);
+        let counted = Value::Int(i64::from(!matches!(v, Value::Null)));
+        self.columns
+            .iter()
+            .map(|c| match c {
+                FirstColumn::One => Value::Int(1),
+                FirstColumn::Value => v.clone(),
+                FirstColumn::CountOfValue => counted.clone(),
+            })
+            .collect()
+    }
+}
+
 /// One accumulator field of a windowed reduce.
 struct Reduced {
     name: Name,
@@ -152,6 +209,9 @@ pub(crate) struct WindowOp {
     uid: String,
     /// The row of a new window.
     empty: Row,
+    /// With aggregates only (no reduce, fixed windows, no allowed lateness): how a new
+    /// window's row is made from its first record.
+    first: Option<FirstRow>,
     end_column: Option<usize>,
     fired_column: Option<usize>,
     lateness: i64,
@@ -235,6 +295,9 @@ impl WindowOp {
                 None => Value::Null,
             })
             .collect();
+        let first = (reduce.is_empty() && w.gap.is_none() && w.allowed_lateness.is_none())
+            .then(|| FirstRow::of(&aggs))
+            .flatten();
         let end_column = w.gap.as_ref().map(|_| column);
         let fired_column = w
             .allowed_lateness
@@ -247,6 +310,7 @@ impl WindowOp {
             reduce,
             uid: uid.to_owned(),
             empty,
+            first,
             end_column,
             fired_column,
             lateness: match &w.allowed_lateness {
@@ -447,12 +511,17 @@ impl WindowOp {
         let mut created = false;
         let row = windows.entry(Value::Int(start)).or_insert_with(|| {
             created = true;
-            // A row of its own at once (one allocation), not the shared empty one that
-            // `make_mut` would copy next.
-            self.empty.iter().cloned().collect()
+            match &self.first {
+                Some(first) => first.row(rec),
+                // A row of its own at once (one allocation), not the shared empty one that
+                // `make_mut` would copy next.
+                None => self.empty.iter().cloned().collect(),
+            }
         });
         let row = Arc::make_mut(row);
-        Self::accumulate(&self.aggs, &self.reduce, &self.uid, row, rec)?;
+        if !(created && self.first.is_some()) {
+            Self::accumulate(&self.aggs, &self.reduce, &self.uid, row, rec)?;
+        }
         // Past its end (within the lateness): it fires now, and is kept as fired.
         let refire = end - 1 <= self.watermark;
         if let (true, Some(c)) = (refire, self.fired_column) {
@@ -733,6 +802,41 @@ mod tests {
                 serde_json::from_slice(&buf).unwrap()
             })
             .collect()
+    }
+
+    #[test]
+    fn a_new_windows_row_is_its_first_record_folded_into_the_empty_row() {
+        let w = window(
+            "{kind: window, uid: w, size: 10ms, aggregates: [{name: n, aggregate: count}, {name: total, aggregate: sum, field: value}, {name: low, aggregate: min, field: value}, {name: n2, aggregate: count}, {name: high, aggregate: max, field: value}, {name: mean, aggregate: avg, field: value}]}",
+        );
+        let first = w.first.clone().expect("aggregates of one field");
+        let values = [
+            Some(Value::Int(5)),
+            Some(Value::Float(2.5)),
+            Some(Value::from("x")),
+            Some(Value::Null),
+            None,
+        ];
+        for v in values {
+            let mut r = Record::default();
+            r.set(intern("ts"), Value::Int(1));
+            if let Some(v) = &v {
+                r.set(intern("value"), v.clone());
+            }
+            r.set(intern("other"), Value::Int(9));
+            let mut folded = w.empty.to_vec();
+            WindowOp::accumulate(&w.aggs, &w.reduce, &w.uid, &mut folded, &r).unwrap();
+            assert_eq!(first.row(&r).to_vec(), folded, "{v:?}");
+        }
+        // Sessions, allowed lateness, reduces and aggregates of two fields fold every record.
+        for yaml in [
+            "{kind: window, uid: w, size: 10ms, aggregates: [{name: a, aggregate: sum, field: value}, {name: b, aggregate: max, field: other}]}",
+            "{kind: window, uid: w, gap: 10ms, aggregate: count}",
+            "{kind: window, uid: w, size: 10ms, allowedLateness: 5ms, aggregate: count}",
+            "{kind: window, uid: w, size: 10ms, aggregate: count, reduce: [{name: last, type: int, default: -1, expr: value}]}",
+        ] {
+            assert!(window(yaml).first.is_none(), "{yaml}");
+        }
     }
 
     #[test]
