@@ -653,34 +653,34 @@ impl WindowOp {
         start: i64,
         out: &mut Vec<Record>,
     ) {
-        let hash = key.hash;
         let table = state.table_mut(0, kg);
-        let Some(StateEntry::Map(windows)) = table.get_mut_hashed(hash, &key.value) else {
-            return;
-        };
-        let Some(row) = windows.get_mut(&Value::Int(start)) else {
-            return;
-        };
-        let end = self.end_of(start, row);
-        let fired = self.fired(row);
-        if self.due(end, fired) != due {
-            return;
-        }
-        if !fired {
-            out.push(self.result(&key.value, start, end, row));
-        }
-        let keep = !fired && self.lateness > 0 && !self.is_late(end);
-        if keep {
-            if let Some(c) = self.fired_column {
-                Arc::make_mut(row)[c] = Value::Bool(true);
+        table.edit_or_remove_hashed(key.hash, &key.value, |entry| {
+            let StateEntry::Map(windows) = entry else {
+                return false;
+            };
+            let Some(row) = windows.get_mut(&Value::Int(start)) else {
+                return false;
+            };
+            let end = self.end_of(start, row);
+            let fired = self.fired(row);
+            if self.due(end, fired) != due {
+                return false;
             }
-            self.add_timer(self.due(end, true), kg, key.clone(), start);
-        } else {
+            if !fired {
+                out.push(self.result(&key.value, start, end, row));
+            }
+            let keep = !fired && self.lateness > 0 && !self.is_late(end);
+            if keep {
+                if let Some(c) = self.fired_column {
+                    Arc::make_mut(row)[c] = Value::Bool(true);
+                }
+                self.add_timer(self.due(end, true), kg, key.clone(), start);
+                return false;
+            }
             windows.remove(&Value::Int(start));
-            if windows.is_empty() {
-                table.remove_hashed(hash, &key.value);
-            }
-        }
+            // The key goes with its last window.
+            windows.is_empty()
+        });
     }
 }
 

@@ -436,6 +436,36 @@ impl GroupTable {
         Some(old)
     }
 
+    /// Hands `key`'s entry (if there is one) to `edit`, and removes it if `edit` returns true:
+    /// one lookup where `get_mut_hashed` then `remove_hashed` make two (a fired window whose
+    /// key has no other). Returns what `edit` returned, None if the key is absent.
+    pub fn edit_or_remove_hashed(
+        &mut self,
+        hash: u64,
+        key: &Value,
+        edit: impl FnOnce(&mut StateEntry) -> bool,
+    ) -> Option<bool> {
+        let i = shard_index(hash, self.shards.len());
+        if i >= self.shards.len() {
+            return None;
+        }
+        let Some(shard) = self.own_shard(i) else {
+            // A snapshot reads the shard: the two steps, each keeping the snapshot's version.
+            let remove = edit(self.get_mut_hashed(hash, key)?);
+            if remove {
+                self.remove_hashed(hash, key);
+            }
+            return Some(remove);
+        };
+        let mut found = shard.find_entry(slot_hash(hash), |(k, _)| k == key).ok()?;
+        let remove = edit(&mut found.get_mut().1);
+        if remove {
+            found.remove();
+            self.len -= 1;
+        }
+        Some(remove)
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -591,6 +621,25 @@ mod tests {
                         let n = row[0].as_i64().unwrap();
                         row.make_mut()[0] = Value::Int(n + 1);
                     }
+                }
+                80..=89 => {
+                    // An odd key goes, an even one is changed.
+                    let bump = |e: &mut StateEntry| {
+                        if let StateEntry::Value(row) = e {
+                            row.make_mut()[0] = Value::Int(step);
+                        }
+                        k % 2 == 1
+                    };
+                    let edited = live.edit_or_remove_hashed(key_hash(&key), &key, bump);
+                    let expected = match model.get_mut(&k) {
+                        None => None,
+                        Some(_) if k % 2 == 1 => model.remove(&k).map(|_| true),
+                        Some(e) => {
+                            *e = entry(step);
+                            Some(false)
+                        }
+                    };
+                    assert_eq!(edited, expected);
                 }
                 _ => assert_eq!(live.remove(&key), model.remove(&k)),
             }
