@@ -41,8 +41,15 @@ impl<T> Default for Timers<T> {
 
 impl<T> Timers<T> {
     pub fn add(&mut self, due: i64, item: T) {
-        // Most adds go to the newest bucket; the map's search is over a few dozen buckets.
         let bucket = due >> BUCKET_BITS;
+        // Most adds go to the newest bucket: reached without a search (the map's path to its
+        // last leaf), the search through the buckets' keys only for the others.
+        if let Some(mut newest) = self.buckets.last_entry()
+            && *newest.key() == bucket
+        {
+            newest.get_mut().push((due, item));
+            return;
+        }
         if let Some(items) = self.buckets.get_mut(&bucket) {
             items.push((due, item));
             return;
