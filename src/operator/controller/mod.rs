@@ -299,9 +299,12 @@ async fn apply_job(sj: &StatefulJob, ctx: &Context) -> Result<Action, Error> {
         observed.trigger,
         Some(TriggerObs::Completed { .. } | TriggerObs::Failed { .. })
     );
-    if (next.upgrade.is_some() || trigger_ended) && status.upgrade.is_none() {
+    if (next.upgrade.is_some() || trigger_ended)
+        && status.upgrade.is_none()
+        && next.pending_savepoint == status.pending_savepoint
+    {
         // An upgrade supersedes a manual or periodic savepoint in flight; a finished one has
-        // been recorded by the planner.
+        // been recorded by the planner. (One the plan has just asked for stays.)
         next.pending_savepoint = None;
     }
     // A savepoint is recorded before the status that moves past it is written: an operator
