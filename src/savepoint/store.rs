@@ -649,6 +649,7 @@ impl Store {
                 file: Some(file),
                 temp,
                 target,
+                writeback_from: 0,
             }),
             location: self.display(rel),
             crc: 0,
@@ -657,6 +658,29 @@ impl Store {
     }
 }
 
+/// How many bytes of a local file are written before the disk is asked to take them.
+const WRITEBACK_BYTES: u64 = 8 << 20;
+
+/// Asks the kernel to start writing `from..to` of the file to the disk without waiting, so the
+/// `fdatasync` that completes the file waits for its last few megabytes only instead of all of
+/// it: the disk works while the rest is encoded. Only a hint: a failure shows at the sync.
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &std::fs::File, from: u64, to: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain system call on an open descriptor, with no memory passed.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            from as libc::off64_t,
+            (to - from) as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &std::fs::File, _from: u64, _to: u64) {}
+
 /// Where a writer's bytes go.
 enum Sink {
     /// A temporary file renamed into place.
@@ -664,6 +688,8 @@ enum Sink {
         file: Option<std::io::Result<std::io::BufWriter<std::fs::File>>>,
         temp: std::path::PathBuf,
         target: std::path::PathBuf,
+        /// Where the bytes not yet handed to the disk start (see `start_writeback`).
+        writeback_from: u64,
     },
     /// Buffered up to a part; one PUT if it stays that small, else a multipart upload
     /// started with the first full part.
@@ -706,9 +732,19 @@ impl StoreWriter {
         let location = self.location.clone();
         match &mut self.sink {
             None => return Err(self.err(std::io::Error::other("writer already finished"))),
-            Some(Sink::Local { file, .. }) => {
+            Some(Sink::Local {
+                file,
+                writeback_from,
+                ..
+            }) => {
                 let res = match file.as_mut() {
-                    Some(Ok(w)) => w.write_all(data),
+                    Some(Ok(w)) => w.write_all(data).map(|()| {
+                        let in_file = self.written + data.len() as u64 - w.buffer().len() as u64;
+                        if in_file - *writeback_from >= WRITEBACK_BYTES {
+                            start_writeback(w.get_ref(), *writeback_from, in_file);
+                            *writeback_from = in_file;
+                        }
+                    }),
                     Some(Err(e)) => Err(std::io::Error::new(e.kind(), e.to_string())),
                     None => Err(std::io::Error::other("writer already finished")),
                 };
@@ -774,6 +810,7 @@ impl StoreWriter {
                 mut file,
                 temp,
                 target,
+                ..
             } => {
                 let result = match file.take() {
                     Some(Ok(w)) => w
