@@ -40,8 +40,11 @@ const HEADER_LEN: u64 = 6;
 /// Blocks shorter than this are stored as they are: too small to gain from compression.
 const MIN_COMPRESSED_BLOCK: usize = 64;
 
-/// The most bytes of a state file fetched at once when restoring.
-const READ_CHUNK: u64 = 64 << 20;
+/// The most bytes of a state file fetched at once when restoring, from the local file system
+/// and from an object store (where each fetch is a request with its own latency). A block
+/// larger than this is fetched whole.
+const READ_CHUNK_LOCAL: u64 = 4 << 20;
+const READ_CHUNK_REMOTE: u64 = 64 << 20;
 
 /// What a subtask hands to the writer: shared, immutable views of its state.
 #[derive(Clone)]
@@ -518,19 +521,24 @@ fn decode_blocks(
     blocks: &[Block],
     mut decoded: impl FnMut(u32, KeyGroupEntries) -> bool,
 ) -> Result<(), StateFileError> {
-    // Fetch contiguous blocks in chunks of at most READ_CHUNK bytes, so a large state is
-    // never held twice (raw and decoded) in full.
+    // Fetch contiguous blocks in chunks of at most `chunk` bytes into one buffer, so a large
+    // state is never held twice (raw and decoded) in full.
+    let chunk = if dir.is_local() {
+        READ_CHUNK_LOCAL
+    } else {
+        READ_CHUNK_REMOTE
+    };
+    let mut bytes = Vec::new();
     let mut scratch = Vec::new();
     let mut i = 0;
     while i < blocks.len() {
         let start = blocks[i].offset;
         let mut j = i;
-        while j + 1 < blocks.len() && blocks[j + 1].offset + blocks[j + 1].len - start <= READ_CHUNK
-        {
+        while j + 1 < blocks.len() && blocks[j + 1].offset + blocks[j + 1].len - start <= chunk {
             j += 1;
         }
         let end = blocks[j].offset + blocks[j].len;
-        let bytes = dir.get_range(&st.file, start..end)?;
+        dir.read_range_into(&st.file, start..end, &mut bytes)?;
         for (n, block) in blocks[i..=j].iter().enumerate() {
             let kg = first_kg + (i + n) as u32;
             let what = format!("key group {kg}");
@@ -933,6 +941,54 @@ mod tests {
             |kg, entries| seen.extend(entries.into_iter().flatten().map(|(k, e)| (kg, k.value, e))),
         )?;
         Ok(seen)
+    }
+
+    #[test]
+    fn a_file_of_many_read_chunks_and_a_block_larger_than_one_reads_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().display().to_string()).unwrap();
+        // Key groups of 1, 6 (more than a read chunk), 0.5, 3 and 2 MB: reads of several
+        // blocks, of one block larger than the chunk, and shorter reads after longer ones
+        // into the same buffer; over 8 MB written, so the writer hands ranges to the disk
+        // while it writes.
+        let range = KeyGroupRange { start: 0, end: 4 };
+        let kb_per_group = [1024, 6 * 1024, 512, 3 * 1024, 2 * 1024];
+        let mut groups = Vec::new();
+        let mut want = Vec::new();
+        for (kg, kb) in range.iter().zip(kb_per_group) {
+            let mut t = GroupTable::default();
+            for i in 0..kb / 4 {
+                let key = Value::Int(i64::from(kg) * 1_000_000 + i);
+                let payload = format!("{kg}-{i}-{}", "x".repeat(4000));
+                let entry = StateEntry::Value(vec![Value::from(payload.as_str())].into());
+                t.insert(key.clone(), entry.clone());
+                want.push((kg, key, entry));
+            }
+            groups.push(t);
+        }
+        let snap = SubtaskSnapshot {
+            keyed: Some(KeyedSnapshot {
+                range,
+                tables: vec![groups],
+            }),
+            operator_lists: vec![vec![vec![Value::Int(1)].into()]],
+        };
+        let st = write_one(&store, "operators/big-0-x", &snap, Compression::None);
+        assert!(st.size > 12 << 20, "{} bytes", st.size);
+        let sorted = |mut v: Vec<(u32, Value, StateEntry)>| {
+            v.sort_by(|a, b| (a.0, &a.1).partial_cmp(&(b.0, &b.1)).unwrap());
+            v
+        };
+        let want = sorted(want);
+        for decoders in [1, 2] {
+            let got = read_all_by(&store, &st, range, decoders).unwrap();
+            assert_eq!(sorted(got), want, "{decoders} decoders");
+        }
+        // A range starting past the first chunk.
+        let part = KeyGroupRange { start: 2, end: 4 };
+        let got = sorted(read_all(&store, &st, part).unwrap());
+        let part_want: Vec<_> = want.iter().filter(|e| e.0 >= 2).cloned().collect();
+        assert_eq!(got, part_want);
     }
 
     #[test]

@@ -467,6 +467,37 @@ impl Store {
         })
     }
 
+    /// Reads `range` of an object into `buf`, which keeps its memory from call to call: a
+    /// restore reads a local file through one buffer a thread, in memory already touched,
+    /// instead of fresh pages the kernel must zero first (in a new process, as much as the
+    /// state). Other backends fetch the range and copy it in.
+    pub fn read_range_into(
+        &self,
+        rel: &str,
+        range: Range<u64>,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let len = (range.end - range.start) as usize;
+        let Backend::Local(local) = &self.backend else {
+            let bytes = self.get_range(rel, range)?;
+            buf.clear();
+            buf.extend_from_slice(&bytes);
+            return Ok(());
+        };
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        buf.truncate(len);
+        use std::os::unix::fs::FileExt;
+        std::fs::File::open(local.join(rel))
+            .and_then(|f| f.read_exact_at(buf, range.start))
+            .map_err(|source| StoreError::Local {
+                op: "reading",
+                location: self.display(rel),
+                source,
+            })
+    }
+
     pub fn get_range(&self, rel: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
         let path = self.path(rel);
         block_on(self.os.get_range(&path, range)).map_err(|source| StoreError::Io {
