@@ -2,7 +2,7 @@
 //!
 //!   cargo bench --bench operator -- footprint [JOBS] [WINDOW_SECONDS]
 //!   cargo bench --bench operator -- retention [SAVEPOINTS]
-//!   cargo bench --bench operator -- upgrade [KEYS] [PAYLOAD_BYTES]
+//!   cargo bench --bench operator -- upgrade [KEYS] [PAYLOAD_BYTES] [lz4|none]
 //!
 //! `footprint`: the operator's resident memory idle and with JOBS StatefulJobs (suspended, so
 //! no engine runs), and what it does per job over a window in which nothing changes:
@@ -13,7 +13,9 @@
 //!
 //! `upgrade`: a running job with KEYS keys of PAYLOAD_BYTES each in keyed state, then a
 //! pipeline change through the operator: the time from the apply until the new job's tasks
-//! run, and until they process records, with the old state restored.
+//! run, and until they process records, with the old state restored. The job's
+//! `stateCompression` is lz4 (the default) or none: the bench's payload (16 hex digits and
+//! dots) compresses about 20-fold, so `none` shows the same state written and read in full.
 //!
 //! Each prints one JSON object.
 
@@ -445,7 +447,7 @@ async fn retention(savepoints: usize) -> Res<Value> {
     Ok(result)
 }
 
-fn state_job(keys: u64, payload: u64, with_map: bool) -> Value {
+fn state_job(keys: u64, payload: u64, compression: &str, with_map: bool) -> Value {
     let mut ops = vec![
         json!({"kind": "generator", "uid": "source", "keys": keys, "payloadBytes": payload}),
         json!({"kind": "keyBy", "field": "key"}),
@@ -455,7 +457,7 @@ fn state_job(keys: u64, payload: u64, with_map: bool) -> Value {
         ops.push(json!({"kind": "map", "set": [{"field": "upgraded", "expr": "1"}]}));
     }
     ops.push(json!({"kind": "discardSink"}));
-    json!({"name": "state", "parallelism": 1, "operators": ops})
+    json!({"name": "state", "parallelism": 1, "stateCompression": compression, "operators": ops})
 }
 
 /// The engine's view of the running job, through its REST API: (job id, every task running,
@@ -492,10 +494,10 @@ async fn engine_progress(bench: &Bench) -> Option<(String, bool, u64)> {
     Some((id, running, read))
 }
 
-async fn upgrade(keys: u64, payload: u64) -> Res<Value> {
+async fn upgrade(keys: u64, payload: u64, compression: &str) -> Res<Value> {
     let bench = Bench::start().await?;
     let jobs: Api<StatefulJob> = Api::namespaced(bench.client(), "default");
-    let manifest = |with_map: bool| json!({"job": state_job(keys, payload, with_map)});
+    let manifest = |with_map: bool| json!({"job": state_job(keys, payload, compression, with_map)});
     let apply = |spec: Value| apply_bench(&jobs, spec);
     apply(manifest(false)).await?;
     let sj = wait_job(&jobs, "running", |sj| {
@@ -569,6 +571,7 @@ async fn upgrade(keys: u64, payload: u64) -> Res<Value> {
         "control_plane": control_plane_name(),
         "engine": "sjob",
         "keys": keys,
+        "compression": compression,
         "state_mb": size as f64 / 1e6,
         "until_tasks_running_s": tasks_running_s,
         "until_records_flow_s": records_s,
@@ -596,10 +599,13 @@ async fn main() -> std::process::ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("footprint") => footprint(num(1, 1000) as usize, num(2, 30)).await,
         Some("retention") => retention(num(1, 10_000) as usize).await,
-        Some("upgrade") => upgrade(num(1, 400_000), num(2, 240)).await,
+        Some("upgrade") => {
+            let compression = args.get(3).map_or("lz4", String::as_str);
+            upgrade(num(1, 400_000), num(2, 240), compression).await
+        }
         _ => {
             eprintln!(
-                "usage: cargo bench --bench operator -- footprint [JOBS] [WINDOW_S] | retention [SAVEPOINTS]"
+                "usage: cargo bench --bench operator -- footprint [JOBS] [WINDOW_S] | retention [SAVEPOINTS] | upgrade [KEYS] [PAYLOAD_BYTES] [lz4|none]"
             );
             return std::process::ExitCode::from(2);
         }

@@ -14,7 +14,7 @@
 #   4. p99 processing stall while the savepoint is written
 #   5. upgrade downtime: request to change the job -> new job running with the old state
 #      (sjob through the operator on the local control plane; Flink: stop-with-savepoint and
-#      resubmit over REST)
+#      resubmit over REST); sjob's ~100 MB also with its state files uncompressed, as Flink's are
 #   6. operator footprint: resident memory idle and with 1,000 StatefulJobs, reconciles and
 #      API writes per job while nothing changes
 #   7. retention sweep over 10,000 savepoints: time and API calls
@@ -70,6 +70,8 @@ for run in $(seq "$RUNS"); do
   say "run $run of $RUNS: upgrade, sjob through the operator (tiny state, then ~100 MB)"
   cargo bench -q --bench operator -- upgrade 100000 16 | record
   cargo bench -q --bench operator -- upgrade 400000 240 | record
+  say "run $run of $RUNS: upgrade, sjob, the same ~100 MB with stateCompression: none"
+  cargo bench -q --bench operator -- upgrade 400000 240 none | record
   say "run $run of $RUNS: operator footprint with 1,000 StatefulJobs"
   cargo bench -q --bench operator -- footprint 1000 30 | record
   say "run $run of $RUNS: retention sweep over 10,000 savepoints"
