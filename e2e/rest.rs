@@ -1368,3 +1368,65 @@ async fn flink_only_paths_say_what_to_use_and_v1_paths_are_served() {
     let resp = http.get(format!("{url}/v1/nothing")).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 404);
 }
+
+/// A TCP proxy to `target` that passes each request on but never passes an answer back: once
+/// the engine starts answering, it closes the client's connection (an answer lost on the way).
+async fn answer_dropping_proxy(target: u16) -> u16 {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(engine) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                    return;
+                };
+                let (mut from_client, to_client) = client.into_split();
+                let (mut from_engine, mut to_engine) = engine.into_split();
+                let forward = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_client, &mut to_engine).await;
+                });
+                let mut first = [0u8; 1];
+                let _ = from_engine.read(&mut first).await;
+                // Both halves of the client's socket dropped: closed, unanswered.
+                forward.abort();
+                drop(to_client);
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_with_savepoint_whose_answer_is_lost_is_found_by_its_trigger_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, client, id) = kept_count_engine(dir.path()).await;
+    let proxy = answer_dropping_proxy(engine.port).await;
+    let lossy = EngineClient::with_timeout(
+        &format!("http://127.0.0.1:{proxy}"),
+        Duration::from_secs(10),
+    );
+    let planned = "5e1f0c3a9b7d4e2f8a6c1b0d3e5f7a9c";
+    let sp_dir = dir.path().join("savepoints");
+    let err = lossy
+        .stop_with_savepoint_as(&id, sp_dir.to_str(), false, Some(planned))
+        .await
+        .unwrap_err();
+    // The request arrived (the engine answered, the answer was lost): not a refused
+    // connection, so the operator keeps the id and asks about it instead of failing it.
+    assert!(err.maybe_received(), "{err}");
+    let path = client
+        .wait_savepoint(&id, planned, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(Path::new(&path).join("_metadata").is_file(), "{path}");
+    assert!(path.starts_with(sp_dir.to_str().unwrap()), "{path}");
+    wait_state(&client, &id, "FINISHED").await;
+    // A refused connection cannot have reached the engine.
+    let closed = EngineClient::new(&format!("http://127.0.0.1:{}", free_port()));
+    let err = closed
+        .stop_with_savepoint_as(&id, None, false, Some(planned))
+        .await
+        .unwrap_err();
+    assert!(!err.maybe_received(), "{err}");
+}

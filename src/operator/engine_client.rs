@@ -11,7 +11,13 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach the engine at {url}: {cause}")]
-    Unreachable { url: String, cause: String },
+    Unreachable {
+        url: String,
+        cause: String,
+        /// The connection was made, so the engine may have received the request and acted on
+        /// it although no answer came (a timeout, a connection lost while waiting).
+        maybe_received: bool,
+    },
     #[error("{what} not found ({url})")]
     NotFound { what: String, url: String },
     #[error("{url} answered {status}: {message}")]
@@ -26,6 +32,20 @@ pub enum ClientError {
     SavepointFailed(String),
     #[error("the savepoint did not complete within {0:?}")]
     Timeout(Duration),
+}
+
+impl ClientError {
+    /// Whether the engine may have received the request although no answer came: a request
+    /// that changes something may have taken effect.
+    pub fn maybe_received(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Unreachable {
+                maybe_received: true,
+                ..
+            }
+        )
+    }
 }
 
 pub type Result<T> = std::result::Result<T, ClientError>;
@@ -121,6 +141,7 @@ fn unreachable(url: &str, e: reqwest::Error) -> ClientError {
     ClientError::Unreachable {
         url: url.to_owned(),
         cause,
+        maybe_received: !(e.is_connect() || e.is_builder()),
     }
 }
 

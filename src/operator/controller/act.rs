@@ -180,6 +180,26 @@ pub(super) fn ignore_not_found(r: Result<(), kube::Error>) -> Result<(), Error> 
     }
 }
 
+/// What the status keeps of a savepoint request after asking the engine: the id it answered
+/// with; the planned id when no answer came but the engine may have received the request (the
+/// next reconcile asks it about that id: done, in progress, or unknown to it, then failed);
+/// the failure when it cannot have received it. Marking a request that may have arrived as
+/// failed would ask again: a stop-with-savepoint that did stop the job would find no job left
+/// to stop and its savepoint would go unrecorded.
+fn trigger_kept(
+    asked: Result<String, crate::operator::engine_client::ClientError>,
+    planned: &str,
+) -> String {
+    match asked {
+        Ok(id) => id,
+        Err(e) if e.maybe_received() => {
+            tracing::warn!(trigger = planned, error = %e, "no answer to the savepoint request; asking the engine about it by its id");
+            planned.to_owned()
+        }
+        Err(e) => format!("{FAILED_TRIGGER}{e}"),
+    }
+}
+
 pub(super) async fn remove_engine(
     ctx: &Context,
     ns: &str,
@@ -246,10 +266,11 @@ pub(super) async fn act(
         Step::RemoveColor { color } => remove_engine(ctx, &ns, &name, color).await?,
         Step::SavepointLive { trigger_id } => {
             let id = match (&view.client, &view.job_id) {
-                (Some(c), Some(job)) => c
-                    .trigger_savepoint_as(job, sp_dir.as_deref(), false, Some(&trigger_id))
-                    .await
-                    .unwrap_or_else(|e| format!("{FAILED_TRIGGER}{e}")),
+                (Some(c), Some(job)) => trigger_kept(
+                    c.trigger_savepoint_as(job, sp_dir.as_deref(), false, Some(&trigger_id))
+                        .await,
+                    &trigger_id,
+                ),
                 _ => format!("{FAILED_TRIGGER}the engine is not running a job"),
             };
             if let Some(u) = next.upgrade.as_mut() {
@@ -318,10 +339,11 @@ pub(super) async fn act(
         }
         Step::StopWithSavepoint { trigger_id } => {
             let id = match (&view.client, &view.job_id) {
-                (Some(c), Some(job)) => c
-                    .stop_with_savepoint_as(job, sp_dir.as_deref(), false, Some(&trigger_id))
-                    .await
-                    .unwrap_or_else(|e| format!("{FAILED_TRIGGER}{e}")),
+                (Some(c), Some(job)) => trigger_kept(
+                    c.stop_with_savepoint_as(job, sp_dir.as_deref(), false, Some(&trigger_id))
+                        .await,
+                    &trigger_id,
+                ),
                 _ => format!("{FAILED_TRIGGER}the engine is not running a job"),
             };
             if let Some(u) = next.upgrade.as_mut() {
@@ -331,11 +353,11 @@ pub(super) async fn act(
         Step::TriggerSavepoint { trigger_id, .. } => {
             // The plan put the request in the status, written before this step.
             let asked = match (&view.client, &view.job_id) {
-                (Some(c), Some(job)) => Some(
+                (Some(c), Some(job)) => Some(trigger_kept(
                     c.trigger_savepoint_as(job, sp_dir.as_deref(), false, Some(&trigger_id))
-                        .await
-                        .unwrap_or_else(|e| format!("{FAILED_TRIGGER}{e}")),
-                ),
+                        .await,
+                    &trigger_id,
+                )),
                 _ => None,
             };
             match (asked, next.pending_savepoint.as_mut()) {
@@ -433,4 +455,37 @@ pub(super) async fn record_savepoint(
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::operator::engine_client::ClientError;
+
+    #[test]
+    fn a_request_that_may_have_arrived_keeps_its_planned_id() {
+        let planned = "0123456789abcdef0123456789abcdef";
+        assert_eq!(trigger_kept(Ok(planned.to_owned()), planned), planned);
+        let lost = ClientError::Unreachable {
+            url: "http://engine:8081/jobs/j/stop".into(),
+            cause: "timed out".into(),
+            maybe_received: true,
+        };
+        assert_eq!(trigger_kept(Err(lost), planned), planned);
+        let refused = ClientError::Unreachable {
+            url: "http://engine:8081/jobs/j/stop".into(),
+            cause: "Connection refused".into(),
+            maybe_received: false,
+        };
+        let kept = trigger_kept(Err(refused), planned);
+        assert!(kept.starts_with(FAILED_TRIGGER), "{kept}");
+        assert!(kept.contains("Connection refused"), "{kept}");
+        let answered = ClientError::Api {
+            url: "http://engine:8081/jobs/j/stop".into(),
+            status: 409,
+            message: "the job is not running".into(),
+        };
+        let kept = trigger_kept(Err(answered), planned);
+        assert!(kept.contains("the job is not running"), "{kept}");
+    }
 }

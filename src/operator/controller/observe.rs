@@ -296,7 +296,9 @@ pub(super) async fn observe_trigger(
         Err(ClientError::NotFound { .. }) => match recovered_savepoint(view, &since).await {
             Some(found) => Some(found),
             None => Some(TriggerObs::Failed {
-                cause: format!("the engine no longer knows savepoint request {id} (it restarted)"),
+                cause: format!(
+                    "the engine does not know savepoint request {id}: it never received it, or has restarted since"
+                ),
             }),
         },
         Err(e) => {
