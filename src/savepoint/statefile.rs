@@ -521,14 +521,16 @@ fn decode_blocks(
     blocks: &[Block],
     mut decoded: impl FnMut(u32, KeyGroupEntries) -> bool,
 ) -> Result<(), StateFileError> {
-    // Fetch contiguous blocks in chunks of at most `chunk` bytes into one buffer, so a large
-    // state is never held twice (raw and decoded) in full.
-    let chunk = if dir.is_local() {
+    // Fetch contiguous blocks in chunks of at most `chunk` bytes, so a large state is never
+    // held twice (raw and decoded) in full: a local file's through one reused buffer, an
+    // object store's as the fetched bytes themselves (no copy).
+    let local = dir.is_local();
+    let chunk = if local {
         READ_CHUNK_LOCAL
     } else {
         READ_CHUNK_REMOTE
     };
-    let mut bytes = Vec::new();
+    let mut buffer = Vec::new();
     let mut scratch = Vec::new();
     let mut i = 0;
     while i < blocks.len() {
@@ -538,11 +540,18 @@ fn decode_blocks(
             j += 1;
         }
         let end = blocks[j].offset + blocks[j].len;
-        dir.read_range_into(&st.file, start..end, &mut bytes)?;
+        let fetched;
+        let bytes: &[u8] = if local {
+            dir.read_range_into(&st.file, start..end, &mut buffer)?;
+            &buffer
+        } else {
+            fetched = dir.get_range(&st.file, start..end)?;
+            &fetched
+        };
         for (n, block) in blocks[i..=j].iter().enumerate() {
             let kg = first_kg + (i + n) as u32;
             let what = format!("key group {kg}");
-            let slice = verified(path, st, &bytes, start, block, &what, &mut scratch)?;
+            let slice = verified(path, st, bytes, start, block, &what, &mut scratch)?;
             let entries = decode_key_group_entries(slice, states).map_err(|source| {
                 StateFileError::Decode {
                     path: path.to_owned(),

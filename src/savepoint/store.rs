@@ -470,7 +470,7 @@ impl Store {
     /// Reads `range` of an object into `buf`, which keeps its memory from call to call: a
     /// restore reads a local file through one buffer a thread, in memory already touched,
     /// instead of fresh pages the kernel must zero first (in a new process, as much as the
-    /// state). Other backends fetch the range and copy it in.
+    /// state). Other backends fetch the range and copy it in (`get_range` spares the copy).
     pub fn read_range_into(
         &self,
         rel: &str,
