@@ -50,6 +50,21 @@ impl ClientError {
 
 pub type Result<T> = std::result::Result<T, ClientError>;
 
+/// The id to poll a savepoint request by, after asking under `planned`: the engine's answer, or
+/// `planned` itself when no answer came but the request may have arrived (asked again, a
+/// stop-with-savepoint that did stop the job would find no job left, and a savepoint taken
+/// would go unrecorded). The error only when the engine answered with one or cannot have
+/// received the request.
+pub fn trigger_to_poll(asked: Result<String>, planned: Option<&str>) -> Result<String> {
+    match (asked, planned) {
+        (Err(e), Some(id)) if e.maybe_received() => {
+            tracing::warn!(trigger = id, error = %e, "no answer to the savepoint request; asking the engine about it by its id");
+            Ok(id.to_owned())
+        }
+        (asked, _) => asked,
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 pub struct JobIdStatus {
     pub id: String,

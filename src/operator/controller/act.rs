@@ -180,24 +180,15 @@ pub(super) fn ignore_not_found(r: Result<(), kube::Error>) -> Result<(), Error> 
     }
 }
 
-/// What the status keeps of a savepoint request after asking the engine: the id it answered
-/// with; the planned id when no answer came but the engine may have received the request (the
-/// next reconcile asks it about that id: done, in progress, or unknown to it, then failed);
-/// the failure when it cannot have received it. Marking a request that may have arrived as
-/// failed would ask again: a stop-with-savepoint that did stop the job would find no job left
-/// to stop and its savepoint would go unrecorded.
+/// What the status keeps of a savepoint request after asking the engine: the id to poll it by
+/// (`engine_client::trigger_to_poll`; the next reconcile asks about it: done, in progress, or
+/// unknown to the engine, then failed), or the failure.
 fn trigger_kept(
     asked: Result<String, crate::operator::engine_client::ClientError>,
     planned: &str,
 ) -> String {
-    match asked {
-        Ok(id) => id,
-        Err(e) if e.maybe_received() => {
-            tracing::warn!(trigger = planned, error = %e, "no answer to the savepoint request; asking the engine about it by its id");
-            planned.to_owned()
-        }
-        Err(e) => format!("{FAILED_TRIGGER}{e}"),
-    }
+    crate::operator::engine_client::trigger_to_poll(asked, Some(planned))
+        .unwrap_or_else(|e| format!("{FAILED_TRIGGER}{e}"))
 }
 
 pub(super) async fn remove_engine(

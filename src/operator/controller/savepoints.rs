@@ -82,19 +82,13 @@ pub(super) async fn take_requested_savepoint(
                     // Asked under an id of this object's own: a request whose status write is
                     // lost is the same request when asked again, not a second savepoint.
                     let trigger_id = sp.uid().map(|u| u.replace('-', ""));
-                    let result = match client
+                    // No answer, but the request may have arrived: polled by its id (a
+                    // savepoint taken without its object recorded would never be deleted).
+                    let asked = client
                         .trigger_savepoint_as(job_id, dir.as_deref(), false, trigger_id.as_deref())
-                        .await
-                    {
-                        Ok(id) => Ok(id),
-                        // No answer, but the request may have arrived: poll it by its id (a
-                        // savepoint taken without its object recorded would never be deleted).
-                        Err(e) if e.maybe_received() && trigger_id.is_some() => {
-                            tracing::warn!(error = %e, "no answer to the savepoint request; asking the engine about it by its id");
-                            Ok(trigger_id.unwrap_or_default())
-                        }
-                        Err(e) => Err(e.to_string()),
-                    };
+                        .await;
+                    let result = engine_client::trigger_to_poll(asked, trigger_id.as_deref())
+                        .map_err(|e| e.to_string());
                     RequestObs::Triggered {
                         job_id: job_id.clone(),
                         result,
