@@ -136,14 +136,18 @@ fn decode_entry(r: &mut Reader<'_>, kind: KeyedStateKind) -> Result<StateEntry, 
 const PREFETCH_AHEAD: usize = 8;
 
 /// Stores `raw` (one encoded block) at the writer's position, compressed into `scratch` when
-/// `compression` asks for it and that saves at least an eighth of the bytes.
+/// `compression` asks for it and that saves at least an eighth of the bytes. `raw_crc` is
+/// `raw`'s CRC-32C when the caller has it (an encoding thread computes it beside the writer):
+/// each stored byte is checksummed once, for its block and, combined, for the file.
 fn put_block(
     w: &mut StoreWriter,
     raw: &[u8],
+    raw_crc: Option<u32>,
     compression: Compression,
     scratch: &mut Vec<u8>,
 ) -> Result<Block, StateFileError> {
     let mut stored = raw;
+    let mut stored_crc = raw_crc;
     let mut raw_len = None;
     if compression == Compression::Lz4 && raw.len() >= MIN_COMPRESSED_BLOCK {
         let max = lz4_flex::block::get_maximum_output_size(raw.len());
@@ -157,16 +161,18 @@ fn put_block(
             })?;
         if n < raw.len() - raw.len() / 8 {
             stored = &scratch[..n];
+            stored_crc = None;
             raw_len = Some(raw.len() as u64);
         }
     }
+    let crc = stored_crc.unwrap_or_else(|| crc32c::crc32c(stored));
     let block = Block {
         offset: w.position(),
         len: stored.len() as u64,
-        crc32c: crc32c::crc32c(stored),
+        crc32c: crc,
         raw_len,
     };
-    w.write(stored)?;
+    w.write_checksummed(stored, crc)?;
     Ok(block)
 }
 
@@ -242,7 +248,8 @@ fn write_key_groups_on_two_threads(
 ) -> Result<(Vec<Block>, u64), StateFileError> {
     let groups = keyed.range.len() as usize;
     std::thread::scope(|scope| {
-        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
+        // A full buffer and, when it is stored as it is, its checksum.
+        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, Option<u32>)>(1);
         let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
         for _ in 0..2 {
             let _ = empty_tx.send(Vec::with_capacity(1 << 20));
@@ -254,7 +261,8 @@ fn write_key_groups_on_two_threads(
                 // Either channel closed: the writer stopped on an error.
                 let Ok(mut buf) = empty_rx.recv() else { break };
                 entries += encode_key_group(keyed, i, &mut buf, &mut spare);
-                if full_tx.send(buf).is_err() {
+                let crc = (compression == Compression::None).then(|| crc32c::crc32c(&buf));
+                if full_tx.send((buf, crc)).is_err() {
                     break;
                 }
             }
@@ -263,8 +271,8 @@ fn write_key_groups_on_two_threads(
         let mut blocks = Vec::with_capacity(groups);
         let mut scratch = Vec::new();
         let mut failed = None;
-        for buf in full_rx.iter() {
-            match put_block(w, &buf, compression, &mut scratch) {
+        for (buf, crc) in full_rx.iter() {
+            match put_block(w, &buf, crc, compression, &mut scratch) {
                 Ok(block) => blocks.push(block),
                 Err(e) => {
                     failed = Some(e);
@@ -318,7 +326,7 @@ pub fn write(
                     let mut spare = Listed::new();
                     for i in 0..keyed.range.len() as usize {
                         entries += encode_key_group(keyed, i, &mut buf, &mut spare);
-                        blocks.push(put_block(&mut w, &buf, compression, &mut scratch)?);
+                        blocks.push(put_block(&mut w, &buf, None, compression, &mut scratch)?);
                     }
                     blocks
                 }
@@ -339,7 +347,7 @@ pub fn write(
                 put_row(&mut buf, row);
             }
         }
-        Some(put_block(&mut w, &buf, compression, &mut scratch)?)
+        Some(put_block(&mut w, &buf, None, compression, &mut scratch)?)
     };
     let compressed = key_groups
         .iter()
@@ -886,6 +894,8 @@ mod tests {
             );
             let bytes = |f: &str| std::fs::read(dir.path().join(f)).unwrap();
             assert!(bytes("operators/a-0-x") == bytes("operators/b-0-x"));
+            // The file's checksum, combined from its blocks', is the one of its bytes.
+            assert_eq!(two.crc32c, crc32c::crc32c(&bytes("operators/b-0-x")));
             assert_eq!(read_all(&store, &two, range).unwrap().len(), 2_000);
         }
     }
