@@ -138,8 +138,30 @@ pub struct SourcesInfo {
 pub struct EngineClient {
     base: String,
     http: reqwest::Client,
+    /// Each request gives up after this long.
+    timeout: Duration,
     /// Sent as `Authorization: Bearer` with every request.
     token: Option<crate::engine::access::RestToken>,
+}
+
+/// The process's HTTP client for engines whose connections give up after `connect` (a handle
+/// to it): building one loads the system's root certificates, ~10 ms of CPU, which the
+/// operator paid at each reconcile when every `EngineClient` built its own; one per connect
+/// timeout (in practice one) also shares its pool of connections among all engines.
+fn shared_http(connect: Duration) -> reqwest::Client {
+    static HTTP: std::sync::Mutex<Vec<(Duration, reqwest::Client)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut clients = HTTP.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, c)) = clients.iter().find(|(t, _)| *t == connect) {
+        return c.clone();
+    }
+    crate::install_tls_provider();
+    let client = reqwest::Client::builder()
+        .connect_timeout(connect)
+        .build()
+        .unwrap_or_else(|_| reqwest::Client::new());
+    clients.push((connect, client.clone()));
+    client
 }
 
 /// The innermost cause of a transport error ("Connection refused", "timed out", …).
@@ -179,15 +201,12 @@ impl EngineClient {
 
     /// A client whose every request gives up after `timeout`.
     pub fn with_timeout(base: &str, timeout: Duration) -> EngineClient {
-        crate::install_tls_provider();
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(2)))
-            .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
         EngineClient {
             base: base.trim_end_matches('/').to_owned(),
-            http,
+            // A connection attempt ends first, so a request that never left is told apart
+            // from one that may have reached the engine (`ClientError::maybe_received`).
+            http: shared_http(timeout.min(Duration::from_secs(2))),
+            timeout,
             token: None,
         }
     }
@@ -210,7 +229,7 @@ impl EngineClient {
         what: &str,
     ) -> Result<Value> {
         let url = format!("{}{path}", self.base);
-        let mut req = self.http.request(method, &url);
+        let mut req = self.http.request(method, &url).timeout(self.timeout);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t.secret());
         }

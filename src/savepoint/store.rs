@@ -943,10 +943,14 @@ mod tests {
         let mut w = store.writer("d.bin");
         w.write(b"head").unwrap();
         w.write(&large).unwrap();
-        w.write_checksummed(b"tail", crc32c::crc32c(b"tail")).unwrap();
+        w.write_checksummed(b"tail", crc32c::crc32c(b"tail"))
+            .unwrap();
         let expected = [&b"head"[..], &large, b"tail"].concat();
         let (size, crc) = w.finish().unwrap();
-        assert_eq!((size, crc), (expected.len() as u64, crc32c::crc32c(&expected)));
+        assert_eq!(
+            (size, crc),
+            (expected.len() as u64, crc32c::crc32c(&expected))
+        );
         assert!(store.get("d.bin").unwrap()[..] == expected[..]);
         std::fs::remove_file(dir.path().join("sp").join("d.bin")).unwrap();
         let mut names = store.list().unwrap();
