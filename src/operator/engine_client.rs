@@ -158,6 +158,10 @@ fn shared_http(connect: Duration) -> reqwest::Client {
     crate::install_tls_provider();
     let client = reqwest::Client::builder()
         .connect_timeout(connect)
+        // A connection is worth keeping while a reconcile or an upgrade's watch asks again
+        // within milliseconds; an operator of many jobs holds no idle one beyond that.
+        .pool_idle_timeout(Duration::from_secs(2))
+        .pool_max_idle_per_host(2)
         .build()
         .unwrap_or_else(|_| reqwest::Client::new());
     clients.push((connect, client.clone()));
